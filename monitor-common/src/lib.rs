@@ -1,0 +1,268 @@
+//! The kernel<->user ABI of holdfast: records the eBPF programs emit and the offsets they are given.
+//!
+//! Everything here is `#[repr(C)]`, plain old data, and checked by const size/offset asserts so
+//! that the eBPF crate and the agent can never disagree silently.
+#![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// Kind of an [`EventRecord`].
+pub mod kind {
+    /// `sock:inet_sock_set_state` (TCP only).
+    pub const STATE: u8 = 1;
+    /// `tcp:tcp_receive_reset`: the peer sent RST.
+    pub const RECV_RST: u8 = 2;
+    /// `tcp:tcp_send_reset`: this host sent RST.
+    pub const SEND_RST: u8 = 3;
+    /// `sock:inet_sk_error_report`: an error was reported to the socket owner (`err` is set).
+    pub const ERROR_REPORT: u8 = 4;
+    /// `tcp:tcp_retransmit_skb`.
+    pub const RETRANSMIT: u8 = 5;
+    /// Highest valid kind.
+    pub const MAX: u8 = 5;
+}
+
+/// Indexes of the per-CPU counter array `STATS` (one slot per program and counter).
+pub mod stat {
+    /// Records submitted to the ring buffer.
+    pub const EVENTS: u32 = 0;
+    /// Records lost because the ring buffer was full (per program: `LOST_BASE + program`).
+    pub const LOST_BASE: u32 = 1;
+    /// Records not produced because a kernel read failed (per program: `ERR_BASE + program`).
+    pub const ERR_BASE: u32 = 8;
+    /// Sockets visited by the tcp iterator.
+    pub const ITER_SOCKETS: u32 = 15;
+    /// Iterator records that did not fit the seq_file (the kernel retries them).
+    pub const ITER_OVERFLOW: u32 = 16;
+    /// Number of slots.
+    pub const COUNT: u32 = 17;
+    /// Program index for the counters, in the order of [`crate::kind`] minus one.
+    pub const PROGRAMS: [&str; 5] = [
+        "inet_sock_set_state",
+        "tcp_receive_reset",
+        "tcp_send_reset",
+        "inet_sk_error_report",
+        "tcp_retransmit_skb",
+    ];
+}
+
+/// Address family values as the kernel uses them.
+pub const AF_INET: u16 = 2;
+/// Address family values as the kernel uses them.
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// One kernel event about one socket, keyed by its cookie. 80 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// One of [`kind`].
+    pub kind: u8,
+    /// 4 or 6 (IP version), 0 if unknown.
+    pub ipver: u8,
+    /// Old TCP state (STATE events), else the current state.
+    pub old_state: u8,
+    /// New TCP state (STATE events), else the current state.
+    pub new_state: u8,
+    /// tgid of the task that was current; meaningful only in process context (see the agent).
+    pub pid: u32,
+    /// Socket cookie (same value as sock_diag's idiag_cookie and the iterator's).
+    pub cookie: u64,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) at the event.
+    pub ts_ns: u64,
+    /// Local address (IPv4 in the first 4 bytes), network order.
+    pub saddr: [u8; 16],
+    /// Remote address (IPv4 in the first 4 bytes), network order.
+    pub daddr: [u8; 16],
+    /// Local port, host order.
+    pub sport: u16,
+    /// Remote port, host order.
+    pub dport: u16,
+    /// sk_err for ERROR_REPORT, else 0.
+    pub err: i32,
+    /// comm of the current task (same caveat as `pid`).
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(size_of::<EventRecord>() == 80);
+const _: () = assert!(offset_of!(EventRecord, cookie) == 8);
+const _: () = assert!(offset_of!(EventRecord, saddr) == 24);
+const _: () = assert!(offset_of!(EventRecord, sport) == 56);
+const _: () = assert!(offset_of!(EventRecord, comm) == 64);
+
+/// One socket as the `iter/tcp` program sees it. 128 bytes.
+///
+/// Times are raw jiffies stamps; `now_jiffies` is the clock they are relative to, so the agent
+/// converts them with the kernel's HZ without the program dividing anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapRecord {
+    pub cookie: u64,
+    /// Inode of the socket file (0 if the socket has no file: TIME_WAIT, not yet accepted, orphaned).
+    pub inode: u64,
+    /// jiffies_64 when this record was made.
+    pub now_jiffies: u64,
+    /// Keepalive (sk_timer) expiry, jiffies; valid if `flags & SNAP_KA_TIMER`.
+    pub ka_expires: u64,
+    /// Retransmit/probe timer expiry, jiffies; valid if `icsk_pending != 0`.
+    pub rto_expires: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub uid: u32,
+    /// tcp_sock.lsndtime (last data sent), jiffies (low 32 bits).
+    pub lsndtime: u32,
+    /// icsk_ack.lrcvtime (last data received), jiffies (low 32 bits).
+    pub lrcvtime: u32,
+    /// tcp_sock.rcv_tstamp (last ACK received), jiffies (low 32 bits).
+    pub rcv_tstamp: u32,
+    pub packets_out: u32,
+    pub retrans_out: u32,
+    pub total_retrans: u32,
+    /// Per-socket TCP_KEEPIDLE in jiffies (0: the namespace sysctl applies).
+    pub keepalive_time: u32,
+    /// Per-socket TCP_KEEPINTVL in jiffies (0: the namespace sysctl applies).
+    pub keepalive_intvl: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub ipver: u8,
+    pub state: u8,
+    /// icsk_retransmits
+    pub retransmits: u8,
+    /// icsk_probes_out
+    pub probes_out: u8,
+    /// icsk_backoff
+    pub backoff: u8,
+    /// icsk_pending (ICSK_TIME_*)
+    pub icsk_pending: u8,
+    /// Per-socket TCP_KEEPCNT (0: the namespace sysctl applies).
+    pub keepalive_probes: u8,
+    pub _pad: [u8; 8],
+    /// [`SNAP_KEEPOPEN`] | [`SNAP_KA_TIMER`] | [`SNAP_FULL`]
+    pub flags: u8,
+}
+
+/// SO_KEEPALIVE is set on the socket.
+pub const SNAP_KEEPOPEN: u8 = 1;
+/// The keepalive timer (sk_timer) is pending.
+pub const SNAP_KA_TIMER: u8 = 2;
+/// The socket is a full tcp_sock (not TIME_WAIT or a request sock): the tcp fields are valid.
+pub const SNAP_FULL: u8 = 4;
+
+const _: () = assert!(size_of::<SnapRecord>() == 128);
+const _: () = assert!(offset_of!(SnapRecord, saddr) == 40);
+const _: () = assert!(offset_of!(SnapRecord, uid) == 72);
+const _: () = assert!(offset_of!(SnapRecord, sport) == 108);
+const _: () = assert!(offset_of!(SnapRecord, flags) == 127);
+
+/// Byte offsets of kernel struct fields, resolved from BTF by the agent and passed to the programs
+/// as a read-only global (rustc emits no CO-RE relocations). All offsets are from the start of
+/// `struct sock` unless named otherwise. 0xffff_ffff means "not found".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_flags: u32,
+    /// `struct net` → `ns.inum`
+    pub net_ns_inum: u32,
+    pub sk_socket: u32,
+    pub sk_err: u32,
+    pub sk_protocol: u32,
+    /// `sk_timer.expires`
+    pub sk_timer_expires: u32,
+    /// `sk_timer.entry.pprev` (non-null while pending)
+    pub sk_timer_pprev: u32,
+    /// `struct socket_alloc`: offset of `vfs_inode.i_ino` minus offset of `socket`
+    pub socket_to_ino: u32,
+    pub icsk_retransmits: u32,
+    pub icsk_pending: u32,
+    pub icsk_backoff: u32,
+    pub icsk_probes_out: u32,
+    pub icsk_lrcvtime: u32,
+    pub icsk_rto_expires: u32,
+    pub tp_lsndtime: u32,
+    pub tp_rcv_tstamp: u32,
+    pub tp_packets_out: u32,
+    pub tp_retrans_out: u32,
+    pub tp_total_retrans: u32,
+    pub tp_keepalive_time: u32,
+    pub tp_keepalive_intvl: u32,
+    pub tp_keepalive_probes: u32,
+    /// Only events of sockets in this network namespace are emitted (0: all).
+    pub netns_inum: u32,
+}
+
+const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
+
+impl KernelOffsets {
+    /// All fields unresolved; the programs refuse to run with this.
+    pub const UNRESOLVED: Self = Self {
+        skc_daddr: u32::MAX,
+        skc_rcv_saddr: u32::MAX,
+        skc_dport: u32::MAX,
+        skc_num: u32::MAX,
+        skc_family: u32::MAX,
+        skc_state: u32::MAX,
+        skc_net: u32::MAX,
+        skc_v6_daddr: u32::MAX,
+        skc_v6_rcv_saddr: u32::MAX,
+        skc_flags: u32::MAX,
+        net_ns_inum: u32::MAX,
+        sk_socket: u32::MAX,
+        sk_err: u32::MAX,
+        sk_protocol: u32::MAX,
+        sk_timer_expires: u32::MAX,
+        sk_timer_pprev: u32::MAX,
+        socket_to_ino: u32::MAX,
+        icsk_retransmits: u32::MAX,
+        icsk_pending: u32::MAX,
+        icsk_backoff: u32::MAX,
+        icsk_probes_out: u32::MAX,
+        icsk_lrcvtime: u32::MAX,
+        icsk_rto_expires: u32::MAX,
+        tp_lsndtime: u32::MAX,
+        tp_rcv_tstamp: u32::MAX,
+        tp_packets_out: u32::MAX,
+        tp_retrans_out: u32::MAX,
+        tp_total_retrans: u32::MAX,
+        tp_keepalive_time: u32::MAX,
+        tp_keepalive_intvl: u32::MAX,
+        tp_keepalive_probes: u32::MAX,
+        netns_inum: 0,
+    };
+}
+
+/// Kernel TCP states (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: the records are #[repr(C)], contain only integers and byte arrays, have no padding
+    // (checked by the const size asserts above) and every bit pattern is valid.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EventRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SnapRecord {}
+}

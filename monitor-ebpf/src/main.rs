@@ -1,0 +1,324 @@
+//! holdfast's eBPF programs: TCP lifecycle events into a ring buffer, and an `iter/tcp` snapshot.
+//!
+//! Kernel struct fields are read at offsets resolved from BTF by the agent (`OFFSETS`), because
+//! rustc emits no CO-RE relocations. Every record is keyed by the socket cookie.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_NO_WAKEUP, seq_file},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
+        generated::{bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write},
+    },
+    macros::{btf_tracepoint, map},
+    maps::{PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use monitor_common::{
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, SNAP_FULL, SNAP_KA_TIMER,
+    SNAP_KEEPOPEN, SnapRecord, kind, stat, tcp_state,
+};
+
+/// Field offsets, filled in by the agent at load time.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets::UNRESOLVED;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// Reads one offset from the global without letting the compiler constant-fold the default.
+macro_rules! off {
+    ($f:ident) => {
+        // SAFETY: OFFSETS is a plain static; the volatile read keeps the loader-provided value.
+        unsafe { core::ptr::read_volatile(&OFFSETS.$f) }
+    };
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(p) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Reads a `T` at `base + off` from kernel memory.
+#[inline(always)]
+fn rd<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
+    if off == u32::MAX {
+        return Err(());
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }.map_err(|_| ())
+}
+
+#[inline(always)]
+fn rd_buf(base: *const u8, off: u32, dst: &mut [u8]) -> Result<(), ()> {
+    if off == u32::MAX {
+        return Err(());
+    }
+    // SAFETY: as in `rd`.
+    unsafe { bpf_probe_read_kernel_buf(base.wrapping_add(off as usize), dst) }.map_err(|_| ())
+}
+
+struct Tuple {
+    ipver: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// Reads family, addresses and ports from `struct sock_common`.
+#[inline(always)]
+fn tuple(sk: *const u8) -> Result<Tuple, ()> {
+    let family: u16 = rd(sk, off!(skc_family))?;
+    let mut t = Tuple {
+        ipver: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: rd(sk, off!(skc_num))?,
+        dport: u16::from_be(rd(sk, off!(skc_dport))?),
+    };
+    if family == AF_INET {
+        t.ipver = 4;
+        let s: [u8; 4] = rd(sk, off!(skc_rcv_saddr))?;
+        let d: [u8; 4] = rd(sk, off!(skc_daddr))?;
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        t.ipver = 6;
+        rd_buf(sk, off!(skc_v6_rcv_saddr), &mut t.saddr)?;
+        rd_buf(sk, off!(skc_v6_daddr), &mut t.daddr)?;
+    } else {
+        return Err(());
+    }
+    Ok(t)
+}
+
+/// True if the socket lives in the namespace the agent watches (or no filter is set).
+#[inline(always)]
+fn in_netns(sk: *const u8) -> bool {
+    let want = off!(netns_inum);
+    if want == 0 {
+        return true;
+    }
+    let Ok(net) = rd::<u64>(sk, off!(skc_net)) else {
+        return false;
+    };
+    matches!(rd::<u32>(net as *const u8, off!(net_ns_inum)), Ok(inum) if inum == want)
+}
+
+/// Emits one event record for `sk` (a BTF `struct sock *` from a tp_btf argument).
+#[inline(always)]
+fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
+    if sk.is_null() {
+        return;
+    }
+    let base = sk as *const u8;
+    match rd::<u16>(base, off!(sk_protocol)) {
+        Ok(p) if p == IPPROTO_TCP => {}
+        Ok(_) => return,
+        Err(()) => return bump(stat::ERR_BASE + prog),
+    }
+    if !in_netns(base) {
+        return;
+    }
+    let Ok(t) = tuple(base) else {
+        return bump(stat::ERR_BASE + prog);
+    };
+    let state = match new {
+        Some(s) => s,
+        None => rd::<u8>(base, off!(skc_state)).unwrap_or(0),
+    };
+    let err = if kind == kind::ERROR_REPORT { rd::<i32>(base, off!(sk_err)).unwrap_or(0) } else { 0 };
+    let Some(mut entry) = EVENTS.reserve::<EventRecord>(0) else {
+        return bump(stat::LOST_BASE + prog);
+    };
+    // SAFETY: plain helper calls; `sk` is the BTF pointer the verifier typed from the tracepoint.
+    let (cookie, ts_ns) = unsafe { (bpf_get_socket_cookie(sk as *mut c_void), bpf_ktime_get_ns()) };
+    entry.write(EventRecord {
+        kind,
+        ipver: t.ipver,
+        old_state: if new.is_some() { old } else { state },
+        new_state: state,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        cookie,
+        ts_ns,
+        saddr: t.saddr,
+        daddr: t.daddr,
+        sport: t.sport,
+        dport: t.dport,
+        err,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    // Never wake the reader per record: it drains on a short timer (see DESIGN: wakeups are the
+    // cost that matters under churn).
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    bump(stat::EVENTS);
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    emit(0, kind::STATE, sk, old as u8, Some(new as u8));
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    emit(1, kind::RECV_RST, ctx.arg(0), 0, None);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    emit(2, kind::SEND_RST, ctx.arg(0), 0, None);
+    0
+}
+
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
+    emit(3, kind::ERROR_REPORT, ctx.arg(0), 0, None);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    emit(4, kind::RETRANSMIT, ctx.arg(0), 0, None);
+    0
+}
+
+/// `struct bpf_iter_meta` (stable UAPI-like layout of the iterator context).
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// `struct bpf_iter__tcp`.
+#[repr(C)]
+pub struct IterTcp {
+    meta: *mut IterMeta,
+    sk_common: *mut c_void,
+    uid: u32,
+}
+
+/// One record per TCP socket of the agent's network namespace, written to the iterator's file.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_iter__tcp context.
+    let (meta, sk, uid) = unsafe { ((*ctx).meta, (*ctx).sk_common, (*ctx).uid) };
+    if sk.is_null() {
+        return 0;
+    }
+    bump(stat::ITER_SOCKETS);
+    let base = sk as *const u8;
+    let Ok(t) = tuple(base) else {
+        return 0;
+    };
+    let state: u8 = rd(base, off!(skc_state)).unwrap_or(0);
+    // SAFETY: helper calls on the verifier-typed sock_common pointer.
+    let (cookie, now) = unsafe { (bpf_get_socket_cookie(sk), bpf_jiffies64()) };
+    let mut r = SnapRecord {
+        cookie,
+        inode: 0,
+        now_jiffies: now,
+        ka_expires: 0,
+        rto_expires: 0,
+        saddr: t.saddr,
+        daddr: t.daddr,
+        uid,
+        lsndtime: 0,
+        lrcvtime: 0,
+        rcv_tstamp: 0,
+        packets_out: 0,
+        retrans_out: 0,
+        total_retrans: 0,
+        keepalive_time: 0,
+        keepalive_intvl: 0,
+        sport: t.sport,
+        dport: t.dport,
+        ipver: t.ipver,
+        state,
+        retransmits: 0,
+        probes_out: 0,
+        backoff: 0,
+        icsk_pending: 0,
+        keepalive_probes: 0,
+        _pad: [0; 8],
+        flags: 0,
+    };
+    if state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV {
+        fill_full(base, &mut r);
+    }
+    // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
+    let ret = unsafe {
+        bpf_seq_write((*meta).seq, &r as *const SnapRecord as *const c_void, size_of::<SnapRecord>() as u32)
+    };
+    if ret != 0 {
+        bump(stat::ITER_OVERFLOW);
+    }
+    0
+}
+
+/// Fields that only a full `struct tcp_sock` has.
+#[inline(always)]
+fn fill_full(base: *const u8, r: &mut SnapRecord) {
+    r.flags = SNAP_FULL;
+    if let Ok(sock) = rd::<u64>(base, off!(sk_socket)) {
+        if sock != 0 {
+            r.inode = rd::<u64>(sock as *const u8, off!(socket_to_ino)).unwrap_or(0);
+        }
+    }
+    if let Ok(flags) = rd::<u64>(base, off!(skc_flags)) {
+        if flags & (1 << 3) != 0 {
+            // SOCK_KEEPOPEN
+            r.flags |= SNAP_KEEPOPEN;
+        }
+    }
+    if let Ok(pprev) = rd::<u64>(base, off!(sk_timer_pprev)) {
+        if pprev != 0 {
+            r.flags |= SNAP_KA_TIMER;
+            r.ka_expires = rd(base, off!(sk_timer_expires)).unwrap_or(0);
+        }
+    }
+    r.retransmits = rd(base, off!(icsk_retransmits)).unwrap_or(0);
+    r.icsk_pending = rd(base, off!(icsk_pending)).unwrap_or(0);
+    r.backoff = rd(base, off!(icsk_backoff)).unwrap_or(0);
+    r.probes_out = rd(base, off!(icsk_probes_out)).unwrap_or(0);
+    r.lrcvtime = rd(base, off!(icsk_lrcvtime)).unwrap_or(0);
+    if r.icsk_pending != 0 {
+        r.rto_expires = rd(base, off!(icsk_rto_expires)).unwrap_or(0);
+    }
+    r.lsndtime = rd(base, off!(tp_lsndtime)).unwrap_or(0);
+    r.rcv_tstamp = rd(base, off!(tp_rcv_tstamp)).unwrap_or(0);
+    r.packets_out = rd(base, off!(tp_packets_out)).unwrap_or(0);
+    r.retrans_out = rd(base, off!(tp_retrans_out)).unwrap_or(0);
+    r.total_retrans = rd(base, off!(tp_total_retrans)).unwrap_or(0);
+    r.keepalive_time = rd(base, off!(tp_keepalive_time)).unwrap_or(0);
+    r.keepalive_intvl = rd(base, off!(tp_keepalive_intvl)).unwrap_or(0);
+    r.keepalive_probes = rd(base, off!(tp_keepalive_probes)).unwrap_or(0);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

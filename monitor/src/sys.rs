@@ -1,0 +1,61 @@
+//! The agent's one module of raw system calls; every `unsafe` block of the agent lives here.
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock of bpf_ktime_get_ns).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The kernel's HZ, from /proc/timer_list's jiffies and CLOCK_MONOTONIC (250 if unreadable).
+pub fn kernel_hz() -> u32 {
+    let mono = monotonic_ns() as f64 / 1e9;
+    let Ok(text) = std::fs::read_to_string("/proc/timer_list") else {
+        return 250;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|j| crate::decode::guess_hz(j, mono))
+        .unwrap_or(250)
+}
+
+/// Credentials of the peer of a connected unix socket (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred { pid: cred.pid as u32, uid: cred.uid, gid: cred.gid })
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// chown(2) without following symlinks.
+pub fn lchown(path: &std::path::Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, uid, gid)
+}
