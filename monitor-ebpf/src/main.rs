@@ -143,7 +143,11 @@ fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
         Some(s) => s,
         None => rd::<u8>(base, off!(skc_state)).unwrap_or(0),
     };
-    let err = if kind == kind::ERROR_REPORT { rd::<i32>(base, off!(sk_err)).unwrap_or(0) } else { 0 };
+    let err = if kind == kind::ERROR_REPORT {
+        rd::<i32>(base, off!(sk_err)).unwrap_or(0)
+    } else {
+        0
+    };
     let Some(mut entry) = EVENTS.reserve::<EventRecord>(0) else {
         return bump(stat::LOST_BASE + prog);
     };
@@ -270,7 +274,11 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     }
     // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
     let ret = unsafe {
-        bpf_seq_write((*meta).seq, &r as *const SnapRecord as *const c_void, size_of::<SnapRecord>() as u32)
+        bpf_seq_write(
+            (*meta).seq,
+            &r as *const SnapRecord as *const c_void,
+            size_of::<SnapRecord>() as u32,
+        )
     };
     if ret != 0 {
         bump(stat::ITER_OVERFLOW);

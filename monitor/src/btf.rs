@@ -10,7 +10,10 @@ use monitor_common::KernelOffsets;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no struct `{0}`")]
@@ -61,14 +64,19 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
 impl Btf {
     pub fn from_sys_fs() -> Result<Self, BtfError> {
         let path = "/sys/kernel/btf/vmlinux";
-        let data = std::fs::read(path).map_err(|source| BtfError::Read { path: path.into(), source })?;
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(&data)
     }
 
     /// Parses a little-endian BTF blob.
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
-            return Err(BtfError::Malformed("bad magic (expected little-endian BTF)"));
+            return Err(BtfError::Malformed(
+                "bad magic (expected little-endian BTF)",
+            ));
         }
         let hdr_len = u32_at(data, 4)? as usize;
         let type_off = u32_at(data, 8)? as usize;
@@ -98,33 +106,47 @@ impl Btf {
                     for i in 0..vlen {
                         let m = p + i * 12;
                         let off = u32_at(types_b, m + 8)?;
-                        let (bit_off, bitfield) =
-                            if kflag { (off & 0x00ff_ffff, off >> 24 != 0) } else { (off, false) };
-                        members.push(Member { name: u32_at(types_b, m)?, ty: u32_at(types_b, m + 4)?, bit_off, bitfield });
+                        let (bit_off, bitfield) = if kflag {
+                            (off & 0x00ff_ffff, off >> 24 != 0)
+                        } else {
+                            (off, false)
+                        };
+                        members.push(Member {
+                            name: u32_at(types_b, m)?,
+                            ty: u32_at(types_b, m + 4)?,
+                            bit_off,
+                            bitfield,
+                        });
                     }
                     Ty::Composite { name, members }
                 }
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Ty::Modifier { target: size_or_type }
+                    Ty::Modifier {
+                        target: size_or_type,
+                    }
                 }
                 _ => Ty::Other,
             };
             p += match kind {
-                1 => 4,                 // INT
-                3 => 12,                // ARRAY
-                4 | 5 => vlen * 12,     // STRUCT, UNION
-                6 => vlen * 8,          // ENUM
-                13 => vlen * 8,         // FUNC_PROTO
-                14 => 4,                // VAR
-                15 => vlen * 12,        // DATASEC
-                17 => 4,                // DECL_TAG
-                19 => vlen * 12,        // ENUM64
+                1 => 4,             // INT
+                3 => 12,            // ARRAY
+                4 | 5 => vlen * 12, // STRUCT, UNION
+                6 => vlen * 8,      // ENUM
+                13 => vlen * 8,     // FUNC_PROTO
+                14 => 4,            // VAR
+                15 => vlen * 12,    // DATASEC
+                17 => 4,            // DECL_TAG
+                19 => vlen * 12,    // ENUM64
                 2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
                 _ => return Err(BtfError::Malformed("unknown BTF kind")),
             };
             types.push(ty);
         }
-        let mut btf = Btf { types, strings, by_name: HashMap::new() };
+        let mut btf = Btf {
+            types,
+            strings,
+            by_name: HashMap::new(),
+        };
         for (id, t) in btf.types.iter().enumerate() {
             if let Ty::Composite { name, .. } = t {
                 if *name != 0 {
@@ -182,7 +204,10 @@ impl Btf {
 
     /// Byte offset of a dotted member path (`"icsk_ack.lrcvtime"`) inside struct `strukt`.
     pub fn offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
-        let mut id = *self.by_name.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let mut id = *self
+            .by_name
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
         let mut total = 0u32;
         for part in path.split('.') {
             let (off, ty) = self.find(id, part, 0).ok_or_else(|| BtfError::NoMember {
@@ -203,9 +228,17 @@ impl Btf {
 pub fn kernel_offsets(btf: &Btf, netns_inum: u32) -> Result<KernelOffsets, BtfError> {
     // The programs treat `struct sock *` as the base of every read. These nestings make the
     // offsets of inet_connection_sock and tcp_sock fields valid from that base; check them.
-    for (outer, first) in [("sock", "__sk_common"), ("inet_sock", "sk"), ("inet_connection_sock", "icsk_inet"), ("tcp_sock", "inet_conn")] {
+    for (outer, first) in [
+        ("sock", "__sk_common"),
+        ("inet_sock", "sk"),
+        ("inet_connection_sock", "icsk_inet"),
+        ("tcp_sock", "inet_conn"),
+    ] {
         if btf.offset(outer, first)? != 0 {
-            return Err(BtfError::NoMember { strukt: outer.into(), member: format!("{first} at offset 0") });
+            return Err(BtfError::NoMember {
+                strukt: outer.into(),
+                member: format!("{first} at offset 0"),
+            });
         }
     }
     let sc = |m: &str| btf.offset("sock_common", m);
@@ -261,7 +294,12 @@ mod tests {
     fn blob() -> Vec<u8> {
         let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0anon_field\0bf\0".to_vec();
         let s = |name: &str| -> u32 {
-            let pos = strings.windows(name.len() + 2).position(|w| w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0).unwrap();
+            let pos = strings
+                .windows(name.len() + 2)
+                .position(|w| {
+                    w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0
+                })
+                .unwrap();
             pos as u32 + 1
         };
         let mut t = Vec::new();
@@ -273,10 +311,32 @@ mod tests {
         // 3: anonymous union, 1 member
         push(&[0, 5 << 24 | 1, 4, s("anon_field"), 1, 0]);
         // 4: struct outer (kind_flag set: bitfield encoding), 4 members
-        push(&[s("outer"), 1 << 31 | 4 << 24 | 4, 24, s("x"), 1, 0, s("in"), 2, 32, 0, 3, 96, s("bf"), 1, 3 << 24 | 128]);
+        push(&[
+            s("outer"),
+            1 << 31 | 4 << 24 | 4,
+            24,
+            s("x"),
+            1,
+            0,
+            s("in"),
+            2,
+            32,
+            0,
+            3,
+            96,
+            s("bf"),
+            1,
+            3 << 24 | 128,
+        ]);
         let mut out = Vec::new();
         out.extend_from_slice(&[0x9f, 0xeb, 1, 0]);
-        for v in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
+        for v in [
+            24u32,
+            0,
+            t.len() as u32,
+            t.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&t);
@@ -290,9 +350,18 @@ mod tests {
         assert_eq!(btf.offset("outer", "x").unwrap(), 0);
         assert_eq!(btf.offset("outer", "in.b").unwrap(), 8);
         assert_eq!(btf.offset("outer", "anon_field").unwrap(), 12);
-        assert!(matches!(btf.offset("outer", "bf"), Err(BtfError::Bitfield(_))));
-        assert!(matches!(btf.offset("outer", "nope"), Err(BtfError::NoMember { .. })));
-        assert!(matches!(btf.offset("missing", "x"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.offset("outer", "bf"),
+            Err(BtfError::Bitfield(_))
+        ));
+        assert!(matches!(
+            btf.offset("outer", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.offset("missing", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
     }
 
     #[test]

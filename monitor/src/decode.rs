@@ -16,7 +16,10 @@ pub enum DecodeError {
 }
 
 fn exact<const N: usize>(b: &[u8]) -> Result<&[u8; N], DecodeError> {
-    b.try_into().map_err(|_| DecodeError::Size { expected: N, found: b.len() })
+    b.try_into().map_err(|_| DecodeError::Size {
+        expected: N,
+        found: b.len(),
+    })
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
@@ -56,7 +59,8 @@ pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
     // The pid is the owner's only when the transition runs in the owner's system call:
     // connect() (-> SYN_SENT) and listen() (-> LISTEN). Others may run in softirq context.
     let in_process = kind == EventKind::State
-        && (state == monitor_common::tcp_state::SYN_SENT || state == monitor_common::tcp_state::LISTEN);
+        && (state == monitor_common::tcp_state::SYN_SENT
+            || state == monitor_common::tcp_state::LISTEN);
     Ok(Event {
         kind,
         cookie: u64_at(b, 8),
@@ -96,8 +100,13 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         let pending = b[o!(icsk_pending)];
         let (timer, expires) = match pending {
             1 | 4 | 5 => (Timer::Retransmit, Some(until(u64_at(b, o!(rto_expires))))),
-            3 => (Timer::ZeroWindowProbe, Some(until(u64_at(b, o!(rto_expires))))),
-            _ if flags & SNAP_KA_TIMER != 0 => (Timer::Keepalive, Some(until(u64_at(b, o!(ka_expires))))),
+            3 => (
+                Timer::ZeroWindowProbe,
+                Some(until(u64_at(b, o!(rto_expires)))),
+            ),
+            _ if flags & SNAP_KA_TIMER != 0 => {
+                (Timer::Keepalive, Some(until(u64_at(b, o!(ka_expires)))))
+            }
             _ => (Timer::None, None),
         };
         TcpSample {
@@ -114,7 +123,8 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
             keepalive: Some(flags & SNAP_KEEPOPEN != 0),
             keepalive_idle_s: secs(u32_at(b, o!(keepalive_time))),
             keepalive_intvl_s: secs(u32_at(b, o!(keepalive_intvl))),
-            keepalive_cnt: (b[o!(keepalive_probes)] != 0).then_some(u32::from(b[o!(keepalive_probes)])),
+            keepalive_cnt: (b[o!(keepalive_probes)] != 0)
+                .then_some(u32::from(b[o!(keepalive_probes)])),
         }
     });
     Ok(SockSample {
@@ -173,7 +183,21 @@ mod tests {
         saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
         let mut daddr = [0u8; 16];
         daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        EventRecord { kind, ipver: 4, old_state: 7, new_state, pid: 42, cookie: 0xdead_beef, ts_ns: 5, saddr, daddr, sport: 40000, dport: 22, err: 0, comm }
+        EventRecord {
+            kind,
+            ipver: 4,
+            old_state: 7,
+            new_state,
+            pid: 42,
+            cookie: 0xdead_beef,
+            ts_ns: 5,
+            saddr,
+            daddr,
+            sport: 40000,
+            dport: 22,
+            err: 0,
+            comm,
+        }
     }
 
     #[test]
@@ -183,7 +207,13 @@ mod tests {
         assert_eq!(e.cookie, 0xdead_beef);
         assert_eq!(e.local.to_string(), "10.0.0.1:40000");
         assert_eq!(e.remote.to_string(), "10.0.0.2:22");
-        assert_eq!(e.pid_hint, Some(PidHint { pid: 42, comm: "curl".into() }));
+        assert_eq!(
+            e.pid_hint,
+            Some(PidHint {
+                pid: 42,
+                comm: "curl".into()
+            })
+        );
     }
 
     #[test]
@@ -200,7 +230,9 @@ mod tests {
         let mut r = rec(kind::STATE, tcp_state::ESTABLISHED);
         r.ipver = 6;
         r.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        r.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets();
+        r.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1)
+            .to_ipv6_mapped()
+            .octets();
         let e = event(&ev_bytes(&r)).unwrap();
         assert_eq!(e.local.to_string(), "[::1]:40000");
         assert_eq!(e.remote.to_string(), "192.0.2.1:22");
@@ -209,11 +241,23 @@ mod tests {
     #[test]
     fn rejects_truncated_oversized_and_unknown() {
         let b = ev_bytes(&rec(kind::STATE, 1));
-        assert_eq!(event(&b[..79]), Err(DecodeError::Size { expected: 80, found: 79 }));
+        assert_eq!(
+            event(&b[..79]),
+            Err(DecodeError::Size {
+                expected: 80,
+                found: 79
+            })
+        );
         let mut big = b.clone();
         big.push(0);
         assert!(matches!(event(&big), Err(DecodeError::Size { .. })));
-        assert_eq!(event(&[]), Err(DecodeError::Size { expected: 80, found: 0 }));
+        assert_eq!(
+            event(&[]),
+            Err(DecodeError::Size {
+                expected: 80,
+                found: 0
+            })
+        );
         let mut unknown = b.clone();
         unknown[0] = kind::MAX + 1;
         assert_eq!(event(&unknown), Err(DecodeError::Kind(kind::MAX + 1)));
@@ -250,7 +294,14 @@ mod tests {
 
     #[test]
     fn decodes_iterator_records_with_jiffies_wraparound() {
-        let s = snap(&snap_bytes(tcp_state::ESTABLISHED, SNAP_FULL | SNAP_KEEPOPEN | SNAP_KA_TIMER), 250).unwrap();
+        let s = snap(
+            &snap_bytes(
+                tcp_state::ESTABLISHED,
+                SNAP_FULL | SNAP_KEEPOPEN | SNAP_KA_TIMER,
+            ),
+            250,
+        )
+        .unwrap();
         assert_eq!(s.cookie, 77);
         assert_eq!(s.inode, 12345);
         assert_eq!(s.local.to_string(), "127.0.0.1:5000");
@@ -271,7 +322,10 @@ mod tests {
     fn time_wait_records_have_no_tcp_fields() {
         let s = snap(&snap_bytes(tcp_state::TIME_WAIT, 0), 250).unwrap();
         assert_eq!(s.tcp, None);
-        assert!(matches!(snap(&snap_bytes(1, 0)[..100], 250), Err(DecodeError::Size { .. })));
+        assert!(matches!(
+            snap(&snap_bytes(1, 0)[..100], 250),
+            Err(DecodeError::Size { .. })
+        ));
     }
 
     #[test]

@@ -24,9 +24,15 @@ pub enum EbpfError {
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program `{name}`: {source}")]
-    Program { name: String, source: aya::programs::ProgramError },
+    Program {
+        name: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("map `{name}`: {source}")]
-    Map { name: String, source: aya::maps::MapError },
+    Map {
+        name: String,
+        source: aya::maps::MapError,
+    },
     #[error("map `{0}` missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("tcp iterator: {0}")]
@@ -49,13 +55,13 @@ pub struct KernelCounters {
 /// The loaded programs. Dropping it detaches everything.
 pub struct Loaded {
     ebpf: Ebpf,
-    stats: PerCpuArray<MapData, u64>,
     hz: u32,
 }
 
-/// The event ring buffer, owned by the reader task.
+/// The event ring buffer and the kernel-side counters, owned by the reader task.
 pub struct Events {
     ring: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
 }
 
 impl Events {
@@ -70,36 +76,85 @@ impl Events {
         }
         bad
     }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> KernelCounters {
+        let get = |i: u32| -> u64 { self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let mut c = KernelCounters {
+            events: get(stat::EVENTS),
+            iter_sockets: get(stat::ITER_SOCKETS),
+            ..Default::default()
+        };
+        for (i, name) in TRACEPOINTS.iter().enumerate() {
+            let lost = get(stat::LOST_BASE + i as u32);
+            let err = get(stat::ERR_BASE + i as u32);
+            c.lost += lost;
+            c.errors += err;
+            c.lost_by_program.push(((*name).into(), lost));
+            c.errors_by_program.push(((*name).into(), err));
+        }
+        c
+    }
 }
 
 /// Loads and attaches every program for the current network namespace.
 pub fn load() -> Result<(Loaded, Events), EbpfError> {
-    let netns = std::fs::metadata("/proc/self/ns/net").map_err(EbpfError::Netns)?.ino() as u32;
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map_err(EbpfError::Netns)?
+        .ino() as u32;
     let kbtf = btf::Btf::from_sys_fs()?;
     let offsets = btf::kernel_offsets(&kbtf, netns)?;
-    let mut ebpf = EbpfLoader::new().override_global("OFFSETS", &offsets, true).load(EBPF_OBJECT)?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", &offsets, true)
+        .load(EBPF_OBJECT)?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Iter(format!("kernel BTF: {e}")))?;
     for name in TRACEPOINTS {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| EbpfError::Iter(format!("program {name} missing from the object")))?
             .try_into()
-            .map_err(|source| EbpfError::Program { name: name.into(), source })?;
-        prog.load(name, &btf).map_err(|source| EbpfError::Program { name: name.into(), source })?;
-        prog.attach().map_err(|source| EbpfError::Program { name: name.into(), source })?;
+            .map_err(|source| EbpfError::Program {
+                name: name.into(),
+                source,
+            })?;
+        prog.load(name, &btf).map_err(|source| EbpfError::Program {
+            name: name.into(),
+            source,
+        })?;
+        prog.attach().map_err(|source| EbpfError::Program {
+            name: name.into(),
+            source,
+        })?;
     }
     let iter: &mut Iter = ebpf
         .program_mut("snapshot_tcp")
         .ok_or_else(|| EbpfError::Iter("program snapshot_tcp missing from the object".into()))?
         .try_into()
-        .map_err(|source| EbpfError::Program { name: "snapshot_tcp".into(), source })?;
-    iter.load("tcp", &btf).map_err(|source| EbpfError::Program { name: "snapshot_tcp".into(), source })?;
-    let ring = ebpf.take_map("EVENTS").ok_or(EbpfError::MissingMap("EVENTS"))?;
-    let ring = RingBuf::try_from(ring).map_err(|source| EbpfError::Map { name: "EVENTS".into(), source })?;
-    let stats = ebpf.take_map("STATS").ok_or(EbpfError::MissingMap("STATS"))?;
-    let stats = PerCpuArray::try_from(stats).map_err(|source| EbpfError::Map { name: "STATS".into(), source })?;
+        .map_err(|source| EbpfError::Program {
+            name: "snapshot_tcp".into(),
+            source,
+        })?;
+    iter.load("tcp", &btf)
+        .map_err(|source| EbpfError::Program {
+            name: "snapshot_tcp".into(),
+            source,
+        })?;
+    let ring = ebpf
+        .take_map("EVENTS")
+        .ok_or(EbpfError::MissingMap("EVENTS"))?;
+    let ring = RingBuf::try_from(ring).map_err(|source| EbpfError::Map {
+        name: "EVENTS".into(),
+        source,
+    })?;
+    let stats = ebpf
+        .take_map("STATS")
+        .ok_or(EbpfError::MissingMap("STATS"))?;
+    let stats = PerCpuArray::try_from(stats).map_err(|source| EbpfError::Map {
+        name: "STATS".into(),
+        source,
+    })?;
     let hz = sys::kernel_hz();
-    Ok((Loaded { ebpf, stats, hz }, Events { ring }))
+    Ok((Loaded { ebpf, hz }, Events { ring, stats }))
 }
 
 impl Loaded {
@@ -111,12 +166,24 @@ impl Loaded {
             .program_mut("snapshot_tcp")
             .ok_or_else(|| EbpfError::Iter("program snapshot_tcp missing".into()))?
             .try_into()
-            .map_err(|source| EbpfError::Program { name: "snapshot_tcp".into(), source })?;
-        let id = iter.attach().map_err(|source| EbpfError::Program { name: "snapshot_tcp".into(), source })?;
-        let link = iter.take_link(id).map_err(|source| EbpfError::Program { name: "snapshot_tcp".into(), source })?;
-        let mut file = link.into_file().map_err(|e| EbpfError::Iter(e.to_string()))?;
+            .map_err(|source| EbpfError::Program {
+                name: "snapshot_tcp".into(),
+                source,
+            })?;
+        let id = iter.attach().map_err(|source| EbpfError::Program {
+            name: "snapshot_tcp".into(),
+            source,
+        })?;
+        let link = iter.take_link(id).map_err(|source| EbpfError::Program {
+            name: "snapshot_tcp".into(),
+            source,
+        })?;
+        let mut file = link
+            .into_file()
+            .map_err(|e| EbpfError::Iter(e.to_string()))?;
         let mut buf = Vec::with_capacity(1 << 16);
-        file.read_to_end(&mut buf).map_err(|e| EbpfError::Iter(format!("read: {e}")))?;
+        file.read_to_end(&mut buf)
+            .map_err(|e| EbpfError::Iter(format!("read: {e}")))?;
         let rec = std::mem::size_of::<SnapRecord>();
         let mut socks = Vec::with_capacity(buf.len() / rec);
         for chunk in buf.chunks(rec) {
@@ -124,22 +191,11 @@ impl Loaded {
                 socks.push(s);
             }
         }
-        Ok(Snapshot { started, finished: sys::monotonic_ns(), socks })
-    }
-
-    /// Sums the per-CPU counters.
-    pub fn counters(&self) -> KernelCounters {
-        let get = |i: u32| -> u64 { self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-        let mut c = KernelCounters { events: get(stat::EVENTS), iter_sockets: get(stat::ITER_SOCKETS), ..Default::default() };
-        for (i, name) in TRACEPOINTS.iter().enumerate() {
-            let lost = get(stat::LOST_BASE + i as u32);
-            let err = get(stat::ERR_BASE + i as u32);
-            c.lost += lost;
-            c.errors += err;
-            c.lost_by_program.push(((*name).into(), lost));
-            c.errors_by_program.push(((*name).into(), err));
-        }
-        c
+        Ok(Snapshot {
+            started,
+            finished: sys::monotonic_ns(),
+            socks,
+        })
     }
 
     pub fn hz(&self) -> u32 {

@@ -158,6 +158,10 @@ pub fn state_name(s: u8) -> &'static str {
 /// Parses a state name (as printed, case-insensitive, `-` or `_`) back to the kernel value.
 pub fn parse_state(s: &str) -> Option<u8> {
     let norm = s.to_ascii_uppercase().replace('_', "-");
-    let norm = if norm == "ESTABLISHED" { "ESTAB".to_string() } else { norm };
+    let norm = if norm == "ESTABLISHED" {
+        "ESTAB".to_string()
+    } else {
+        norm
+    };
     (1..=12).find(|&v| state_name(v) == norm)
 }

@@ -4,7 +4,10 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of bpf_ktime_get_ns).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -32,7 +35,11 @@ pub struct PeerCred {
 }
 
 pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
     let rc = unsafe {
@@ -47,7 +54,11 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(PeerCred { pid: cred.pid as u32, uid: cred.uid, gid: cred.gid })
+    Ok(PeerCred {
+        pid: cred.pid as u32,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
 }
 
 pub fn geteuid() -> u32 {
@@ -58,4 +69,66 @@ pub fn geteuid() -> u32 {
 /// chown(2) without following symlinks.
 pub fn lchown(path: &std::path::Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
     std::os::unix::fs::lchown(path, uid, gid)
+}
+
+pub const NETLINK_SOCK_DIAG: i32 = libc::NETLINK_SOCK_DIAG;
+
+/// A netlink socket of `protocol`, close-on-exec.
+pub fn netlink_socket(protocol: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the returned descriptor is owned by the OwnedFd below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one netlink request to the kernel.
+pub fn netlink_send(fd: &std::os::fd::OwnedFd, msg: &[u8]) -> io::Result<()> {
+    let mut addr: libc::sockaddr_nl = unsafe_zeroed_nl();
+    addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and addr are valid for the lengths passed.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn unsafe_zeroed_nl() -> libc::sockaddr_nl {
+    // SAFETY: sockaddr_nl is plain integers; all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Receives one netlink datagram, retrying on EINTR.
+pub fn netlink_recv(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is valid for writes of buf.len() bytes.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }

@@ -1,0 +1,183 @@
+//! The `holdfast` command line: agent, status, flows, config check.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, Mode};
+use crate::flows::FlowView;
+use crate::ipc::{self, FlowFilter, Request, Status};
+use crate::render;
+
+#[derive(Parser, Debug)]
+#[command(name = "holdfast", version, about = "Keeps long-lived TCP sessions and their processes healthy", long_about = None)]
+pub struct Cli {
+    /// The agent's CLI socket.
+    #[arg(long, global = true, env = "HOLDFAST_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the agent in the foreground.
+    Agent {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Override the config's agent.mode.
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
+    },
+    /// Show the agent's mode, versions and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tracked TCP flows.
+    Flows {
+        #[arg(long)]
+        json: bool,
+        /// Include listening sockets.
+        #[arg(long)]
+        all: bool,
+        /// Only flows in this state (estab, close-wait, listen, ...).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only flows with this local or remote port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only flows owned by this process.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Validate a configuration file and print the effective values.
+    Check { file: PathBuf },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd stderr is the journal: no timestamps or colours, journald adds its own.
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if under_systemd {
+        b.without_time().with_ansi(false).init();
+    } else {
+        b.init();
+    }
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    socket: &std::path::Path,
+    req: Request,
+) -> Result<T, ExitCode> {
+    match ipc::call(socket, &req) {
+        Ok(v) => serde_json::from_value(v).map_err(|e| {
+            eprintln!("holdfast: unreadable reply from the agent: {e}");
+            ExitCode::from(1)
+        }),
+        Err(e) => {
+            eprintln!("holdfast: {e}");
+            Err(ExitCode::from(e.exit_code() as u8))
+        }
+    }
+}
+
+fn json_out<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket_override = cli.socket.clone();
+    let socket = cli.socket.unwrap_or_else(|| config::DEFAULT_SOCKET.into());
+    let result: Result<(), ExitCode> = match cli.cmd {
+        Cmd::Agent { config, mode } => {
+            init_logging();
+            let explicit = config.is_some();
+            let path = config.unwrap_or_else(|| config::DEFAULT_PATH.into());
+            match Config::load(&path, explicit) {
+                Err(e) => {
+                    eprintln!("holdfast: {e}");
+                    Err(ExitCode::from(2))
+                }
+                Ok((mut cfg, found)) => {
+                    if let Some(m) = mode {
+                        cfg.agent.mode = m;
+                    }
+                    if let Some(s) = socket_override {
+                        cfg.agent.socket = s;
+                    }
+                    let desc = if found {
+                        path.display().to_string()
+                    } else {
+                        format!("defaults ({} not found)", path.display())
+                    };
+                    crate::agent::run(cfg, desc).map_err(|e| {
+                        tracing::error!("{e:#}");
+                        ExitCode::from(1)
+                    })
+                }
+            }
+        }
+        Cmd::Status { json } => query::<Status>(&socket, Request::Status).map(|s| {
+            if json {
+                json_out(&s)
+            } else {
+                print!("{}", render::status(&s))
+            }
+        }),
+        Cmd::Flows {
+            json,
+            all,
+            state,
+            port,
+            pid,
+        } => {
+            let filter = FlowFilter {
+                all,
+                state,
+                port,
+                pid,
+            };
+            query::<Vec<FlowView>>(&socket, Request::Flows { filter }).map(|v| {
+                if json {
+                    json_out(&v)
+                } else {
+                    print!("{}", render::flows(&v))
+                }
+            })
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => match Config::load(&file, true) {
+            Ok((cfg, _)) => {
+                println!("{}: ok", file.display());
+                println!("{cfg:#?}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("holdfast: {e}");
+                Err(ExitCode::from(1))
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(c) => c,
+    }
+}

@@ -1,0 +1,270 @@
+//! The agent's configuration file (TOML) and its validation.
+//!
+//! Errors name the file, the line, the key and what was expected, so a bad config is fixed in
+//! one look; an agent that is already running keeps its old config when a new one is refused.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::human::parse_duration;
+
+pub const DEFAULT_PATH: &str = "/etc/holdfast/holdfast.toml";
+pub const DEFAULT_SOCKET: &str = "/run/holdfast/holdfast.sock";
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, Default, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// eBPF if the kernel allows it, else poll (with one warning saying why).
+    #[default]
+    Auto,
+    /// eBPF only: fail at start if the programs cannot load.
+    Ebpf,
+    /// sock_diag + procfs polling only.
+    Poll,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    pub mode: Mode,
+    pub socket: PathBuf,
+    /// Members of this group may query the agent (root always may).
+    pub read_group: String,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Auto,
+            socket: DEFAULT_SOCKET.into(),
+            read_group: "holdfast".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotSection {
+    /// Poll mode: how often the whole TCP table is read (sock_diag).
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// eBPF mode: how often the iterator heals the event-fed table.
+    #[serde(deserialize_with = "duration")]
+    pub ebpf_interval: Duration,
+}
+
+impl Default for SnapshotSection {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(500),
+            ebpf_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub snapshot: SnapshotSection,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}:{line}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// Finds the dotted key a byte offset of the file belongs to: the nearest `[table]` above and
+/// the `key =` of that line.
+fn key_at(text: &str, offset: usize) -> (usize, String) {
+    let line_no = text[..offset.min(text.len())].matches('\n').count() + 1;
+    let mut table = String::new();
+    let mut key = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if i + 1 == line_no {
+                key = table.clone();
+            }
+        }
+        if i + 1 == line_no {
+            if let Some((k, _)) = t.split_once('=') {
+                let k = k.trim();
+                key = if table.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{table}.{k}")
+                };
+            }
+            break;
+        }
+    }
+    (line_no, key)
+}
+
+impl Config {
+    /// Parses config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, key) = e
+                .span()
+                .map(|s| key_at(text, s.start))
+                .unwrap_or((1, String::new()));
+            ConfigError::Invalid {
+                path: path.into(),
+                line,
+                key,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(text, path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str, path: &str) -> Result<(), ConfigError> {
+        let line_of = |needle: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(needle))
+                .map_or(1, |i| i + 1)
+        };
+        let check = |ok: bool, key: &str, short: &str, message: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    path: path.into(),
+                    line: line_of(short),
+                    key: key.into(),
+                    message: message.into(),
+                })
+            }
+        };
+        check(
+            self.snapshot.poll_interval >= Duration::from_millis(100),
+            "snapshot.poll_interval",
+            "poll_interval",
+            "expected at least 100ms (each read walks the whole TCP table)",
+        )?;
+        check(
+            self.snapshot.ebpf_interval >= Duration::from_millis(100),
+            "snapshot.ebpf_interval",
+            "ebpf_interval",
+            "expected at least 100ms",
+        )?;
+        check(
+            self.agent.socket.is_absolute(),
+            "agent.socket",
+            "socket",
+            "expected an absolute path",
+        )?;
+        Ok(())
+    }
+
+    /// Loads `path`; when `path` is the default and does not exist, the defaults apply.
+    pub fn load(path: &Path, explicit: bool) -> Result<(Self, bool), ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok((Self::parse(&text, &path.display().to_string())?, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok((Self::default(), false))
+            }
+            Err(e) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_a_full_file() {
+        assert_eq!(Config::parse("", "x").unwrap(), Config::default());
+        let c = Config::parse(
+            "[agent]\nmode = \"poll\"\nsocket = \"/tmp/h.sock\"\n[snapshot]\npoll_interval = \"250ms\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.agent.mode, Mode::Poll);
+        assert_eq!(c.snapshot.poll_interval, Duration::from_millis(250));
+        assert_eq!(c.snapshot.ebpf_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_file_line_key_and_expectation() {
+        let e = Config::parse("[agent]\nmode = \"fast\"\n", "/etc/h.toml").unwrap_err();
+        let ConfigError::Invalid {
+            path,
+            line,
+            key,
+            message,
+        } = e
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (path.as_str(), line, key.as_str()),
+            ("/etc/h.toml", 2, "agent.mode")
+        );
+        assert!(
+            message.contains("auto") && message.contains("poll"),
+            "{message}"
+        );
+
+        let e = Config::parse("[snapshot]\n\npoll_interval = \"10\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f:3: key `snapshot.poll_interval`"), "{e}");
+        assert!(e.contains("needs a unit"), "{e}");
+
+        let e = Config::parse("[agent]\nsokcet = \"/x\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f:2") && e.contains("sokcet") && e.contains("expected one of"),
+            "{e}"
+        );
+
+        let e = Config::parse("[agent\n", "f").unwrap_err().to_string();
+        assert!(e.starts_with("f:1"), "{e}");
+
+        let e = Config::parse("[snapshot]\npoll_interval = \"1ms\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f:2") && e.contains("at least 100ms"), "{e}");
+
+        let e = Config::parse("[agent]\nsocket = \"rel/x\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults_but_missing_explicit_file_is_an_error() {
+        let p = Path::new("/nonexistent/holdfast.toml");
+        assert_eq!(Config::load(p, false).unwrap(), (Config::default(), false));
+        assert!(matches!(
+            Config::load(p, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}
