@@ -11,8 +11,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, seq_file},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
         generated::{bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write},
     },
     macros::{btf_tracepoint, map},
@@ -20,8 +19,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, SNAP_FULL, SNAP_KA_TIMER,
-    SNAP_KEEPOPEN, SnapRecord, kind, stat, tcp_state,
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN,
+    SnapRecord, kind, stat, tcp_state,
 };
 
 /// Field offsets, filled in by the agent at load time.

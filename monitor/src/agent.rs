@@ -72,7 +72,8 @@ impl Source {
 #[derive(Clone, Debug)]
 pub struct Access {
     pub agent_uid: u32,
-    pub group: Option<(String, u32)>,
+    /// The read group's name and, if it exists on this host, its gid.
+    pub group: (String, Option<u32>),
 }
 
 /// The gid of `name` from /etc/group.
@@ -89,11 +90,9 @@ fn supplementary_groups(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|t| {
-            t.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
+            t.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
         })
         .unwrap_or_default()
 }
@@ -104,17 +103,20 @@ impl Access {
         if cred.uid == 0 || cred.uid == self.agent_uid {
             return Ok(());
         }
-        if let Some((name, gid)) = &self.group {
+        let (name, gid) = &self.group;
+        if let Some(gid) = gid {
             if cred.gid == *gid || supplementary_groups(cred.pid).contains(gid) {
                 return Ok(());
             }
-            return Err(format!(
-                "permission denied: uid {} is neither root nor in group `{name}`; ask an admin to run `usermod -aG {name} <user>`",
-                cred.uid
-            ));
         }
+        let fix = match gid {
+            Some(_) => format!("ask an admin to run `usermod -aG {name} <user>`"),
+            None => format!(
+                "group `{name}` does not exist on this host: an admin can create it with `groupadd --system {name}` and add users to it"
+            ),
+        };
         Err(format!(
-            "permission denied: uid {} is not root and no read group is configured (agent.read_group)",
+            "permission denied: uid {} is neither root nor in group `{name}`; {fix}",
             cred.uid
         ))
     }
@@ -154,11 +156,7 @@ impl State {
             netns_inode: self.netns,
             flows: self.table.len(),
             table: self.table.counters.clone(),
-            events: if self.mode == "ebpf" {
-                self.kernel.events
-            } else {
-                self.events
-            },
+            events: self.events,
             events_lost: self.kernel.lost,
             events_undecodable: self.undecodable,
             program_errors: self.kernel.errors,
@@ -184,9 +182,7 @@ impl State {
         let mut out: Vec<FlowView> = self
             .table
             .iter()
-            .filter(|fl| {
-                f.all || want_state.is_some() || fl.state != monitor_common::tcp_state::LISTEN
-            })
+            .filter(|fl| f.all || want_state.is_some() || fl.state != monitor_common::tcp_state::LISTEN)
             .filter(|fl| want_state.is_none_or(|s| fl.state == s))
             .filter(|fl| {
                 f.port
@@ -220,9 +216,21 @@ pub fn run(cfg: Config, config_desc: String) -> anyhow::Result<()> {
 }
 
 fn select_mode(mode: Mode) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events)>, String)> {
+    let uid = sys::geteuid();
+    let load = || {
+        ebpf::load().map_err(|e| {
+            if uid == 0 {
+                e.to_string()
+            } else {
+                format!(
+                    "{e}; the agent runs as uid {uid}: eBPF needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)"
+                )
+            }
+        })
+    };
     match mode {
         Mode::Poll => Ok((None, "poll mode requested: sock_diag + procfs".into())),
-        Mode::Ebpf => match ebpf::load() {
+        Mode::Ebpf => match load() {
             Ok(l) => Ok((
                 Some(l),
                 "ebpf mode requested: 5 tp_btf tracepoints + iter/tcp loaded".into(),
@@ -231,11 +239,8 @@ fn select_mode(mode: Mode) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events
                 "eBPF mode was requested but the programs cannot load: {e}. Run as root on a kernel with BTF, or use --mode poll"
             ),
         },
-        Mode::Auto => match ebpf::load() {
-            Ok(l) => Ok((
-                Some(l),
-                "auto: 5 tp_btf tracepoints + iter/tcp loaded".into(),
-            )),
+        Mode::Auto => match load() {
+            Ok(l) => Ok((Some(l), "auto: 5 tp_btf tracepoints + iter/tcp loaded".into())),
             Err(e) => {
                 warn!("eBPF unavailable, running in poll mode (sock_diag + procfs): {e}");
                 Ok((
@@ -259,8 +264,7 @@ fn bind_socket(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> 
                 path.display()
             );
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
@@ -274,8 +278,8 @@ fn bind_socket(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> 
 
 async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let (loaded, mode_reason) = select_mode(cfg.agent.mode)?;
-    let group = group_gid(&cfg.agent.read_group).map(|g| (cfg.agent.read_group.clone(), g));
-    if group.is_none() {
+    let gid = group_gid(&cfg.agent.read_group);
+    if gid.is_none() {
         info!(
             "group `{}` does not exist: only root may query the agent",
             cfg.agent.read_group
@@ -283,9 +287,9 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     }
     let access = Access {
         agent_uid: sys::geteuid(),
-        group: group.clone(),
+        group: (cfg.agent.read_group.clone(), gid),
     };
-    let listener = bind_socket(&cfg.agent.socket, group.map(|g| g.1))?;
+    let listener = bind_socket(&cfg.agent.socket, gid)?;
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let (wtx, wrx) = std_mpsc::channel::<WorkerMsg>();
 
@@ -457,9 +461,7 @@ fn snapshot_worker(
                         .socks
                         .iter()
                         .filter(|s| {
-                            s.inode == 0
-                                && s.tcp.is_some()
-                                && s.state != monitor_common::tcp_state::LISTEN
+                            s.inode == 0 && s.tcp.is_some() && s.state != monitor_common::tcp_state::LISTEN
                         })
                         .filter(|s| no_file_seen.insert(s.cookie))
                         .count();
@@ -512,12 +514,15 @@ async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Msg>, access: Access) {
         .map_err(|e| format!("cannot read peer credentials: {e}"))
         .and_then(|c| access.check(c));
     let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
     if let Err(refusal) = verdict {
+        // Read the request first so that the refusal is its reply (the client may still be writing).
+        let mut limited = (&mut reader).take(ipc::MAX_LINE as u64);
+        let _ = tokio::time::timeout(Duration::from_secs(2), limited.read_until(b'\n', &mut buf)).await;
         let _ = w.write_all(Reply::err(refusal).to_line().as_bytes()).await;
         return;
     }
-    let mut reader = BufReader::new(r);
-    let mut buf = Vec::new();
     loop {
         buf.clear();
         let n = match (&mut reader)

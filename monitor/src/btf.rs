@@ -10,10 +10,7 @@ use monitor_common::KernelOffsets;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no struct `{0}`")]
@@ -74,9 +71,7 @@ impl Btf {
     /// Parses a little-endian BTF blob.
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
-            return Err(BtfError::Malformed(
-                "bad magic (expected little-endian BTF)",
-            ));
+            return Err(BtfError::Malformed("bad magic (expected little-endian BTF)"));
         }
         let hdr_len = u32_at(data, 4)? as usize;
         let type_off = u32_at(data, 8)? as usize;
@@ -121,9 +116,7 @@ impl Btf {
                     Ty::Composite { name, members }
                 }
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Ty::Modifier {
-                        target: size_or_type,
-                    }
+                    Ty::Modifier { target: size_or_type }
                 }
                 _ => Ty::Other,
             };
@@ -296,9 +289,7 @@ mod tests {
         let s = |name: &str| -> u32 {
             let pos = strings
                 .windows(name.len() + 2)
-                .position(|w| {
-                    w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0
-                })
+                .position(|w| w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0)
                 .unwrap();
             pos as u32 + 1
         };
@@ -330,13 +321,7 @@ mod tests {
         ]);
         let mut out = Vec::new();
         out.extend_from_slice(&[0x9f, 0xeb, 1, 0]);
-        for v in [
-            24u32,
-            0,
-            t.len() as u32,
-            t.len() as u32,
-            strings.len() as u32,
-        ] {
+        for v in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&t);
@@ -350,18 +335,12 @@ mod tests {
         assert_eq!(btf.offset("outer", "x").unwrap(), 0);
         assert_eq!(btf.offset("outer", "in.b").unwrap(), 8);
         assert_eq!(btf.offset("outer", "anon_field").unwrap(), 12);
-        assert!(matches!(
-            btf.offset("outer", "bf"),
-            Err(BtfError::Bitfield(_))
-        ));
+        assert!(matches!(btf.offset("outer", "bf"), Err(BtfError::Bitfield(_))));
         assert!(matches!(
             btf.offset("outer", "nope"),
             Err(BtfError::NoMember { .. })
         ));
-        assert!(matches!(
-            btf.offset("missing", "x"),
-            Err(BtfError::NoStruct(_))
-        ));
+        assert!(matches!(btf.offset("missing", "x"), Err(BtfError::NoStruct(_))));
     }
 
     #[test]

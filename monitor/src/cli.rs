@@ -81,10 +81,7 @@ fn init_logging() {
     }
 }
 
-fn query<T: serde::de::DeserializeOwned>(
-    socket: &std::path::Path,
-    req: Request,
-) -> Result<T, ExitCode> {
+fn query<T: serde::de::DeserializeOwned>(socket: &std::path::Path, req: Request) -> Result<T, ExitCode> {
     match ipc::call(socket, &req) {
         Ok(v) => serde_json::from_value(v).map_err(|e| {
             eprintln!("holdfast: unreadable reply from the agent: {e}");

@@ -12,9 +12,7 @@ use crate::human::parse_duration;
 pub const DEFAULT_PATH: &str = "/etc/holdfast/holdfast.toml";
 pub const DEFAULT_SOCKET: &str = "/run/holdfast/holdfast.sock";
 
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, Default, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// eBPF if the kernel allows it, else poll (with one warning saying why).
@@ -181,9 +179,7 @@ impl Config {
     pub fn load(path: &Path, explicit: bool) -> Result<(Self, bool), ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Ok((Self::parse(&text, &path.display().to_string())?, true)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                Ok((Self::default(), false))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok((Self::default(), false)),
             Err(e) => Err(ConfigError::Read {
                 path: path.display().to_string(),
                 reason: e.to_string(),
@@ -225,10 +221,7 @@ mod tests {
             (path.as_str(), line, key.as_str()),
             ("/etc/h.toml", 2, "agent.mode")
         );
-        assert!(
-            message.contains("auto") && message.contains("poll"),
-            "{message}"
-        );
+        assert!(message.contains("auto") && message.contains("poll"), "{message}");
 
         let e = Config::parse("[snapshot]\n\npoll_interval = \"10\"\n", "f")
             .unwrap_err()
@@ -262,9 +255,6 @@ mod tests {
     fn missing_default_file_means_defaults_but_missing_explicit_file_is_an_error() {
         let p = Path::new("/nonexistent/holdfast.toml");
         assert_eq!(Config::load(p, false).unwrap(), (Config::default(), false));
-        assert!(matches!(
-            Config::load(p, true),
-            Err(ConfigError::Read { .. })
-        ));
+        assert!(matches!(Config::load(p, true), Err(ConfigError::Read { .. })));
     }
 }

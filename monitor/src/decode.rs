@@ -59,8 +59,7 @@ pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
     // The pid is the owner's only when the transition runs in the owner's system call:
     // connect() (-> SYN_SENT) and listen() (-> LISTEN). Others may run in softirq context.
     let in_process = kind == EventKind::State
-        && (state == monitor_common::tcp_state::SYN_SENT
-            || state == monitor_common::tcp_state::LISTEN);
+        && (state == monitor_common::tcp_state::SYN_SENT || state == monitor_common::tcp_state::LISTEN);
     Ok(Event {
         kind,
         cookie: u64_at(b, 8),
@@ -100,13 +99,8 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         let pending = b[o!(icsk_pending)];
         let (timer, expires) = match pending {
             1 | 4 | 5 => (Timer::Retransmit, Some(until(u64_at(b, o!(rto_expires))))),
-            3 => (
-                Timer::ZeroWindowProbe,
-                Some(until(u64_at(b, o!(rto_expires)))),
-            ),
-            _ if flags & SNAP_KA_TIMER != 0 => {
-                (Timer::Keepalive, Some(until(u64_at(b, o!(ka_expires)))))
-            }
+            3 => (Timer::ZeroWindowProbe, Some(until(u64_at(b, o!(rto_expires))))),
+            _ if flags & SNAP_KA_TIMER != 0 => (Timer::Keepalive, Some(until(u64_at(b, o!(ka_expires))))),
             _ => (Timer::None, None),
         };
         TcpSample {
@@ -123,8 +117,7 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
             keepalive: Some(flags & SNAP_KEEPOPEN != 0),
             keepalive_idle_s: secs(u32_at(b, o!(keepalive_time))),
             keepalive_intvl_s: secs(u32_at(b, o!(keepalive_intvl))),
-            keepalive_cnt: (b[o!(keepalive_probes)] != 0)
-                .then_some(u32::from(b[o!(keepalive_probes)])),
+            keepalive_cnt: (b[o!(keepalive_probes)] != 0).then_some(u32::from(b[o!(keepalive_probes)])),
         }
     });
     Ok(SockSample {
@@ -230,9 +223,7 @@ mod tests {
         let mut r = rec(kind::STATE, tcp_state::ESTABLISHED);
         r.ipver = 6;
         r.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        r.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1)
-            .to_ipv6_mapped()
-            .octets();
+        r.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets();
         let e = event(&ev_bytes(&r)).unwrap();
         assert_eq!(e.local.to_string(), "[::1]:40000");
         assert_eq!(e.remote.to_string(), "192.0.2.1:22");
@@ -295,10 +286,7 @@ mod tests {
     #[test]
     fn decodes_iterator_records_with_jiffies_wraparound() {
         let s = snap(
-            &snap_bytes(
-                tcp_state::ESTABLISHED,
-                SNAP_FULL | SNAP_KEEPOPEN | SNAP_KA_TIMER,
-            ),
+            &snap_bytes(tcp_state::ESTABLISHED, SNAP_FULL | SNAP_KEEPOPEN | SNAP_KA_TIMER),
             250,
         )
         .unwrap();

@@ -134,21 +134,16 @@ pub fn load() -> Result<(Loaded, Events), EbpfError> {
             name: "snapshot_tcp".into(),
             source,
         })?;
-    iter.load("tcp", &btf)
-        .map_err(|source| EbpfError::Program {
-            name: "snapshot_tcp".into(),
-            source,
-        })?;
-    let ring = ebpf
-        .take_map("EVENTS")
-        .ok_or(EbpfError::MissingMap("EVENTS"))?;
+    iter.load("tcp", &btf).map_err(|source| EbpfError::Program {
+        name: "snapshot_tcp".into(),
+        source,
+    })?;
+    let ring = ebpf.take_map("EVENTS").ok_or(EbpfError::MissingMap("EVENTS"))?;
     let ring = RingBuf::try_from(ring).map_err(|source| EbpfError::Map {
         name: "EVENTS".into(),
         source,
     })?;
-    let stats = ebpf
-        .take_map("STATS")
-        .ok_or(EbpfError::MissingMap("STATS"))?;
+    let stats = ebpf.take_map("STATS").ok_or(EbpfError::MissingMap("STATS"))?;
     let stats = PerCpuArray::try_from(stats).map_err(|source| EbpfError::Map {
         name: "STATS".into(),
         source,
@@ -178,9 +173,7 @@ impl Loaded {
             name: "snapshot_tcp".into(),
             source,
         })?;
-        let mut file = link
-            .into_file()
-            .map_err(|e| EbpfError::Iter(e.to_string()))?;
+        let mut file = link.into_file().map_err(|e| EbpfError::Iter(e.to_string()))?;
         let mut buf = Vec::with_capacity(1 << 16);
         file.read_to_end(&mut buf)
             .map_err(|e| EbpfError::Iter(format!("read: {e}")))?;

@@ -84,13 +84,7 @@ impl FlowTable {
         self.tombstones.insert(cookie, at);
     }
 
-    fn new_flow(
-        e_cookie: u64,
-        local: SocketAddr,
-        remote: SocketAddr,
-        state: u8,
-        at: Nanos,
-    ) -> Flow {
+    fn new_flow(e_cookie: u64, local: SocketAddr, remote: SocketAddr, state: u8, at: Nanos) -> Flow {
         Flow {
             cookie: e_cookie,
             local,
@@ -368,11 +362,7 @@ mod tests {
         assert!(!t.apply_event(&ev(1, tcp_state::ESTABLISHED, 2 * S)));
         let f = t.get(1).unwrap();
         assert_eq!(f.state, tcp_state::ESTABLISHED);
-        assert_eq!(
-            f.local.port(),
-            4000,
-            "the tuple is completed by later events"
-        );
+        assert_eq!(f.local.port(), 4000, "the tuple is completed by later events");
         assert_eq!(f.state_since, Some(2 * S));
         assert_eq!(f.view(5 * S).pid, Some(9));
         t.apply_event(&ev(1, tcp_state::CLOSE, 3 * S));
@@ -420,10 +410,7 @@ mod tests {
         t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
         t.apply_event(&ev(2, tcp_state::ESTABLISHED, 5 * S)); // born while the snapshot ran
         t.apply_snapshot(&snap(4 * S, 6 * S, vec![]), &HashMap::new());
-        assert!(
-            t.get(1).is_none(),
-            "closed without an event (lost or poll mode)"
-        );
+        assert!(t.get(1).is_none(), "closed without an event (lost or poll mode)");
         assert!(t.get(2).is_some(), "newer than the snapshot's start");
     }
 

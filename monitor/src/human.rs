@@ -10,21 +10,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!(
-                "`{s}` is not a duration like 350s, 4m, 2h or 500ms"
-            ));
+            return Err(format!("`{s}` is not a duration like 350s, 4m, 2h or 500ms"));
         }
         let n: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("`{s}`: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let d = match unit {
@@ -35,9 +29,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "d" => Duration::from_secs(n * 86400),
             "" => return Err(format!("`{s}` needs a unit: ms, s, m, h or d (e.g. 350s)")),
             other => {
-                return Err(format!(
-                    "`{s}`: unknown unit `{other}`; use ms, s, m, h or d"
-                ));
+                return Err(format!("`{s}`: unknown unit `{other}`; use ms, s, m, h or d"));
             }
         };
         total += d;

@@ -59,6 +59,7 @@ pub struct Status {
     pub netns_inode: u64,
     pub flows: usize,
     pub table: TableCounters,
+    /// Kernel events decoded by the agent (eBPF mode).
     pub events: u64,
     pub events_lost: u64,
     pub events_undecodable: u64,
@@ -101,8 +102,8 @@ impl Reply {
         }
     }
     pub fn to_line(&self) -> String {
-        let mut s = serde_json::to_string(self)
-            .unwrap_or_else(|_| r#"{"ok":false,"error":"internal"}"#.into());
+        let mut s =
+            serde_json::to_string(self).unwrap_or_else(|_| r#"{"ok":false,"error":"internal"}"#.into());
         s.push('\n');
         s
     }
@@ -138,10 +139,7 @@ pub enum ClientError {
     )]
     Denied { path: String },
     #[error("talking to the agent at {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("the agent refused the request: {0}")]
     Refused(String),
     #[error("unreadable reply from the agent: {0}")]
@@ -192,8 +190,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientErr
             "the agent closed the connection without replying".into(),
         ));
     }
-    let r: Reply =
-        serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(e.to_string()))?;
+    let r: Reply = serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(e.to_string()))?;
     match (r.ok, r.data, r.error) {
         (true, Some(d), _) => Ok(d),
         (_, _, Some(e)) => Err(ClientError::Refused(e)),

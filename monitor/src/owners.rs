@@ -25,10 +25,7 @@ pub struct OwnerResolver {
 
 /// Parses the socket inode out of an fd link target (`socket:[12345]`).
 pub fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// The systemd unit of a cgroup v2 path: its last `.service` or `.scope` component.
@@ -147,10 +144,7 @@ impl OwnerResolver {
             return;
         }
         let spacing = (self.last_full_cost * FULL_WALK_DUTY).max(MIN_FULL_WALK_INTERVAL);
-        if self
-            .last_full
-            .is_some_and(|t| now.duration_since(t) < spacing)
-        {
+        if self.last_full.is_some_and(|t| now.duration_since(t) < spacing) {
             return;
         }
         let t0 = Instant::now();
@@ -179,10 +173,7 @@ mod tests {
         assert_eq!(socket_inode("pipe:[1]"), None);
         assert_eq!(socket_inode("/dev/null"), None);
         let text = "12:pids:/x\n0::/system.slice/ssh.service\n";
-        assert_eq!(
-            cgroup_v2(text).as_deref(),
-            Some("/system.slice/ssh.service")
-        );
+        assert_eq!(cgroup_v2(text).as_deref(), Some("/system.slice/ssh.service"));
         assert_eq!(
             unit_of("/system.slice/ssh.service").as_deref(),
             Some("ssh.service")

@@ -140,9 +140,7 @@ pub fn parse_batch(buf: &[u8], seq: u32, out: &mut Vec<SockSample>) -> Result<Ba
         let ty = u16::from_ne_bytes([buf[p + 4], buf[p + 5]]);
         let mseq = u32_at(buf, p + 8);
         if len < NLMSG_HDR || p + len > buf.len() {
-            return Err(DiagError::Malformed(
-                "netlink message overruns the datagram",
-            ));
+            return Err(DiagError::Malformed("netlink message overruns the datagram"));
         }
         if mseq == seq {
             match ty {
@@ -177,8 +175,8 @@ pub fn dump() -> Result<Snapshot, DiagError> {
         sys::netlink_send(&sock, &request(family, seq))
             .map_err(|source| DiagError::Io { op: "send", source })?;
         loop {
-            let n = sys::netlink_recv(&sock, &mut buf)
-                .map_err(|source| DiagError::Io { op: "recv", source })?;
+            let n =
+                sys::netlink_recv(&sock, &mut buf).map_err(|source| DiagError::Io { op: "recv", source })?;
             if parse_batch(&buf[..n], seq, &mut socks)? == Batch::Done {
                 break;
             }
@@ -276,10 +274,7 @@ mod tests {
     fn rejects_truncated_messages() {
         let m = msg(1, 0, true);
         assert!(parse_msg(&m[..40]).is_err());
-        assert!(
-            parse_msg(&m[..DIAG_MSG + 10]).is_err(),
-            "attribute cut in half"
-        );
+        assert!(parse_msg(&m[..DIAG_MSG + 10]).is_err(), "attribute cut in half");
         let dgram = wrap(SOCK_DIAG_BY_FAMILY, 1, &m);
         assert!(parse_batch(&dgram[..dgram.len() - 8], 1, &mut Vec::new()).is_err());
     }

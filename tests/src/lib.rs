@@ -1,1 +1,282 @@
-//! Helpers for the scenario tests.
+//! Helpers for holdfast's privileged scenario tests: network namespaces, the agent, test peers.
+//!
+//! Every namespace, agent and peer is torn down on drop, so a failing test leaves nothing behind.
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The holdfast binary under test (xtask sets HOLDFAST_BIN to the release build).
+pub fn holdfast_bin() -> PathBuf {
+    let p = std::env::var_os("HOLDFAST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/holdfast"));
+    assert!(
+        p.exists(),
+        "{} does not exist: build it with `cargo xtask build` (or run `cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+/// The test peer binary, built next to the test executables (target/<profile>/hf-peer).
+pub fn peer_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("hf-peer");
+    assert!(
+        p.exists(),
+        "{} does not exist: `cargo build -p holdfast-tests` builds it",
+        p.display()
+    );
+    p
+}
+
+/// The scenario tests create namespaces and load eBPF: they need root.
+pub fn require_root() {
+    let uid = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|u| u.split_whitespace().next().map(String::from))
+    });
+    assert_eq!(
+        uid.as_deref(),
+        Some("0"),
+        "scenario tests need root: run `sudo cargo xtask test`"
+    );
+}
+
+/// Polls `f` until it returns Some, or fails after `timeout` with `what` and the last value seen.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let t0 = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if t0.elapsed() >= timeout => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn sh(args: &[&str]) -> Result<String, String> {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("{args:?}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// A network namespace with loopback up, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!(
+            "hf-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        sh(&["ip", "netns", "add", &name]).expect("ip netns add");
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).expect("lo up");
+        Netns { name }
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn cmd(&self, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A test peer process (see src/bin/hf-peer.rs) with its first output line.
+pub struct Peer {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    pub first: String,
+}
+
+impl Peer {
+    pub fn spawn(ns: &Netns, mode: &str, addr: &str) -> Self {
+        let mut child = ns
+            .cmd(&peer_bin())
+            .args([mode, addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn hf-peer");
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("hf-peer printed nothing").expect("read");
+        Peer {
+            child,
+            stdin,
+            lines,
+            first,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The address printed after the verb (`listening ADDR` / `connected ADDR`).
+    pub fn addr(&self) -> String {
+        self.first
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Sends a command line and returns the peer's answer line.
+    pub fn tell(&mut self, line: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to peer");
+        stdin.flush().expect("flush");
+        self.lines
+            .next()
+            .map(|l| l.unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `holdfast agent` inside a namespace.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent in `ns` with `mode` and extra config TOML, and waits until it answers.
+    pub fn start(ns: &Netns, mode: &str, extra_config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-agent", ns.name));
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let socket = dir.join("holdfast.sock");
+        let config = dir.join("holdfast.toml");
+        std::fs::write(
+            &config,
+            format!("[agent]\nmode = \"{mode}\"\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n{extra_config}"),
+        )
+        .expect("write config");
+        let stderr_path = dir.join("agent.stderr");
+        let err = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = ns
+            .cmd(&holdfast_bin())
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn agent");
+        let mut agent = Agent {
+            child,
+            socket,
+            config,
+            stderr_path,
+        };
+        wait_for(Duration::from_secs(20), "the agent to answer `status`", || {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("agent exited early ({st}): {}", agent.stderr());
+            }
+            agent.json(&["status", "--json"])
+        });
+        agent
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this agent: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let o = Command::new(holdfast_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run holdfast");
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// Runs the CLI and parses its JSON output.
+    pub fn json(&self, args: &[&str]) -> Result<Value, String> {
+        let (code, out, err) = self.cli(args);
+        if code != 0 {
+            return Err(format!("exit {code}: {err}"));
+        }
+        serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+    }
+
+    pub fn flows(&self) -> Vec<Value> {
+        self.json(&["flows", "--json"])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SIGTERM first so the agent removes its socket; kill if it does not stop.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds the flow with this local and remote address.
+pub fn find_flow<'a>(flows: &'a [Value], local: &str, remote: &str) -> Option<&'a Value> {
+    flows
+        .iter()
+        .find(|f| f["local"] == local && f["remote"] == remote)
+}
+
+/// Both modes, for tests that must pass in each.
+pub const MODES: [&str; 2] = ["poll", "ebpf"];
