@@ -34,8 +34,12 @@ pub mod stat {
     pub const ITER_SOCKETS: u32 = 15;
     /// Iterator records that did not fit the seq_file (the kernel retries them).
     pub const ITER_OVERFLOW: u32 = 16;
+    /// Process records lost because the PROCS ring buffer was full.
+    pub const PROC_LOST: u32 = 17;
+    /// Process records submitted.
+    pub const PROC_EVENTS: u32 = 18;
     /// Number of slots.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
     /// Program index for the counters, in the order of [`crate::kind`] minus one.
     pub const PROGRAMS: [&str; 5] = [
         "inet_sock_set_state",
@@ -198,9 +202,14 @@ pub struct KernelOffsets {
     pub tp_keepalive_probes: u32,
     /// Only events of sockets in this network namespace are emitted (0: all).
     pub netns_inum: u32,
+    /// `struct task_struct` fields (from the start of task_struct).
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_exit_code: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 36 * 4);
 
 impl KernelOffsets {
     /// All fields unresolved; the programs refuse to run with this.
@@ -237,8 +246,43 @@ impl KernelOffsets {
         tp_keepalive_intvl: u32::MAX,
         tp_keepalive_probes: u32::MAX,
         netns_inum: 0,
+        task_pid: u32::MAX,
+        task_tgid: u32::MAX,
+        task_real_parent: u32::MAX,
+        task_exit_code: u32::MAX,
     };
 }
+
+/// Kind of a [`ProcRecord`].
+pub mod proc_kind {
+    /// `sched:sched_process_exit` with group_dead: the process exited and is a zombie until reaped
+    /// (or released at once if its parent ignores SIGCHLD).
+    pub const EXIT: u8 = 1;
+    /// `sched:sched_process_free` of a thread-group leader: the process was reaped.
+    pub const FREE: u8 = 2;
+}
+
+/// One process lifecycle event. 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcRecord {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// The process (thread-group id).
+    pub tgid: u32,
+    /// Its parent's thread-group id at the time of the event.
+    pub ppid: u32,
+    /// task_struct.exit_code (wait status) for EXIT.
+    pub exit_code: i32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub comm: [u8; 16],
+    pub _pad2: [u8; 8],
+}
+
+const _: () = assert!(size_of::<ProcRecord>() == 48);
+const _: () = assert!(offset_of!(ProcRecord, ts_ns) == 16);
+const _: () = assert!(offset_of!(ProcRecord, comm) == 24);
 
 /// Kernel TCP states (include/net/tcp_states.h).
 pub mod tcp_state {
@@ -265,4 +309,6 @@ mod user {
     unsafe impl aya::Pod for super::EventRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SnapRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcRecord {}
 }

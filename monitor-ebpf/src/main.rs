@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN,
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, ProcRecord, proc_kind, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN,
     SnapRecord, kind, stat, tcp_state,
 };
 
@@ -29,6 +29,9 @@ static OFFSETS: KernelOffsets = KernelOffsets::UNRESOLVED;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static PROCS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -203,6 +206,65 @@ pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     emit(4, kind::RETRANSMIT, ctx.arg(0), 0, None);
+    0
+}
+
+/// Emits a process record for task `p` (a BTF `struct task_struct *`).
+#[inline(always)]
+fn emit_proc(kind: u8, p: *const u8) {
+    let Ok(tgid) = rd::<i32>(p, off!(task_tgid)) else { return };
+    if kind == proc_kind::FREE {
+        // Only the thread-group leader's free means the process is gone.
+        match rd::<i32>(p, off!(task_pid)) {
+            Ok(pid) if pid == tgid => {}
+            _ => return,
+        }
+    }
+    let ppid = match rd::<u64>(p, off!(task_real_parent)) {
+        Ok(parent) if parent != 0 => rd::<i32>(parent as *const u8, off!(task_tgid)).unwrap_or(0),
+        _ => 0,
+    };
+    let exit_code = rd::<i32>(p, off!(task_exit_code)).unwrap_or(0);
+    let mut comm = [0u8; 16];
+    if kind == proc_kind::EXIT {
+        // sched_process_exit runs in the exiting task: its comm is the current one.
+        comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+    let Some(mut entry) = PROCS.reserve::<ProcRecord>(0) else {
+        return bump(stat::PROC_LOST);
+    };
+    // SAFETY: plain helper call.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    entry.write(ProcRecord {
+        kind,
+        _pad: [0; 3],
+        tgid: tgid as u32,
+        ppid: ppid as u32,
+        exit_code,
+        ts_ns,
+        comm,
+        _pad2: [0; 8],
+    });
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    bump(stat::PROC_EVENTS);
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let p: *const u8 = ctx.arg(0);
+    let group_dead: u64 = ctx.arg(1);
+    if !p.is_null() && group_dead & 0xff != 0 {
+        emit_proc(proc_kind::EXIT, p);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_free")]
+pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
+    let p: *const u8 = ctx.arg(0);
+    if !p.is_null() {
+        emit_proc(proc_kind::FREE, p);
+    }
     0
 }
 

@@ -275,6 +275,10 @@ pub fn kernel_offsets(btf: &Btf, netns_inum: u32) -> Result<KernelOffsets, BtfEr
         tp_keepalive_intvl: tp("keepalive_intvl")?,
         tp_keepalive_probes: tp("keepalive_probes")?,
         netns_inum,
+        task_pid: btf.offset("task_struct", "pid")?,
+        task_tgid: btf.offset("task_struct", "tgid")?,
+        task_real_parent: btf.offset("task_struct", "real_parent")?,
+        task_exit_code: btf.offset("task_struct", "exit_code")?,
     })
 }
 

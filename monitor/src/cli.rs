@@ -52,6 +52,31 @@ pub enum Cmd {
         #[arg(long)]
         pid: Option<u32>,
     },
+    /// Processes with findings: parents of zombie children, with diagnosis and nudges.
+    Procs {
+        #[arg(long)]
+        json: bool,
+        /// Only parents of zombies (today the only process findings).
+        #[arg(long)]
+        zombies: bool,
+    },
+    /// Findings (active; --all adds recently resolved ones).
+    Findings {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        all: bool,
+        /// Only this kind (zombie, ...).
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Explain what holdfast knows about a process (and the findings about it).
+    Explain {
+        /// A pid.
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -159,6 +184,19 @@ pub fn main() -> ExitCode {
                 }
             })
         }
+        Cmd::Procs { json, zombies } => {
+            query::<Vec<serde_json::Value>>(&socket, Request::Procs { zombies }).map(|v| {
+                if json { json_out(&v) } else { print!("{}", render::procs(&v)) }
+            })
+        }
+        Cmd::Findings { json, all, kind } => {
+            query::<Vec<serde_json::Value>>(&socket, Request::Findings { all, kind }).map(|v| {
+                if json { json_out(&v) } else { print!("{}", render::findings(&v)) }
+            })
+        }
+        Cmd::Explain { target, json } => query::<serde_json::Value>(&socket, Request::Explain { target }).map(|v| {
+            if json { json_out(&v) } else { print!("{}", render::explain(&v)) }
+        }),
         Cmd::Config {
             cmd: ConfigCmd::Check { file },
         } => match Config::load(&file, true) {

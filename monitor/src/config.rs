@@ -24,6 +24,18 @@ pub enum Mode {
     Poll,
 }
 
+/// How a remedy runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemedyMode {
+    /// Never act.
+    Off,
+    /// Report the planned action once; change nothing.
+    DryRun,
+    /// Act (policy-gated, rate-limited, logged with before/after).
+    Enforce,
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
@@ -68,11 +80,47 @@ impl Default for SnapshotSection {
     }
 }
 
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZombiesSection {
+    /// Zombies younger than this are normal (the parent is about to reap) and not reported.
+    #[serde(deserialize_with = "duration")]
+    pub min_age: Duration,
+    /// Poll mode: how often /proc is scanned for zombies.
+    #[serde(deserialize_with = "duration")]
+    pub scan_interval: Duration,
+    /// eBPF mode: how often a /proc scan heals lost exit/free events.
+    #[serde(deserialize_with = "duration")]
+    pub heal_interval: Duration,
+}
+
+impl Default for ZombiesSection {
+    fn default() -> Self {
+        Self { min_age: Duration::from_secs(5), scan_interval: Duration::from_secs(2), heal_interval: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemediesSection {
+    /// SIGCHLD nudge to a parent whose handler missed a signal (it only delivers a signal the
+    /// parent already expects, so it is on by default).
+    pub sigchld: RemedyMode,
+}
+
+impl Default for RemediesSection {
+    fn default() -> Self {
+        Self { sigchld: RemedyMode::Enforce }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub agent: AgentSection,
     pub snapshot: SnapshotSection,
+    pub zombies: ZombiesSection,
+    pub remedies: RemediesSection,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -203,6 +251,11 @@ mod tests {
         assert_eq!(c.agent.mode, Mode::Poll);
         assert_eq!(c.snapshot.poll_interval, Duration::from_millis(250));
         assert_eq!(c.snapshot.ebpf_interval, Duration::from_secs(5));
+        let c = Config::parse("[zombies]\nmin_age = \"0s\"\n[remedies]\nsigchld = \"dry-run\"\n", "x").unwrap();
+        assert_eq!(c.zombies.min_age, Duration::ZERO);
+        assert_eq!(c.remedies.sigchld, RemedyMode::DryRun);
+        let e = Config::parse("[remedies]\nsigchld = \"yes\"\n", "f").unwrap_err().to_string();
+        assert!(e.contains("f:2: key `remedies.sigchld`") && e.contains("dry-run"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Pure decoders for the records the eBPF programs emit (`&[u8] -> Result<_, DecodeError>`).
 use std::mem::size_of;
 
-use monitor_common::{EventRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind};
+use monitor_common::{EventRecord, ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind, proc_kind};
 
-use crate::observe::{Event, EventKind, PidHint, SockSample, TcpSample, Timer, sockaddr};
+use crate::observe::{Event, EventKind, PidHint, ProcEvent, ProcEventKind, SockSample, TcpSample, Timer, sockaddr};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -128,6 +128,26 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         inode: u64_at(b, o!(inode)),
         uid: u32_at(b, o!(uid)),
         tcp,
+    })
+}
+
+/// Decodes one process lifecycle record.
+pub fn proc_event(bytes: &[u8]) -> Result<ProcEvent, DecodeError> {
+    let b = exact::<{ size_of::<ProcRecord>() }>(bytes)?;
+    let kind = match b[0] {
+        proc_kind::EXIT => ProcEventKind::Exit,
+        proc_kind::FREE => ProcEventKind::Free,
+        other => return Err(DecodeError::Kind(other)),
+    };
+    let comm_raw = &b[24..40];
+    let end = comm_raw.iter().position(|&c| c == 0).unwrap_or(16);
+    Ok(ProcEvent {
+        kind,
+        pid: u32_at(b, 4),
+        ppid: u32_at(b, 8),
+        exit_code: u32_at(b, 12) as i32,
+        ts: u64_at(b, 16),
+        comm: String::from_utf8_lossy(&comm_raw[..end]).into_owned(),
     })
 }
 
@@ -314,6 +334,21 @@ mod tests {
             snap(&snap_bytes(1, 0)[..100], 250),
             Err(DecodeError::Size { .. })
         ));
+    }
+
+    #[test]
+    fn decodes_process_records() {
+        let mut b = vec![0u8; 48];
+        b[0] = proc_kind::EXIT;
+        b[4..8].copy_from_slice(&1234u32.to_ne_bytes());
+        b[8..12].copy_from_slice(&99u32.to_ne_bytes());
+        b[16..24].copy_from_slice(&7u64.to_ne_bytes());
+        b[24..28].copy_from_slice(b"true");
+        let e = proc_event(&b).unwrap();
+        assert_eq!((e.kind, e.pid, e.ppid, e.ts, e.comm.as_str()), (ProcEventKind::Exit, 1234, 99, 7, "true"));
+        assert!(matches!(proc_event(&b[..47]), Err(DecodeError::Size { .. })));
+        b[0] = 9;
+        assert_eq!(proc_event(&b), Err(DecodeError::Kind(9)));
     }
 
     #[test]

@@ -9,13 +9,16 @@ use monitor_common::{SnapRecord, stat};
 
 use crate::btf;
 use crate::decode;
-use crate::observe::{Event, Snapshot};
+use crate::observe::{Event, ProcEvent, Snapshot};
 use crate::sys;
 
 /// The compiled eBPF object (built by build.rs from monitor-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
+/// Socket tracepoints (their counters are indexed in this order).
 const TRACEPOINTS: [&str; 5] = stat::PROGRAMS;
+/// Process lifecycle tracepoints.
+const PROC_TRACEPOINTS: [&str; 2] = ["sched_process_exit", "sched_process_free"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -50,6 +53,8 @@ pub struct KernelCounters {
     pub lost_by_program: Vec<(String, u64)>,
     pub errors_by_program: Vec<(String, u64)>,
     pub iter_sockets: u64,
+    pub proc_events: u64,
+    pub proc_lost: u64,
 }
 
 /// The loaded programs. Dropping it detaches everything.
@@ -61,6 +66,7 @@ pub struct Loaded {
 /// The event ring buffer and the kernel-side counters, owned by the reader task.
 pub struct Events {
     ring: RingBuf<MapData>,
+    procs: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -77,10 +83,24 @@ impl Events {
         bad
     }
 
+    /// Decodes every process record waiting; returns the number of undecodable ones.
+    pub fn drain_procs(&mut self, out: &mut Vec<ProcEvent>) -> u64 {
+        let mut bad = 0;
+        while let Some(item) = self.procs.next() {
+            match decode::proc_event(&item) {
+                Ok(e) => out.push(e),
+                Err(_) => bad += 1,
+            }
+        }
+        bad
+    }
+
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> KernelCounters {
         let get = |i: u32| -> u64 { self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         let mut c = KernelCounters {
+            proc_events: get(stat::PROC_EVENTS),
+            proc_lost: get(stat::PROC_LOST),
             events: get(stat::EVENTS),
             iter_sockets: get(stat::ITER_SOCKETS),
             ..Default::default()
@@ -108,7 +128,7 @@ pub fn load() -> Result<(Loaded, Events), EbpfError> {
         .override_global("OFFSETS", &offsets, true)
         .load(EBPF_OBJECT)?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Iter(format!("kernel BTF: {e}")))?;
-    for name in TRACEPOINTS {
+    for name in TRACEPOINTS.into_iter().chain(PROC_TRACEPOINTS) {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| EbpfError::Iter(format!("program {name} missing from the object")))?
@@ -143,13 +163,15 @@ pub fn load() -> Result<(Loaded, Events), EbpfError> {
         name: "EVENTS".into(),
         source,
     })?;
+    let procs = ebpf.take_map("PROCS").ok_or(EbpfError::MissingMap("PROCS"))?;
+    let procs = RingBuf::try_from(procs).map_err(|source| EbpfError::Map { name: "PROCS".into(), source })?;
     let stats = ebpf.take_map("STATS").ok_or(EbpfError::MissingMap("STATS"))?;
     let stats = PerCpuArray::try_from(stats).map_err(|source| EbpfError::Map {
         name: "STATS".into(),
         source,
     })?;
     let hz = sys::kernel_hz();
-    Ok((Loaded { ebpf, hz }, Events { ring, stats }))
+    Ok((Loaded { ebpf, hz }, Events { ring, procs, stats }))
 }
 
 impl Loaded {

@@ -38,6 +38,21 @@ pub enum Request {
         #[serde(default)]
         filter: FlowFilter,
     },
+    /// Processes with findings (today: parents of zombies).
+    Procs {
+        #[serde(default)]
+        zombies: bool,
+    },
+    Findings {
+        /// Include resolved findings.
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        kind: Option<String>,
+    },
+    Explain {
+        target: String,
+    },
 }
 
 /// Wire envelope of a request.
@@ -71,6 +86,12 @@ pub struct Status {
     pub last_snapshot_sockets: usize,
     pub owner_full_walks: u64,
     pub owner_targeted_walks: u64,
+    pub proc_scans: u64,
+    pub proc_scan_interval_ms: u64,
+    pub last_proc_scan_ms: f64,
+    pub processes: usize,
+    pub zombies_tracked: usize,
+    pub findings_active: usize,
     pub config: String,
 }
 
@@ -125,7 +146,7 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
     }
     serde_json::from_value::<Envelope>(v)
         .map(|e| e.req)
-        .map_err(|e| Reply::err(format!("bad request: {e} (ops: status, flows)")))
+        .map_err(|e| Reply::err(format!("bad request: {e} (ops: status, flows, procs, findings, explain)")))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +258,7 @@ mod tests {
         let e = parse_request(r#"{"op":"status"}"#).unwrap_err();
         assert!(e.error.unwrap().contains("version (missing)"));
         let e = parse_request(r#"{"v":1,"op":"reboot"}"#).unwrap_err();
-        assert!(e.error.unwrap().contains("ops: status, flows"));
+        assert!(e.error.unwrap().contains("ops: status, flows, procs"));
         let e = parse_request(r#"{"v":1,"op":"flows","filter":{"port":"x"}}"#).unwrap_err();
         assert!(e.error.unwrap().contains("bad request"));
     }

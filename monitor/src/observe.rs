@@ -165,3 +165,24 @@ pub fn parse_state(s: &str) -> Option<u8> {
     };
     (1..=12).find(|&v| state_name(v) == norm)
 }
+
+/// What happened to a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcEventKind {
+    /// The whole thread group exited: a zombie until its parent reaps it.
+    Exit,
+    /// The thread-group leader was freed: reaped.
+    Free,
+}
+
+/// One process lifecycle event from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub kind: ProcEventKind,
+    pub pid: u32,
+    pub ppid: u32,
+    pub exit_code: i32,
+    pub ts: Nanos,
+    pub comm: String,
+}

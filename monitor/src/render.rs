@@ -139,6 +139,86 @@ pub fn status(s: &Status) -> String {
     o
 }
 
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn ms_of(v: &serde_json::Value) -> String {
+    v.as_u64().map_or("-".into(), fmt_ms)
+}
+
+/// Parents of zombies.
+pub fn procs(v: &[serde_json::Value]) -> String {
+    if v.is_empty() {
+        return "no processes with zombie children\n".into();
+    }
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["ppid"]),
+                s(&c["comm"]),
+                s(&c["count"]),
+                ms_of(&c["oldest_ms"]),
+                format!("{:.1}/min", c["rate_per_min"].as_f64().unwrap_or(0.0)),
+                s(&c["diagnosis"]),
+                format!("{}{}", s(&c["nudges"]), if c["stopped"] == true { " (stopped)" } else { "" }),
+            ]
+        })
+        .collect();
+    table(&["PID", "COMM", "ZOMBIES", "OLDEST", "RATE", "DIAGNOSIS", "NUDGES"], &rows, &[8, 16, 8, 10, 10, 22, 14])
+}
+
+/// Findings, newest last.
+pub fn findings(v: &[serde_json::Value]) -> String {
+    if v.is_empty() {
+        return "no findings\n".into();
+    }
+    let mut out = String::new();
+    for f in v {
+        let state = if f["active"] == true { "active" } else { "resolved" };
+        out.push_str(&format!("#{} {} [{}] {} — {}\n", s(&f["id"]), s(&f["kind"]), state, s(&f["subject"]), s(&f["summary"])));
+        for a in f["actions"].as_array().into_iter().flatten() {
+            out.push_str(&format!("    {} {} ({}): {}\n", s(&a["action"]), s(&a["mode"]), s(&a["before"]), s(&a["outcome"])));
+        }
+    }
+    out
+}
+
+/// `explain <pid>`.
+pub fn explain(v: &serde_json::Value) -> String {
+    let mut o = format!("pid {} ({}), state {}, parent {}\n", s(&v["pid"]), s(&v["comm"]), s(&v["state"]), s(&v["ppid"]));
+    if let Some(p) = v["zombie_of"].as_u64() {
+        o.push_str(&format!("a zombie: its parent pid {p} has not reaped it (see `holdfast explain {p}`)\n"));
+    }
+    let c = &v["zombie_parent"];
+    if c.is_object() {
+        o.push_str(&format!(
+            "zombie children: {} (oldest {}, {:.1}/min)\ndiagnosis: {} — {}\nnudges: {}{}\n",
+            s(&c["count"]),
+            ms_of(&c["oldest_ms"]),
+            c["rate_per_min"].as_f64().unwrap_or(0.0),
+            s(&c["diagnosis"]),
+            crate::procs::Diagnosis::explain_str(c["diagnosis"].as_str().unwrap_or("")),
+            s(&c["nudges"]),
+            if c["stopped"] == true { " (stopped: they did not help)" } else { "" }
+        ));
+        let kids: Vec<String> = c["children"].as_array().into_iter().flatten().take(10).map(|k| format!("{}/{}", s(&k["pid"]), s(&k["comm"]))).collect();
+        o.push_str(&format!("children: {}\n", kids.join(" ")));
+    }
+    if let Some(f) = v["findings"].as_array().filter(|f| !f.is_empty()) {
+        o.push_str(&findings(f));
+    }
+    if let Some(fl) = v["flows"].as_array().filter(|f| !f.is_empty()) {
+        o.push_str(&format!("flows: {}\n", fl.len()));
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,3 +126,29 @@ pub fn netlink_recv(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> io::Result<usi
         }
     }
 }
+
+/// A process held by a pidfd: signals sent through it can never hit a reused pid.
+pub struct Pidfd(std::os::fd::OwnedFd);
+
+/// pidfd_open(2).
+pub fn pidfd_open(pid: u32) -> io::Result<Pidfd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: raw syscall with integer arguments; on success it returns a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(Pidfd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+impl Pidfd {
+    /// pidfd_send_signal(2) with no siginfo (as kill(2) would send it).
+    pub fn send_signal(&self, sig: i32) -> io::Result<()> {
+        // SAFETY: raw syscall on a descriptor we own; a null siginfo is allowed.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.0.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0u32)
+        };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+}

@@ -1,0 +1,227 @@
+//! The agent: picks the mode, owns the state, serves the CLI.
+//!
+//! One task (the state owner) owns every table; the event pump, the snapshot and /proc threads and
+//! the IPC connections send it messages over a bounded channel. Snapshots and /proc walks block,
+//! so they run on their own threads.
+mod server;
+mod state;
+mod workers;
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+pub use server::{Access, group_gid};
+use state::State;
+use workers::{Source, WorkerMsg};
+
+use crate::config::{Config, Mode};
+use crate::ebpf::{self, KernelCounters};
+use crate::findings::Transition;
+use crate::ipc::{Reply, Request};
+use crate::observe::{Event, Nanos, Owner, ProcEvent, Snapshot};
+use crate::procs::ProcScan;
+use crate::remedy::{LiveProc, PidfdNudger};
+use crate::sys;
+use crate::zombies::ZombiePolicy;
+
+/// How often detectors run over the state.
+const EVALUATE_EVERY: Duration = Duration::from_millis(200);
+
+pub(crate) enum Msg {
+    Events { events: Vec<Event>, procs: Vec<ProcEvent>, undecodable: u64, counters: Option<KernelCounters> },
+    Snapshot { snap: Snapshot, owners: HashMap<u64, Owner>, full_walks: u64, targeted_walks: u64 },
+    SnapshotFailed(String),
+    ProcScan { scan: ProcScan, started: Nanos, finished: Nanos },
+    Query { req: Request, reply: oneshot::Sender<Reply> },
+}
+
+/// Runs the agent in the foreground until SIGINT or SIGTERM.
+pub fn run(cfg: Config, config_desc: String) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(run_async(cfg, config_desc))
+}
+
+fn select_mode(mode: Mode) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events)>, String)> {
+    let uid = sys::geteuid();
+    let load = || {
+        ebpf::load().map_err(|e| {
+            if uid == 0 {
+                e.to_string()
+            } else {
+                format!(
+                    "{e}; the agent runs as uid {uid}: eBPF needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)"
+                )
+            }
+        })
+    };
+    match mode {
+        Mode::Poll => Ok((None, "poll mode requested: sock_diag + procfs".into())),
+        Mode::Ebpf => match load() {
+            Ok(l) => Ok((
+                Some(l),
+                "ebpf mode requested: 5 tp_btf tracepoints + iter/tcp loaded".into(),
+            )),
+            Err(e) => anyhow::bail!(
+                "eBPF mode was requested but the programs cannot load: {e}. Run as root on a kernel with BTF, or use --mode poll"
+            ),
+        },
+        Mode::Auto => match load() {
+            Ok(l) => Ok((Some(l), "auto: 5 tp_btf tracepoints + iter/tcp loaded".into())),
+            Err(e) => {
+                warn!("eBPF unavailable, running in poll mode (sock_diag + procfs): {e}");
+                Ok((
+                    None,
+                    format!("auto: eBPF unavailable ({e}); using sock_diag + procfs"),
+                ))
+            }
+        },
+    }
+}
+
+async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
+    let (loaded, mode_reason) = select_mode(cfg.agent.mode)?;
+    let gid = group_gid(&cfg.agent.read_group);
+    if gid.is_none() {
+        info!("group `{}` does not exist: only root may query the agent", cfg.agent.read_group);
+    }
+    let access = Access { agent_uid: sys::geteuid(), group: (cfg.agent.read_group.clone(), gid) };
+    let listener = server::bind_socket(&cfg.agent.socket, gid)?;
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    let (wtx, wrx) = std_mpsc::channel::<WorkerMsg>();
+
+    let (source, mode, interval, proc_interval) = match loaded {
+        Some((l, events)) => {
+            workers::spawn_pump(events, tx.clone());
+            (Source::Ebpf(l), "ebpf", cfg.snapshot.ebpf_interval, cfg.zombies.heal_interval)
+        }
+        None => (Source::Poll, "poll", cfg.snapshot.poll_interval, cfg.zombies.scan_interval),
+    };
+    let snap_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("holdfast-snapshot".into())
+        .spawn(move || workers::snapshot_worker(source, interval, wrx, snap_tx))
+        .context("spawning the snapshot thread")?;
+    let proc_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("holdfast-procs".into())
+        .spawn(move || workers::proc_worker(proc_interval, proc_tx))
+        .context("spawning the /proc scan thread")?;
+
+    let mut state = State::new(mode, mode_reason.clone(), interval, proc_interval, config_desc);
+    let policy = ZombiePolicy { min_age: cfg.zombies.min_age.as_nanos() as u64, sigchld: cfg.remedies.sigchld };
+    info!(mode, reason = %mode_reason, socket = %cfg.agent.socket.display(), "holdfast agent started");
+
+    let qtx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(server::serve_conn(stream, qtx.clone(), access.clone()));
+                }
+                Err(e) => {
+                    warn!("accept on the CLI socket failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(EVALUATE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut snapshot_failures = 0u64;
+    let mut nudger = PidfdNudger;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    Msg::Events { events, procs, undecodable, counters } => {
+                        state.undecodable += undecodable;
+                        state.events += (events.len() + procs.len()) as u64;
+                        if let Some(c) = counters {
+                            state.kernel = c;
+                        }
+                        let mut unknown_owner = false;
+                        for e in &events {
+                            unknown_owner |= state.table.apply_event(e);
+                            if let Some(h) = &e.pid_hint {
+                                let _ = wtx.send(WorkerMsg::Hint { cookie: e.cookie, pid: h.pid });
+                            }
+                        }
+                        if unknown_owner {
+                            let _ = wtx.send(WorkerMsg::Soon);
+                        }
+                        for p in &procs {
+                            state.zombies.tracker.on_event(p);
+                        }
+                    }
+                    Msg::Snapshot { snap, owners, full_walks, targeted_walks } => {
+                        state.snapshots += 1;
+                        state.last_snapshot = Duration::from_nanos(snap.finished.saturating_sub(snap.started));
+                        state.last_snapshot_sockets = snap.socks.len();
+                        state.full_walks = full_walks;
+                        state.targeted_walks = targeted_walks;
+                        state.table.apply_snapshot(&snap, &owners);
+                        snapshot_failures = 0;
+                    }
+                    Msg::SnapshotFailed(e) => {
+                        snapshot_failures += 1;
+                        // Report the first failure and then every 100th, never every tick.
+                        if snapshot_failures == 1 || snapshot_failures % 100 == 0 {
+                            warn!(failures = snapshot_failures, "reading the TCP table failed: {e}");
+                        }
+                    }
+                    Msg::ProcScan { scan, started, finished } => {
+                        state.proc_scans += 1;
+                        state.last_proc_scan = Duration::from_nanos(finished.saturating_sub(started));
+                        state.processes = scan.processes;
+                        state.zombies.tracker.on_scan(&scan.zombies, finished, started);
+                    }
+                    Msg::Query { req, reply } => {
+                        let _ = reply.send(state.answer(&req));
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = sys::monotonic_ns();
+                let transitions = state.zombies.evaluate(now, policy, &LiveProc, &mut nudger, &mut state.findings);
+                for (id, t) in transitions {
+                    log_transition(&state, id, &t);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                warn!("SIGHUP: configuration reload is not implemented yet; restart the agent to apply a new config");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.agent.socket);
+    info!("holdfast agent stopped");
+    Ok(())
+}
+
+/// One log entry per finding transition or remedy outcome (never one per tick).
+fn log_transition(state: &State, id: u64, t: &Transition) {
+    let Some(f) = state.findings.get(id) else { return };
+    let transition = t.as_str();
+    match t {
+        Transition::Action => {
+            let Some(a) = f.actions.last() else { return };
+            info!(kind = %f.kind, finding = id, subject = %f.subject, action = %a.action, mode = %a.mode,
+                  outcome = %a.outcome, before = %a.before, after = %a.after, "remedy {}: {}", a.action, a.outcome);
+        }
+        Transition::Resolved => info!(kind = %f.kind, finding = id, transition, subject = %f.subject, "resolved: {}", f.summary),
+        _ => warn!(kind = %f.kind, finding = id, transition, subject = %f.subject, "{}", f.summary),
+    }
+}
