@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, ProcRecord, proc_kind, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN,
-    SnapRecord, kind, stat, tcp_state,
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, ProcRecord, SNAP_FULL, SNAP_KA_TIMER,
+    SNAP_KEEPOPEN, SnapRecord, kind, proc_kind, stat, tcp_state,
 };
 
 /// Field offsets, filled in by the agent at load time.
@@ -212,7 +212,9 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 /// Emits a process record for task `p` (a BTF `struct task_struct *`).
 #[inline(always)]
 fn emit_proc(kind: u8, p: *const u8) {
-    let Ok(tgid) = rd::<i32>(p, off!(task_tgid)) else { return };
+    let Ok(tgid) = rd::<i32>(p, off!(task_tgid)) else {
+        return;
+    };
     if kind == proc_kind::FREE {
         // Only the thread-group leader's free means the process is gone.
         match rd::<i32>(p, off!(task_pid)) {

@@ -184,19 +184,31 @@ pub fn main() -> ExitCode {
                 }
             })
         }
-        Cmd::Procs { json, zombies } => {
-            query::<Vec<serde_json::Value>>(&socket, Request::Procs { zombies }).map(|v| {
-                if json { json_out(&v) } else { print!("{}", render::procs(&v)) }
-            })
-        }
+        Cmd::Procs { json, zombies } => query::<Vec<serde_json::Value>>(&socket, Request::Procs { zombies })
+            .map(|v| {
+                if json {
+                    json_out(&v)
+                } else {
+                    print!("{}", render::procs(&v))
+                }
+            }),
         Cmd::Findings { json, all, kind } => {
             query::<Vec<serde_json::Value>>(&socket, Request::Findings { all, kind }).map(|v| {
-                if json { json_out(&v) } else { print!("{}", render::findings(&v)) }
+                if json {
+                    json_out(&v)
+                } else {
+                    print!("{}", render::findings(&v))
+                }
             })
         }
-        Cmd::Explain { target, json } => query::<serde_json::Value>(&socket, Request::Explain { target }).map(|v| {
-            if json { json_out(&v) } else { print!("{}", render::explain(&v)) }
-        }),
+        Cmd::Explain { target, json } => query::<serde_json::Value>(&socket, Request::Explain { target })
+            .map(|v| {
+                if json {
+                    json_out(&v)
+                } else {
+                    print!("{}", render::explain(&v))
+                }
+            }),
         Cmd::Config {
             cmd: ConfigCmd::Check { file },
         } => match Config::load(&file, true) {

@@ -96,7 +96,11 @@ pub struct ZombiesSection {
 
 impl Default for ZombiesSection {
     fn default() -> Self {
-        Self { min_age: Duration::from_secs(5), scan_interval: Duration::from_secs(2), heal_interval: Duration::from_secs(30) }
+        Self {
+            min_age: Duration::from_secs(5),
+            scan_interval: Duration::from_secs(2),
+            heal_interval: Duration::from_secs(30),
+        }
     }
 }
 
@@ -110,7 +114,9 @@ pub struct RemediesSection {
 
 impl Default for RemediesSection {
     fn default() -> Self {
-        Self { sigchld: RemedyMode::Enforce }
+        Self {
+            sigchld: RemedyMode::Enforce,
+        }
     }
 }
 
@@ -251,11 +257,20 @@ mod tests {
         assert_eq!(c.agent.mode, Mode::Poll);
         assert_eq!(c.snapshot.poll_interval, Duration::from_millis(250));
         assert_eq!(c.snapshot.ebpf_interval, Duration::from_secs(5));
-        let c = Config::parse("[zombies]\nmin_age = \"0s\"\n[remedies]\nsigchld = \"dry-run\"\n", "x").unwrap();
+        let c = Config::parse(
+            "[zombies]\nmin_age = \"0s\"\n[remedies]\nsigchld = \"dry-run\"\n",
+            "x",
+        )
+        .unwrap();
         assert_eq!(c.zombies.min_age, Duration::ZERO);
         assert_eq!(c.remedies.sigchld, RemedyMode::DryRun);
-        let e = Config::parse("[remedies]\nsigchld = \"yes\"\n", "f").unwrap_err().to_string();
-        assert!(e.contains("f:2: key `remedies.sigchld`") && e.contains("dry-run"), "{e}");
+        let e = Config::parse("[remedies]\nsigchld = \"yes\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f:2: key `remedies.sigchld`") && e.contains("dry-run"),
+            "{e}"
+        );
     }
 
     #[test]

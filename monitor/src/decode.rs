@@ -1,9 +1,13 @@
 //! Pure decoders for the records the eBPF programs emit (`&[u8] -> Result<_, DecodeError>`).
 use std::mem::size_of;
 
-use monitor_common::{EventRecord, ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind, proc_kind};
+use monitor_common::{
+    EventRecord, ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind, proc_kind,
+};
 
-use crate::observe::{Event, EventKind, PidHint, ProcEvent, ProcEventKind, SockSample, TcpSample, Timer, sockaddr};
+use crate::observe::{
+    Event, EventKind, PidHint, ProcEvent, ProcEventKind, SockSample, TcpSample, Timer, sockaddr,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -345,7 +349,10 @@ mod tests {
         b[16..24].copy_from_slice(&7u64.to_ne_bytes());
         b[24..28].copy_from_slice(b"true");
         let e = proc_event(&b).unwrap();
-        assert_eq!((e.kind, e.pid, e.ppid, e.ts, e.comm.as_str()), (ProcEventKind::Exit, 1234, 99, 7, "true"));
+        assert_eq!(
+            (e.kind, e.pid, e.ppid, e.ts, e.comm.as_str()),
+            (ProcEventKind::Exit, 1234, 99, 7, "true")
+        );
         assert!(matches!(proc_event(&b[..47]), Err(DecodeError::Size { .. })));
         b[0] = 9;
         assert_eq!(proc_event(&b), Err(DecodeError::Kind(9)));

@@ -164,7 +164,10 @@ pub fn load() -> Result<(Loaded, Events), EbpfError> {
         source,
     })?;
     let procs = ebpf.take_map("PROCS").ok_or(EbpfError::MissingMap("PROCS"))?;
-    let procs = RingBuf::try_from(procs).map_err(|source| EbpfError::Map { name: "PROCS".into(), source })?;
+    let procs = RingBuf::try_from(procs).map_err(|source| EbpfError::Map {
+        name: "PROCS".into(),
+        source,
+    })?;
     let stats = ebpf.take_map("STATS").ok_or(EbpfError::MissingMap("STATS"))?;
     let stats = PerCpuArray::try_from(stats).map_err(|source| EbpfError::Map {
         name: "STATS".into(),

@@ -92,7 +92,15 @@ pub fn ms(ns: Nanos) -> u64 {
 }
 
 impl FindingStore {
-    pub fn open(&mut self, kind: &str, severity: Severity, subject: String, summary: String, details: serde_json::Value, now: Nanos) -> u64 {
+    pub fn open(
+        &mut self,
+        kind: &str,
+        severity: Severity,
+        subject: String,
+        summary: String,
+        details: serde_json::Value,
+        now: Nanos,
+    ) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
         self.items.push(Finding {
@@ -149,20 +157,37 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), KINDS.len());
-        assert!(ids.iter().all(|i| i.len() == 32 && i.chars().all(|c| c.is_ascii_hexdigit())));
+        assert!(
+            ids.iter()
+                .all(|i| i.len() == 32 && i.chars().all(|c| c.is_ascii_hexdigit()))
+        );
         assert_eq!(message_id("zombie"), Some("5d0c1e4f8a2b4c7e9f1a3b5c7d9e0f27"));
     }
 
     #[test]
     fn open_resolve_and_bound_history() {
         let mut s = FindingStore::default();
-        let id = s.open("zombie", Severity::Warning, "pid 1".into(), "x".into(), serde_json::Value::Null, 5_000_000);
+        let id = s.open(
+            "zombie",
+            Severity::Warning,
+            "pid 1".into(),
+            "x".into(),
+            serde_json::Value::Null,
+            5_000_000,
+        );
         assert_eq!(s.active().count(), 1);
         s.resolve(id, "gone".into(), 9_000_000);
         assert_eq!(s.active().count(), 0);
         assert_eq!(s.get(id).unwrap().resolved_ms, Some(9));
         for i in 0..(KEEP_RESOLVED as u64 + 10) {
-            let id = s.open("zombie", Severity::Info, format!("{i}"), String::new(), serde_json::Value::Null, 0);
+            let id = s.open(
+                "zombie",
+                Severity::Info,
+                format!("{i}"),
+                String::new(),
+                serde_json::Value::Null,
+                0,
+            );
             s.resolve(id, String::new(), 0);
         }
         assert_eq!(s.items.len(), KEEP_RESOLVED);

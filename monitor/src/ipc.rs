@@ -144,9 +144,11 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
             version.map_or("(missing)".to_string(), |v| v.to_string())
         )));
     }
-    serde_json::from_value::<Envelope>(v)
-        .map(|e| e.req)
-        .map_err(|e| Reply::err(format!("bad request: {e} (ops: status, flows, procs, findings, explain)")))
+    serde_json::from_value::<Envelope>(v).map(|e| e.req).map_err(|e| {
+        Reply::err(format!(
+            "bad request: {e} (ops: status, flows, procs, findings, explain)"
+        ))
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -50,7 +50,9 @@ pub fn parse_status(text: &str) -> Option<ProcSignals> {
     let mut s = ProcSignals::default();
     let hex = |v: &str| u64::from_str_radix(v.trim(), 16).ok();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         match k {
             "State" => s.state = v.trim().chars().next()?,
             "SigBlk" => s.blocked = hex(v)?,
@@ -94,13 +96,25 @@ impl Diagnosis {
 
     pub fn explain(self) -> &'static str {
         match self {
-            Diagnosis::SigchldBlocked => "the parent blocks SIGCHLD, so its handler never runs; fix the parent's signal mask",
-            Diagnosis::SigchldIgnored => "the parent ignores SIGCHLD now but did not when these children exited; only wait() by the parent or its exit frees them",
-            Diagnosis::NoHandler => "the parent has no SIGCHLD handler and never calls wait(); fix the parent to reap (or set SIGCHLD to SIG_IGN)",
-            Diagnosis::HandlerLostSignal => "the parent has a SIGCHLD handler but zombies persist: a lost or coalesced SIGCHLD; a nudge can trigger the handler",
-            Diagnosis::ParentStopped => "the parent is stopped and runs no handler until it is continued (SIGCONT)",
+            Diagnosis::SigchldBlocked => {
+                "the parent blocks SIGCHLD, so its handler never runs; fix the parent's signal mask"
+            }
+            Diagnosis::SigchldIgnored => {
+                "the parent ignores SIGCHLD now but did not when these children exited; only wait() by the parent or its exit frees them"
+            }
+            Diagnosis::NoHandler => {
+                "the parent has no SIGCHLD handler and never calls wait(); fix the parent to reap (or set SIGCHLD to SIG_IGN)"
+            }
+            Diagnosis::HandlerLostSignal => {
+                "the parent has a SIGCHLD handler but zombies persist: a lost or coalesced SIGCHLD; a nudge can trigger the handler"
+            }
+            Diagnosis::ParentStopped => {
+                "the parent is stopped and runs no handler until it is continued (SIGCONT)"
+            }
             Diagnosis::ParentTraced => "the parent is stopped under a tracer (debugger)",
-            Diagnosis::InitDoesNotReap => "the zombies were orphaned to PID 1, which does not reap here; only a reboot or a reaping init frees them",
+            Diagnosis::InitDoesNotReap => {
+                "the zombies were orphaned to PID 1, which does not reap here; only a reboot or a reaping init frees them"
+            }
             Diagnosis::Unknown => "the parent could not be inspected",
         }
     }
@@ -109,7 +123,8 @@ impl Diagnosis {
 impl Diagnosis {
     /// `explain()` for the kebab-case name as it travels in JSON.
     pub fn explain_str(name: &str) -> &'static str {
-        serde_json::from_value::<Diagnosis>(serde_json::Value::String(name.into())).map_or("", |d| d.explain())
+        serde_json::from_value::<Diagnosis>(serde_json::Value::String(name.into()))
+            .map_or("", |d| d.explain())
     }
 }
 
@@ -148,14 +163,20 @@ pub struct ProcScan {
 /// Reads /proc/PID/stat of every process and keeps the zombies.
 pub fn scan() -> ProcScan {
     let mut out = ProcScan::default();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     let mut buf = String::with_capacity(512);
     for e in dir.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
         buf.clear();
         use std::io::Read;
-        let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         if f.read_to_string(&mut buf).is_err() {
             continue;
         }
@@ -180,24 +201,41 @@ mod tests {
     fn parses_stat_with_odd_comms() {
         let line = "4242 (my (weird) proc) Z 100 4242 4242 0 -1 4194564 0 0 0 0 0 0 0 0 20 0 1 0 123456 0 0";
         let s = parse_stat(line).unwrap();
-        assert_eq!((s.pid, s.comm.as_str(), s.state, s.ppid, s.starttime), (4242, "my (weird) proc", 'Z', 100, 123456));
+        assert_eq!(
+            (s.pid, s.comm.as_str(), s.state, s.ppid, s.starttime),
+            (4242, "my (weird) proc", 'Z', 100, 123456)
+        );
         assert!(parse_stat("garbage").is_none());
         assert!(parse_stat("1 (x) S").is_none());
     }
 
     fn status(state: &str, blk: u64, ign: u64, cgt: u64) -> String {
-        format!("Name:\tx\nState:\t{state}\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\nSigBlk:\t{blk:016x}\nSigIgn:\t{ign:016x}\nSigCgt:\t{cgt:016x}\n")
+        format!(
+            "Name:\tx\nState:\t{state}\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\nSigBlk:\t{blk:016x}\nSigIgn:\t{ign:016x}\nSigCgt:\t{cgt:016x}\n"
+        )
     }
 
     #[test]
     fn diagnoses_parents() {
         let d = |st: &str, b, i, c, ppid| diagnose(ppid, parse_status(&status(st, b, i, c)).as_ref());
-        assert_eq!(d("S (sleeping)", SIGCHLD_BIT, 0, SIGCHLD_BIT, 50), Diagnosis::SigchldBlocked);
-        assert_eq!(d("S (sleeping)", 0, SIGCHLD_BIT, 0, 50), Diagnosis::SigchldIgnored);
-        assert_eq!(d("S (sleeping)", 0, 0, SIGCHLD_BIT | 1, 50), Diagnosis::HandlerLostSignal);
+        assert_eq!(
+            d("S (sleeping)", SIGCHLD_BIT, 0, SIGCHLD_BIT, 50),
+            Diagnosis::SigchldBlocked
+        );
+        assert_eq!(
+            d("S (sleeping)", 0, SIGCHLD_BIT, 0, 50),
+            Diagnosis::SigchldIgnored
+        );
+        assert_eq!(
+            d("S (sleeping)", 0, 0, SIGCHLD_BIT | 1, 50),
+            Diagnosis::HandlerLostSignal
+        );
         assert_eq!(d("S (sleeping)", 0, 0, 0, 50), Diagnosis::NoHandler);
         assert_eq!(d("T (stopped)", 0, 0, SIGCHLD_BIT, 50), Diagnosis::ParentStopped);
-        assert_eq!(d("t (tracing stop)", 0, 0, SIGCHLD_BIT, 50), Diagnosis::ParentTraced);
+        assert_eq!(
+            d("t (tracing stop)", 0, 0, SIGCHLD_BIT, 50),
+            Diagnosis::ParentTraced
+        );
         assert_eq!(d("S (sleeping)", 0, 0, 0, 1), Diagnosis::InitDoesNotReap);
         assert_eq!(diagnose(5, None), Diagnosis::Unknown);
         assert!(Diagnosis::HandlerLostSignal.nudge_can_help());

@@ -21,7 +21,9 @@ pub struct PidfdNudger;
 fn classify(e: std::io::Error, what: &str) -> NudgeError {
     match e.raw_os_error() {
         Some(libc::ESRCH) => NudgeError::Gone,
-        Some(libc::EPERM) => NudgeError::Refused(format!("EPERM on {what} (holdfast needs CAP_KILL or the parent's uid)")),
+        Some(libc::EPERM) => NudgeError::Refused(format!(
+            "EPERM on {what} (holdfast needs CAP_KILL or the parent's uid)"
+        )),
         _ => NudgeError::Refused(format!("{what}: {e}")),
     }
 }
@@ -34,7 +36,8 @@ impl Nudger for PidfdNudger {
             Some(st) if st.starttime == starttime => {}
             _ => return Err(NudgeError::Gone),
         }
-        fd.send_signal(libc::SIGCHLD).map_err(|e| classify(e, "pidfd_send_signal"))
+        fd.send_signal(libc::SIGCHLD)
+            .map_err(|e| classify(e, "pidfd_send_signal"))
     }
 }
 

@@ -166,11 +166,19 @@ pub fn procs(v: &[serde_json::Value]) -> String {
                 ms_of(&c["oldest_ms"]),
                 format!("{:.1}/min", c["rate_per_min"].as_f64().unwrap_or(0.0)),
                 s(&c["diagnosis"]),
-                format!("{}{}", s(&c["nudges"]), if c["stopped"] == true { " (stopped)" } else { "" }),
+                format!(
+                    "{}{}",
+                    s(&c["nudges"]),
+                    if c["stopped"] == true { " (stopped)" } else { "" }
+                ),
             ]
         })
         .collect();
-    table(&["PID", "COMM", "ZOMBIES", "OLDEST", "RATE", "DIAGNOSIS", "NUDGES"], &rows, &[8, 16, 8, 10, 10, 22, 14])
+    table(
+        &["PID", "COMM", "ZOMBIES", "OLDEST", "RATE", "DIAGNOSIS", "NUDGES"],
+        &rows,
+        &[8, 16, 8, 10, 10, 22, 14],
+    )
 }
 
 /// Findings, newest last.
@@ -181,9 +189,22 @@ pub fn findings(v: &[serde_json::Value]) -> String {
     let mut out = String::new();
     for f in v {
         let state = if f["active"] == true { "active" } else { "resolved" };
-        out.push_str(&format!("#{} {} [{}] {} — {}\n", s(&f["id"]), s(&f["kind"]), state, s(&f["subject"]), s(&f["summary"])));
+        out.push_str(&format!(
+            "#{} {} [{}] {} — {}\n",
+            s(&f["id"]),
+            s(&f["kind"]),
+            state,
+            s(&f["subject"]),
+            s(&f["summary"])
+        ));
         for a in f["actions"].as_array().into_iter().flatten() {
-            out.push_str(&format!("    {} {} ({}): {}\n", s(&a["action"]), s(&a["mode"]), s(&a["before"]), s(&a["outcome"])));
+            out.push_str(&format!(
+                "    {} {} ({}): {}\n",
+                s(&a["action"]),
+                s(&a["mode"]),
+                s(&a["before"]),
+                s(&a["outcome"])
+            ));
         }
     }
     out
@@ -191,9 +212,17 @@ pub fn findings(v: &[serde_json::Value]) -> String {
 
 /// `explain <pid>`.
 pub fn explain(v: &serde_json::Value) -> String {
-    let mut o = format!("pid {} ({}), state {}, parent {}\n", s(&v["pid"]), s(&v["comm"]), s(&v["state"]), s(&v["ppid"]));
+    let mut o = format!(
+        "pid {} ({}), state {}, parent {}\n",
+        s(&v["pid"]),
+        s(&v["comm"]),
+        s(&v["state"]),
+        s(&v["ppid"])
+    );
     if let Some(p) = v["zombie_of"].as_u64() {
-        o.push_str(&format!("a zombie: its parent pid {p} has not reaped it (see `holdfast explain {p}`)\n"));
+        o.push_str(&format!(
+            "a zombie: its parent pid {p} has not reaped it (see `holdfast explain {p}`)\n"
+        ));
     }
     let c = &v["zombie_parent"];
     if c.is_object() {
@@ -205,9 +234,19 @@ pub fn explain(v: &serde_json::Value) -> String {
             s(&c["diagnosis"]),
             crate::procs::Diagnosis::explain_str(c["diagnosis"].as_str().unwrap_or("")),
             s(&c["nudges"]),
-            if c["stopped"] == true { " (stopped: they did not help)" } else { "" }
+            if c["stopped"] == true {
+                " (stopped: they did not help)"
+            } else {
+                ""
+            }
         ));
-        let kids: Vec<String> = c["children"].as_array().into_iter().flatten().take(10).map(|k| format!("{}/{}", s(&k["pid"]), s(&k["comm"]))).collect();
+        let kids: Vec<String> = c["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(10)
+            .map(|k| format!("{}/{}", s(&k["pid"]), s(&k["comm"])))
+            .collect();
         o.push_str(&format!("children: {}\n", kids.join(" ")));
     }
     if let Some(f) = v["findings"].as_array().filter(|f| !f.is_empty()) {

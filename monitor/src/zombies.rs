@@ -79,7 +79,14 @@ impl ZombieTracker {
             ProcEventKind::Exit => {
                 self.zombies.insert(
                     e.pid,
-                    Zombie { pid: e.pid, ppid: e.ppid, comm: e.comm.clone(), exited_at: Some(e.ts), first_seen: e.ts, confirmed: false },
+                    Zombie {
+                        pid: e.pid,
+                        ppid: e.ppid,
+                        comm: e.comm.clone(),
+                        exited_at: Some(e.ts),
+                        first_seen: e.ts,
+                        confirmed: false,
+                    },
                 );
             }
             ProcEventKind::Free => {
@@ -92,7 +99,8 @@ impl ZombieTracker {
     pub fn on_scan(&mut self, zombies: &[ProcStat], at: Nanos, started: Nanos) {
         let live: HashSet<u32> = zombies.iter().map(|z| z.pid).collect();
         // Reaped since (or lost events); keep exits newer than the scan's start.
-        self.zombies.retain(|pid, z| live.contains(pid) || z.first_seen >= started);
+        self.zombies
+            .retain(|pid, z| live.contains(pid) || z.first_seen >= started);
         for st in zombies {
             let first = !self.scanned;
             let z = self.zombies.entry(st.pid).or_insert_with(|| Zombie {
@@ -147,7 +155,12 @@ impl ZombieTracker {
             let (age_ms, age_exact) = Self::age(z, now);
             // A zombie of unknown age is watched for min_age too before it is reported.
             if age_ms >= ms(min_age) {
-                out.entry(z.ppid).or_default().push(ZombieView { pid: z.pid, comm: z.comm.clone(), age_ms, age_exact });
+                out.entry(z.ppid).or_default().push(ZombieView {
+                    pid: z.pid,
+                    comm: z.comm.clone(),
+                    age_ms,
+                    age_exact,
+                });
             }
         }
         for v in out.values_mut() {
@@ -251,14 +264,37 @@ impl ZombieDetector {
         let groups = self.tracker.by_parent(now, policy.min_age);
         let mut out = Vec::new();
         // Parents whose zombies are all gone: resolve.
-        let gone: Vec<u32> = self.parents.keys().copied().filter(|p| !groups.contains_key(p)).collect();
+        let gone: Vec<u32> = self
+            .parents
+            .keys()
+            .copied()
+            .filter(|p| !groups.contains_key(p))
+            .collect();
         for ppid in gone {
-            let Some(c) = self.parents.remove(&ppid) else { continue };
+            let Some(c) = self.parents.remove(&ppid) else {
+                continue;
+            };
             if let Some((_, before)) = &c.verify {
-                record_outcome(store, c.finding, format!("reaped {} of {}", before.len(), before.len()), 0);
+                record_outcome(
+                    store,
+                    c.finding,
+                    format!("reaped {} of {}", before.len(), before.len()),
+                    0,
+                );
             }
-            let nudged = if c.nudges > 0 { format!(" after {} nudge(s)", c.nudges) } else { String::new() };
-            store.resolve(c.finding, format!("all zombie children of pid {} ({}) were reaped{nudged}", c.ppid, c.comm), now);
+            let nudged = if c.nudges > 0 {
+                format!(" after {} nudge(s)", c.nudges)
+            } else {
+                String::new()
+            };
+            store.resolve(
+                c.finding,
+                format!(
+                    "all zombie children of pid {} ({}) were reaped{nudged}",
+                    c.ppid, c.comm
+                ),
+                now,
+            );
             out.push((c.finding, Transition::Resolved));
         }
         for (ppid, kids) in groups {
@@ -287,8 +323,19 @@ impl ZombieDetector {
                         logged_count: kids.len(),
                     };
                     c.seen.extend(kids.iter().map(|k| k.pid));
-                    let sev = if diagnosis.nudge_can_help() { Severity::Warning } else { Severity::Critical };
-                    c.finding = store.open("zombie", sev, format!("pid {} ({})", c.ppid, c.comm), summary(&c), details(&c), now);
+                    let sev = if diagnosis.nudge_can_help() {
+                        Severity::Warning
+                    } else {
+                        Severity::Critical
+                    };
+                    c.finding = store.open(
+                        "zombie",
+                        sev,
+                        format!("pid {} ({})", c.ppid, c.comm),
+                        summary(&c),
+                        details(&c),
+                        now,
+                    );
                     out.push((c.finding, Transition::New));
                     v.insert(c)
                 }
@@ -339,32 +386,52 @@ impl ZombieDetector {
             if now < at {
                 return None;
             }
-            let still = before.iter().filter(|p| view.stat(**p).is_some_and(|s| s.state == 'Z')).count();
+            let still = before
+                .iter()
+                .filter(|p| view.stat(**p).is_some_and(|s| s.state == 'Z'))
+                .count();
             case.verify = None;
-            record_outcome(store, case.finding, format!("reaped {} of {}", before.len() - still, before.len()), still);
+            record_outcome(
+                store,
+                case.finding,
+                format!("reaped {} of {}", before.len() - still, before.len()),
+                still,
+            );
             return Some((case.finding, Transition::Action));
         }
-        if policy.sigchld == RemedyMode::Off || case.stopped || !case.diagnosis.nudge_can_help() || now < case.next_nudge {
+        if policy.sigchld == RemedyMode::Off
+            || case.stopped
+            || !case.diagnosis.nudge_can_help()
+            || now < case.next_nudge
+        {
             return None;
         }
         let before: Vec<u32> = case.children.iter().map(|c| c.pid).collect();
         let mut action = ActionRecord {
             at_ms: ms(now),
             action: "sigchld".into(),
-            mode: if policy.sigchld == RemedyMode::DryRun { "dry-run" } else { "enforce" }.into(),
+            mode: if policy.sigchld == RemedyMode::DryRun {
+                "dry-run"
+            } else {
+                "enforce"
+            }
+            .into(),
             outcome: String::new(),
             before: json!({ "zombies": before.len(), "pids": before.iter().take(LIST_CHILDREN).collect::<Vec<_>>() }),
             after: serde_json::Value::Null,
         };
         if case.nudges >= MAX_NUDGES {
             case.stopped = true;
-            action.outcome = format!("stopped: {MAX_NUDGES} nudges did not get the zombies reaped; the parent needs fixing");
+            action.outcome = format!(
+                "stopped: {MAX_NUDGES} nudges did not get the zombies reaped; the parent needs fixing"
+            );
         } else if policy.sigchld == RemedyMode::DryRun {
             if case.planned_reported {
                 return None;
             }
             case.planned_reported = true;
-            action.outcome = format!("planned: SIGCHLD to pid {ppid} through a pidfd (dry-run, nothing sent)");
+            action.outcome =
+                format!("planned: SIGCHLD to pid {ppid} through a pidfd (dry-run, nothing sent)");
         } else {
             self.nudge_times.retain(|t| now.saturating_sub(*t) < 60 * SEC);
             if self.nudge_times.len() >= NUDGES_PER_MINUTE as usize {
@@ -417,8 +484,20 @@ mod tests {
 
     impl FakeProc {
         fn add(&self, pid: u32, ppid: u32, state: char, caught: u64, blocked: u64) {
-            let st = ProcStat { pid, comm: format!("p{pid}"), state, ppid, starttime: 1000 + u64::from(pid) };
-            let sig = ProcSignals { state, blocked, ignored: 0, caught, pending: 0 };
+            let st = ProcStat {
+                pid,
+                comm: format!("p{pid}"),
+                state,
+                ppid,
+                starttime: 1000 + u64::from(pid),
+            };
+            let sig = ProcSignals {
+                state,
+                blocked,
+                ignored: 0,
+                caught,
+                pending: 0,
+            };
             self.procs.borrow_mut().insert(pid, (st, sig));
         }
         fn reap(&self, pid: u32) {
@@ -448,8 +527,14 @@ mod tests {
                 return Err(NudgeError::Refused("EPERM".into()));
             }
             self.sent += 1;
-            let kids: Vec<u32> =
-                self.view.procs.borrow().values().filter(|p| p.0.ppid == pid && p.0.state == 'Z').map(|p| p.0.pid).collect();
+            let kids: Vec<u32> = self
+                .view
+                .procs
+                .borrow()
+                .values()
+                .filter(|p| p.0.ppid == pid && p.0.state == 'Z')
+                .map(|p| p.0.pid)
+                .collect();
             kids.iter().for_each(|k| self.view.reap(*k));
             Ok(())
         }
@@ -464,10 +549,20 @@ mod tests {
     }
 
     const CGT: u64 = 1 << 16;
-    const POLICY: ZombiePolicy = ZombiePolicy { min_age: 5 * SEC, sigchld: RemedyMode::Enforce };
+    const POLICY: ZombiePolicy = ZombiePolicy {
+        min_age: 5 * SEC,
+        sigchld: RemedyMode::Enforce,
+    };
 
     fn exit(pid: u32, ppid: u32, ts: Nanos) -> ProcEvent {
-        ProcEvent { kind: ProcEventKind::Exit, pid, ppid, exit_code: 0, ts, comm: "child".into() }
+        ProcEvent {
+            kind: ProcEventKind::Exit,
+            pid,
+            ppid,
+            exit_code: 0,
+            ts,
+            comm: "child".into(),
+        }
     }
 
     #[test]
@@ -481,7 +576,10 @@ mod tests {
         d.tracker.on_event(&exit(11, 10, SEC));
         assert!(d.evaluate(3 * SEC, POLICY, &view, &mut n, &mut store).is_empty());
         // Reaped before the threshold: never reported.
-        d.tracker.on_event(&ProcEvent { kind: ProcEventKind::Free, ..exit(11, 10, 4 * SEC) });
+        d.tracker.on_event(&ProcEvent {
+            kind: ProcEventKind::Free,
+            ..exit(11, 10, 4 * SEC)
+        });
         assert!(d.evaluate(10 * SEC, POLICY, &view, &mut n, &mut store).is_empty());
         assert!(store.items.is_empty());
     }
@@ -496,17 +594,30 @@ mod tests {
         let mut store = FindingStore::default();
         d.tracker.on_event(&exit(11, 10, 0));
         d.tracker.on_event(&exit(12, 10, 0));
-        let mut n = ReapingNudger { view: &view, sent: 0, refuse: false };
+        let mut n = ReapingNudger {
+            view: &view,
+            sent: 0,
+            refuse: false,
+        };
         let t = d.evaluate(6 * SEC, POLICY, &view, &mut n, &mut store);
-        assert_eq!(t.iter().map(|x| x.1.clone()).collect::<Vec<_>>(), vec![Transition::New, Transition::Action]);
+        assert_eq!(
+            t.iter().map(|x| x.1.clone()).collect::<Vec<_>>(),
+            vec![Transition::New, Transition::Action]
+        );
         assert_eq!(n.sent, 1);
         let f = &store.items[0];
         assert_eq!(f.details["count"], 2);
         assert_eq!(f.details["diagnosis"], "handler-lost-signal");
         assert_eq!(f.actions[0].outcome, "sent");
         // The kernel frees them; the finding resolves and the action records the outcome.
-        d.tracker.on_event(&ProcEvent { kind: ProcEventKind::Free, ..exit(11, 10, 6 * SEC) });
-        d.tracker.on_event(&ProcEvent { kind: ProcEventKind::Free, ..exit(12, 10, 6 * SEC) });
+        d.tracker.on_event(&ProcEvent {
+            kind: ProcEventKind::Free,
+            ..exit(11, 10, 6 * SEC)
+        });
+        d.tracker.on_event(&ProcEvent {
+            kind: ProcEventKind::Free,
+            ..exit(12, 10, 6 * SEC)
+        });
         let t = d.evaluate(6 * SEC + SEC / 2, POLICY, &view, &mut n, &mut store);
         assert_eq!(t, vec![(1, Transition::Resolved)]);
         let f = &store.items[0];
@@ -556,8 +667,18 @@ mod tests {
         let gaps: Vec<u64> = sent_at.windows(2).map(|w| (w[1] - w[0]) / (SEC / 10)).collect();
         assert!(gaps.windows(2).all(|g| g[1] > g[0]), "backoff grows: {gaps:?}");
         let f = &store.items[0];
-        assert!(f.actions.last().unwrap().outcome.starts_with("stopped"), "{:?}", f.actions);
-        assert_eq!(f.actions.iter().filter(|a| a.outcome.starts_with("reaped 0 of 1")).count(), MAX_NUDGES as usize);
+        assert!(
+            f.actions.last().unwrap().outcome.starts_with("stopped"),
+            "{:?}",
+            f.actions
+        );
+        assert_eq!(
+            f.actions
+                .iter()
+                .filter(|a| a.outcome.starts_with("reaped 0 of 1"))
+                .count(),
+            MAX_NUDGES as usize
+        );
     }
 
     #[test]
@@ -568,7 +689,11 @@ mod tests {
         let mut d = ZombieDetector::default();
         let mut store = FindingStore::default();
         d.tracker.on_event(&exit(11, 10, 0));
-        let mut n = ReapingNudger { view: &view, sent: 0, refuse: true };
+        let mut n = ReapingNudger {
+            view: &view,
+            sent: 0,
+            refuse: true,
+        };
         for i in 0..50 {
             d.evaluate(5 * SEC + i * SEC, POLICY, &view, &mut n, &mut store);
         }
@@ -585,7 +710,10 @@ mod tests {
         let mut store = FindingStore::default();
         d.tracker.on_event(&exit(11, 10, 0));
         let mut n = NoEffect(0);
-        let dry = ZombiePolicy { sigchld: RemedyMode::DryRun, ..POLICY };
+        let dry = ZombiePolicy {
+            sigchld: RemedyMode::DryRun,
+            ..POLICY
+        };
         for i in 0..20 {
             d.evaluate(5 * SEC + i * SEC, dry, &view, &mut n, &mut store);
         }
@@ -613,8 +741,14 @@ mod tests {
         assert_eq!(store.items.len(), 1);
         assert_eq!(store.items[0].details["count"], 1000);
         assert_eq!(store.items[0].details["diagnosis"], "no-handler");
-        assert_eq!(store.items[0].details["children"].as_array().unwrap().len(), LIST_CHILDREN);
-        assert_eq!(d.parents[&10].oldest_ms, 6000, "appeared between scans: dated by the scan");
+        assert_eq!(
+            store.items[0].details["children"].as_array().unwrap().len(),
+            LIST_CHILDREN
+        );
+        assert_eq!(
+            d.parents[&10].oldest_ms, 6000,
+            "appeared between scans: dated by the scan"
+        );
     }
 
     #[test]
@@ -624,9 +758,15 @@ mod tests {
         view.add(11, 10, 'Z', 0, 0);
         let mut d = ZombieDetector::default();
         d.tracker.on_scan(&[view.stat(11).unwrap()], SEC, SEC);
-        assert!(d.tracker.by_parent(3 * SEC, 5 * SEC).is_empty(), "watched for min_age first");
+        assert!(
+            d.tracker.by_parent(3 * SEC, 5 * SEC).is_empty(),
+            "watched for min_age first"
+        );
         let g = d.tracker.by_parent(6 * SEC, 5 * SEC);
-        assert!(!g[&10][0].age_exact, "predates holdfast: the age is a lower bound");
+        assert!(
+            !g[&10][0].age_exact,
+            "predates holdfast: the age is a lower bound"
+        );
         assert_eq!(g[&10][0].age_ms, 5000);
     }
 }

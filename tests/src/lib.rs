@@ -22,20 +22,109 @@ pub fn holdfast_bin() -> PathBuf {
     p
 }
 
-/// The test peer binary, built next to the test executables (target/<profile>/hf-peer).
-pub fn peer_bin() -> PathBuf {
+/// A helper binary of this crate, built next to the test executables (target/<profile>/NAME).
+pub fn helper_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let p = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target dir")
-        .join("hf-peer");
+        .join(name);
     assert!(
         p.exists(),
         "{} does not exist: `cargo build -p holdfast-tests` builds it",
         p.display()
     );
     p
+}
+
+/// The test peer (src/bin/hf-peer.rs).
+pub fn peer_bin() -> PathBuf {
+    helper_bin("hf-peer")
+}
+
+/// Makes this test process the reaper of orphans below it (PID 1 here does not reap), so that
+/// zombies left by a killed test parent can be reaped with [`reap`].
+pub fn become_subreaper() {
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER failed");
+}
+
+/// Reaps these (orphaned, now ours) pids; waits up to 10 s for each to be reparented.
+pub fn reap(pids: &[u32]) {
+    for &pid in pids {
+        let t0 = Instant::now();
+        loop {
+            // SAFETY: waitpid on a specific pid with WNOHANG; the status is not needed.
+            let rc = unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+            let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if rc == pid as i32 || gone || t0.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A test parent with broken SIGCHLD handling (src/bin/hf-parent.rs) and its zombie children.
+pub struct Parent {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    pub children: Vec<u32>,
+}
+
+impl Parent {
+    pub fn spawn(mode: &str, n: usize) -> Self {
+        become_subreaper();
+        let mut child = Command::new(helper_bin("hf-parent"))
+            .args([mode, &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn hf-parent");
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("hf-parent printed nothing").expect("read");
+        let children = first
+            .strip_prefix("children ")
+            .expect("children line")
+            .split_whitespace()
+            .map(|p| p.parse().expect("pid"))
+            .collect();
+        assert_eq!(lines.next().expect("ready").expect("read"), "ready");
+        Parent {
+            child,
+            stdin,
+            children,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How many of its children are still zombies.
+    pub fn zombies_left(&self) -> usize {
+        self.children
+            .iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                    .unwrap_or(false)
+            })
+            .count()
+    }
+}
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Its zombies are now orphans of this subreaper: reap them so the host does not drift.
+        reap(&self.children);
+    }
 }
 
 /// The scenario tests create namespaces and load eBPF: they need root.

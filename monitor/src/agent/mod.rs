@@ -33,11 +33,28 @@ use crate::zombies::ZombiePolicy;
 const EVALUATE_EVERY: Duration = Duration::from_millis(200);
 
 pub(crate) enum Msg {
-    Events { events: Vec<Event>, procs: Vec<ProcEvent>, undecodable: u64, counters: Option<KernelCounters> },
-    Snapshot { snap: Snapshot, owners: HashMap<u64, Owner>, full_walks: u64, targeted_walks: u64 },
+    Events {
+        events: Vec<Event>,
+        procs: Vec<ProcEvent>,
+        undecodable: u64,
+        counters: Option<KernelCounters>,
+    },
+    Snapshot {
+        snap: Snapshot,
+        owners: HashMap<u64, Owner>,
+        full_walks: u64,
+        targeted_walks: u64,
+    },
     SnapshotFailed(String),
-    ProcScan { scan: ProcScan, started: Nanos, finished: Nanos },
-    Query { req: Request, reply: oneshot::Sender<Reply> },
+    ProcScan {
+        scan: ProcScan,
+        started: Nanos,
+        finished: Nanos,
+    },
+    Query {
+        req: Request,
+        reply: oneshot::Sender<Reply>,
+    },
 }
 
 /// Runs the agent in the foreground until SIGINT or SIGTERM.
@@ -90,9 +107,15 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let (loaded, mode_reason) = select_mode(cfg.agent.mode)?;
     let gid = group_gid(&cfg.agent.read_group);
     if gid.is_none() {
-        info!("group `{}` does not exist: only root may query the agent", cfg.agent.read_group);
+        info!(
+            "group `{}` does not exist: only root may query the agent",
+            cfg.agent.read_group
+        );
     }
-    let access = Access { agent_uid: sys::geteuid(), group: (cfg.agent.read_group.clone(), gid) };
+    let access = Access {
+        agent_uid: sys::geteuid(),
+        group: (cfg.agent.read_group.clone(), gid),
+    };
     let listener = server::bind_socket(&cfg.agent.socket, gid)?;
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let (wtx, wrx) = std_mpsc::channel::<WorkerMsg>();
@@ -100,9 +123,19 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let (source, mode, interval, proc_interval) = match loaded {
         Some((l, events)) => {
             workers::spawn_pump(events, tx.clone());
-            (Source::Ebpf(l), "ebpf", cfg.snapshot.ebpf_interval, cfg.zombies.heal_interval)
+            (
+                Source::Ebpf(l),
+                "ebpf",
+                cfg.snapshot.ebpf_interval,
+                cfg.zombies.heal_interval,
+            )
         }
-        None => (Source::Poll, "poll", cfg.snapshot.poll_interval, cfg.zombies.scan_interval),
+        None => (
+            Source::Poll,
+            "poll",
+            cfg.snapshot.poll_interval,
+            cfg.zombies.scan_interval,
+        ),
     };
     let snap_tx = tx.clone();
     std::thread::Builder::new()
@@ -116,7 +149,10 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
         .context("spawning the /proc scan thread")?;
 
     let mut state = State::new(mode, mode_reason.clone(), interval, proc_interval, config_desc);
-    let policy = ZombiePolicy { min_age: cfg.zombies.min_age.as_nanos() as u64, sigchld: cfg.remedies.sigchld };
+    let policy = ZombiePolicy {
+        min_age: cfg.zombies.min_age.as_nanos() as u64,
+        sigchld: cfg.remedies.sigchld,
+    };
     info!(mode, reason = %mode_reason, socket = %cfg.agent.socket.display(), "holdfast agent started");
 
     let qtx = tx.clone();
@@ -221,7 +257,9 @@ fn log_transition(state: &State, id: u64, t: &Transition) {
             info!(kind = %f.kind, finding = id, subject = %f.subject, action = %a.action, mode = %a.mode,
                   outcome = %a.outcome, before = %a.before, after = %a.after, "remedy {}: {}", a.action, a.outcome);
         }
-        Transition::Resolved => info!(kind = %f.kind, finding = id, transition, subject = %f.subject, "resolved: {}", f.summary),
+        Transition::Resolved => {
+            info!(kind = %f.kind, finding = id, transition, subject = %f.subject, "resolved: {}", f.summary)
+        }
         _ => warn!(kind = %f.kind, finding = id, transition, subject = %f.subject, "{}", f.summary),
     }
 }

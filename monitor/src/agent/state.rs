@@ -53,7 +53,13 @@ struct ProcessExplanation {
 }
 
 impl State {
-    pub fn new(mode: &'static str, mode_reason: String, snapshot_interval: Duration, proc_interval: Duration, config_desc: String) -> Self {
+    pub fn new(
+        mode: &'static str,
+        mode_reason: String,
+        snapshot_interval: Duration,
+        proc_interval: Duration,
+        config_desc: String,
+    ) -> Self {
         use std::os::unix::fs::MetadataExt;
         State {
             table: FlowTable::default(),
@@ -76,7 +82,9 @@ impl State {
             last_proc_scan: Duration::ZERO,
             processes: 0,
             config_desc,
-            netns: std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0),
+            netns: std::fs::metadata("/proc/self/ns/net")
+                .map(|m| m.ino())
+                .unwrap_or(0),
         }
     }
 
@@ -85,7 +93,10 @@ impl State {
             version: env!("CARGO_PKG_VERSION").into(),
             mode: self.mode.into(),
             mode_reason: self.mode_reason.clone(),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .into(),
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             netns_inode: self.netns,
@@ -125,7 +136,10 @@ impl State {
             .iter()
             .filter(|fl| f.all || want_state.is_some() || fl.state != monitor_common::tcp_state::LISTEN)
             .filter(|fl| want_state.is_none_or(|s| fl.state == s))
-            .filter(|fl| f.port.is_none_or(|p| fl.local.port() == p || fl.remote.port() == p))
+            .filter(|fl| {
+                f.port
+                    .is_none_or(|p| fl.local.port() == p || fl.remote.port() == p)
+            })
             .map(|fl| fl.view(now))
             .filter(|v| f.pid.is_none_or(|p| v.pid == Some(p)))
             .collect();
@@ -147,10 +161,19 @@ impl State {
             .findings
             .items
             .iter()
-            .filter(|f| f.subject.starts_with(&subject) || zombie_of.is_some_and(|p| f.subject.starts_with(&format!("pid {p} "))))
+            .filter(|f| {
+                f.subject.starts_with(&subject)
+                    || zombie_of.is_some_and(|p| f.subject.starts_with(&format!("pid {p} ")))
+            })
             .cloned()
             .collect();
-        let flows = self.flows(&FlowFilter { all: true, pid: Some(pid), ..Default::default() }).unwrap_or_default();
+        let flows = self
+            .flows(&FlowFilter {
+                all: true,
+                pid: Some(pid),
+                ..Default::default()
+            })
+            .unwrap_or_default();
         ProcessExplanation {
             pid,
             comm: st.as_ref().map(|s| s.comm.clone()),
@@ -183,7 +206,9 @@ impl State {
             }
             Request::Explain { target } => match target.parse::<u32>() {
                 Ok(pid) => Reply::ok(&self.explain_pid(pid)),
-                Err(_) => Reply::err(format!("cannot explain `{target}`: give a pid (flows are explained by pid of their owner for now)")),
+                Err(_) => Reply::err(format!(
+                    "cannot explain `{target}`: give a pid (flows are explained by pid of their owner for now)"
+                )),
             },
         }
     }

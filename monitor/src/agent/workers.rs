@@ -143,7 +143,6 @@ pub fn snapshot_worker(
     }
 }
 
-
 /// Scans /proc for zombies: the only zombie source in poll mode, a healer of lost events in eBPF
 /// mode (and the finder of zombies that predate the agent in both).
 pub fn proc_worker(interval: Duration, tx: mpsc::Sender<Msg>) {
@@ -151,7 +150,14 @@ pub fn proc_worker(interval: Duration, tx: mpsc::Sender<Msg>) {
         let started = crate::sys::monotonic_ns();
         let scan = crate::procs::scan();
         let finished = crate::sys::monotonic_ns();
-        if tx.blocking_send(Msg::ProcScan { scan, started, finished }).is_err() {
+        if tx
+            .blocking_send(Msg::ProcScan {
+                scan,
+                started,
+                finished,
+            })
+            .is_err()
+        {
             return;
         }
         std::thread::sleep(interval);
