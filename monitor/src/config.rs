@@ -120,6 +120,104 @@ impl Default for RemediesSection {
     }
 }
 
+fn ratio<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v > 0.0 && v < 1.0 { Ok(v) } else { Err(serde::de::Error::custom(format!("expected a ratio between 0 and 1 (exclusive), found {v}"))) }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvictionSection {
+    /// Profile for flows via a gateway that no rule matches.
+    pub default_profile: String,
+    /// `idle-near-eviction` fires at this share of the idle timeout.
+    #[serde(deserialize_with = "ratio")]
+    pub warn_ratio: f64,
+}
+
+impl Default for EvictionSection {
+    fn default() -> Self {
+        Self { default_profile: "home-router".into(), warn_ratio: 0.8 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveSection {
+    /// The keepalive remedy (it only adds probes, so it is on by default).
+    pub mode: RemedyMode,
+    /// TCP_KEEPIDLE = idle timeout x this ratio (SIP session timers refresh at half the interval).
+    #[serde(deserialize_with = "ratio")]
+    pub refresh_ratio: f64,
+    /// TCP_KEEPIDLE is never set below this (as SIP's Min-SE bounds refresh rates).
+    #[serde(deserialize_with = "duration")]
+    pub floor: Duration,
+    /// TCP_KEEPCNT: unanswered probes before the peer is declared dead.
+    pub probes: u32,
+    /// cgroup v2 paths (relative to the cgroup2 mount) whose new connections get keepalive at
+    /// establishment (sock_ops in eBPF mode; at first sight through a pidfd in poll mode).
+    pub cgroups: Vec<String>,
+    /// Idle timeout assumed for the cgroups' connections (the values follow the same rules).
+    #[serde(deserialize_with = "duration")]
+    pub cgroup_timeout: Duration,
+}
+
+impl Default for KeepaliveSection {
+    fn default() -> Self {
+        Self {
+            mode: RemedyMode::Enforce,
+            refresh_ratio: 0.5,
+            floor: Duration::from_secs(30),
+            probes: 4,
+            cgroups: Vec::new(),
+            cgroup_timeout: Duration::from_secs(240),
+        }
+    }
+}
+
+/// A profile defined (or overridden) in the config.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    pub name: String,
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "yes")]
+    pub keepalive_resets: bool,
+    #[serde(default)]
+    pub source: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which idle timeout applies to matching flows. Every given match key must match.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Remote address prefix.
+    pub cidr: Option<crate::cidr::Cidr>,
+    /// Local or remote port.
+    pub port: Option<u16>,
+    /// Owner's command name.
+    pub comm: Option<String>,
+    /// Owner's systemd unit.
+    pub unit: Option<String>,
+    /// Owner's cgroup path prefix.
+    pub cgroup: Option<String>,
+    pub profile: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Overrides keepalive.mode for matching flows.
+    pub keepalive: Option<RemedyMode>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -127,6 +225,28 @@ pub struct Config {
     pub snapshot: SnapshotSection,
     pub zombies: ZombiesSection,
     pub remedies: RemediesSection,
+    pub eviction: EvictionSection,
+    pub keepalive: KeepaliveSection,
+    pub profiles: Vec<ProfileConfig>,
+    pub rules: Vec<Rule>,
+}
+
+impl Config {
+    /// Built-in profiles with this config's additions and overrides.
+    pub fn profiles(&self) -> Vec<crate::profiles::Profile> {
+        let extra: Vec<crate::profiles::Profile> = self
+            .profiles
+            .iter()
+            .map(|p| crate::profiles::Profile {
+                name: p.name.clone(),
+                idle_timeout_s: p.idle_timeout.as_secs(),
+                keepalive_resets: p.keepalive_resets,
+                on_expiry: "as configured".into(),
+                source: if p.source.is_empty() { "config".into() } else { p.source.clone() },
+            })
+            .collect();
+        crate::profiles::merged(&extra)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

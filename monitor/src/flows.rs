@@ -51,8 +51,13 @@ pub struct TableCounters {
 pub struct FlowTable {
     flows: HashMap<u64, Flow>,
     tombstones: HashMap<u64, Nanos>,
+    /// Flows closed since the detectors last looked (for post-mortems), bounded.
+    closed: std::collections::VecDeque<(Flow, Nanos)>,
     pub counters: TableCounters,
 }
+
+/// Closed flows kept for the detectors between two evaluations.
+const CLOSED_KEEP: usize = 4096;
 
 /// States that are not sessions: TIME_WAIT (a closed connection's 2MSL wait, no owner) and
 /// request socks. They are counted, not tracked.
@@ -78,10 +83,33 @@ impl FlowTable {
     }
 
     fn close(&mut self, cookie: u64, at: Nanos) {
-        if self.flows.remove(&cookie).is_some() {
+        if let Some(f) = self.flows.remove(&cookie) {
             self.counters.closed += 1;
+            if self.closed.len() >= CLOSED_KEEP {
+                self.closed.pop_front();
+            }
+            self.closed.push_back((f, at));
         }
         self.tombstones.insert(cookie, at);
+    }
+
+    /// Flows closed since the last call, with their close time.
+    pub fn take_closed(&mut self) -> Vec<(Flow, Nanos)> {
+        self.closed.drain(..).collect()
+    }
+
+    /// Finds a flow by `cookie:N`, a bare cookie, or its local address (`10.0.0.1:5000`).
+    pub fn find(&self, spec: &str) -> Option<&Flow> {
+        let spec = spec.trim();
+        if let Some(c) = spec.strip_prefix("cookie:").and_then(|c| c.parse::<u64>().ok()) {
+            return self.flows.get(&c);
+        }
+        if let Ok(addr) = spec.parse::<SocketAddr>() {
+            let mut m = self.flows.values().filter(|f| f.local == addr && f.state != tcp_state::LISTEN);
+            let first = m.next()?;
+            return m.next().is_none().then_some(first);
+        }
+        None
     }
 
     fn new_flow(e_cookie: u64, local: SocketAddr, remote: SocketAddr, state: u8, at: Nanos) -> Flow {

@@ -1,10 +1,12 @@
 //! holdfast library: all logic of the agent and CLI; `main.rs` only calls [`cli::main`].
 pub mod agent;
 pub mod btf;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod ebpf;
+pub mod eviction;
 pub mod findings;
 pub mod flows;
 pub mod human;
@@ -12,8 +14,10 @@ pub mod ipc;
 pub mod observe;
 pub mod owners;
 pub mod procs;
+pub mod profiles;
 pub mod remedy;
 pub mod render;
+pub mod routes;
 pub mod sockdiag;
 pub mod sys;
 pub mod zombies;
