@@ -38,8 +38,12 @@ pub mod stat {
     pub const PROC_LOST: u32 = 17;
     /// Process records submitted.
     pub const PROC_EVENTS: u32 = 18;
+    /// Connections given keepalive by the sock_ops program.
+    pub const SOCKOPS_APPLIED: u32 = 19;
+    /// sock_ops bpf_setsockopt failures.
+    pub const SOCKOPS_FAILED: u32 = 20;
     /// Number of slots.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     /// Program index for the counters, in the order of [`crate::kind`] minus one.
     pub const PROGRAMS: [&str; 5] = [
         "inet_sock_set_state",
@@ -284,6 +288,45 @@ const _: () = assert!(size_of::<ProcRecord>() == 48);
 const _: () = assert!(offset_of!(ProcRecord, ts_ns) == 16);
 const _: () = assert!(offset_of!(ProcRecord, comm) == 24);
 
+/// A keepalive change requested of the `apply_keepalive` iterator (map `KA_TARGETS`, keyed by
+/// socket cookie) or the values the `keepalive_at_connect` sock_ops program sets (`KA_CONNECT`).
+/// The program writes the results back into the same entry. 64 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KaTarget {
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL (seconds), TCP_KEEPCNT to set.
+    pub idle: i32,
+    pub intvl: i32,
+    pub cnt: i32,
+    /// 1: set the values; 0: only read them.
+    pub set: i32,
+    /// Set to 1 by the program once it saw the socket.
+    pub done: i32,
+    /// 0, or the first negative errno of the helpers (-1000: not a full TCP socket).
+    pub rc: i32,
+    pub before_on: i32,
+    pub before_idle: i32,
+    pub before_intvl: i32,
+    pub before_cnt: i32,
+    pub after_on: i32,
+    pub after_idle: i32,
+    pub after_intvl: i32,
+    pub after_cnt: i32,
+    pub _pad: [i32; 2],
+}
+
+const _: () = assert!(size_of::<KaTarget>() == 64);
+
+/// Socket option numbers used with bpf_(get|set)sockopt.
+pub mod sockopt {
+    pub const SOL_SOCKET: i32 = 1;
+    pub const SO_KEEPALIVE: i32 = 9;
+    pub const SOL_TCP: i32 = 6;
+    pub const TCP_KEEPIDLE: i32 = 4;
+    pub const TCP_KEEPINTVL: i32 = 5;
+    pub const TCP_KEEPCNT: i32 = 6;
+}
+
 /// Kernel TCP states (include/net/tcp_states.h).
 pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;
@@ -311,4 +354,6 @@ mod user {
     unsafe impl aya::Pod for super::SnapRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProcRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KaTarget {}
 }

@@ -12,15 +12,18 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, seq_file},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        generated::{bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write},
+        generated::{
+            bpf_get_socket_cookie, bpf_getsockopt, bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write,
+            bpf_setsockopt, bpf_skc_to_tcp_sock,
+        },
     },
-    macros::{btf_tracepoint, map},
-    maps::{PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, map, sock_ops},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, SockOpsContext},
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KernelOffsets, ProcRecord, SNAP_FULL, SNAP_KA_TIMER,
-    SNAP_KEEPOPEN, SnapRecord, kind, proc_kind, stat, tcp_state,
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, ProcRecord, SNAP_FULL,
+    SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind, proc_kind, sockopt, stat, tcp_state,
 };
 
 /// Field offsets, filled in by the agent at load time.
@@ -32,6 +35,14 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 #[map]
 static PROCS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Keepalive changes for the `apply_keepalive` iterator, by socket cookie.
+#[map]
+static KA_TARGETS: HashMap<u64, KaTarget> = HashMap::with_max_entries(4096, 0);
+
+/// Values the sock_ops program sets at connection establishment (slot 0; `set == 0`: off).
+#[map]
+static KA_CONNECT: Array<KaTarget> = Array::with_max_entries(1, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -386,6 +397,97 @@ fn fill_full(base: *const u8, r: &mut SnapRecord) {
     r.keepalive_time = rd(base, off!(tp_keepalive_time)).unwrap_or(0);
     r.keepalive_intvl = rd(base, off!(tp_keepalive_intvl)).unwrap_or(0);
     r.keepalive_probes = rd(base, off!(tp_keepalive_probes)).unwrap_or(0);
+}
+
+#[inline(always)]
+fn getopt(sk: *mut c_void, level: i32, name: i32) -> i32 {
+    let mut v: i32 = -1;
+    // SAFETY: `sk` is a verifier-typed socket pointer; `v` is a 4-byte stack slot.
+    let rc = unsafe { bpf_getsockopt(sk, level, name, &mut v as *mut i32 as *mut c_void, 4) };
+    if rc == 0 { v } else { -1 }
+}
+
+#[inline(always)]
+fn setopt(sk: *mut c_void, level: i32, name: i32, value: i32) -> i32 {
+    let mut v = value;
+    // SAFETY: as in `getopt`.
+    unsafe { bpf_setsockopt(sk, level, name, &mut v as *mut i32 as *mut c_void, 4) as i32 }
+}
+
+/// SO_KEEPALIVE, then the interval and count, then TCP_KEEPIDLE last: setting the idle time on
+/// a socket with keepalive on re-arms the timer relative to the last activity, so a flow that is
+/// already idle longer than the new TCP_KEEPIDLE is probed at once.
+#[inline(always)]
+fn set_keepalive(sk: *mut c_void, t: &KaTarget) -> i32 {
+    let mut rc = setopt(sk, sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE, 1);
+    if rc == 0 {
+        rc = setopt(sk, sockopt::SOL_TCP, sockopt::TCP_KEEPINTVL, t.intvl);
+    }
+    if rc == 0 {
+        rc = setopt(sk, sockopt::SOL_TCP, sockopt::TCP_KEEPCNT, t.cnt);
+    }
+    if rc == 0 {
+        rc = setopt(sk, sockopt::SOL_TCP, sockopt::TCP_KEEPIDLE, t.idle);
+    }
+    rc
+}
+
+/// Applies (or reads) keepalive on the sockets named in KA_TARGETS, and only those.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn apply_keepalive(ctx: *mut IterTcp) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_iter__tcp context.
+    let sk = unsafe { (*ctx).sk_common };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: helper call on the verifier-typed sock_common pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let Some(t) = KA_TARGETS.get_ptr_mut(&cookie) else {
+        return 0;
+    };
+    // SAFETY: `t` points into the map value for this cookie; the iterator runs single-threaded.
+    let t = unsafe { &mut *t };
+    // SAFETY: helper call; returns null for time-wait and request sockets.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *mut c_void;
+    t.done = 1;
+    if tp.is_null() {
+        t.rc = -1000;
+        return 0;
+    }
+    t.before_on = getopt(tp, sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE);
+    t.before_idle = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPIDLE);
+    t.before_intvl = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPINTVL);
+    t.before_cnt = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPCNT);
+    if t.set == 1 {
+        t.rc = set_keepalive(tp, t);
+    }
+    t.after_on = getopt(tp, sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE);
+    t.after_idle = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPIDLE);
+    t.after_intvl = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPINTVL);
+    t.after_cnt = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPCNT);
+    0
+}
+
+/// Keepalive at connection establishment for the cgroups this program is attached to.
+#[sock_ops]
+pub fn keepalive_at_connect(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    // BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB (4) and BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB (5).
+    if op != 4 && op != 5 {
+        return 1;
+    }
+    let Some(t) = KA_CONNECT.get(0) else { return 1 };
+    if t.set != 1 {
+        return 1;
+    }
+    let t = *t;
+    if set_keepalive(ctx.ops as *mut c_void, &t) == 0 {
+        bump(stat::SOCKOPS_APPLIED);
+    } else {
+        bump(stat::SOCKOPS_FAILED);
+    }
+    1
 }
 
 #[cfg(not(test))]

@@ -13,9 +13,16 @@ impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (a, l) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.trim().parse().map_err(|_| format!("`{s}` is not an address or prefix like 10.0.0.0/8"))?;
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or prefix like 10.0.0.0/8"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = if l.is_empty() { max } else { l.parse::<u8>().map_err(|_| format!("`{s}`: bad prefix length"))? };
+        let len = if l.is_empty() {
+            max
+        } else {
+            l.parse::<u8>().map_err(|_| format!("`{s}`: bad prefix length"))?
+        };
         if len > max {
             return Err(format!("`{s}`: prefix length {len} is longer than {max}"));
         }
@@ -44,11 +51,19 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len)
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - self.len) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.len)
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -65,7 +80,10 @@ mod tests {
         let c: Cidr = "10.77.0.0/16".parse().unwrap();
         assert!(c.contains("10.77.2.2".parse().unwrap()));
         assert!(!c.contains("10.78.0.1".parse().unwrap()));
-        assert!(c.contains("::ffff:10.77.0.9".parse().unwrap()), "v4-mapped addresses match v4 rules");
+        assert!(
+            c.contains("::ffff:10.77.0.9".parse().unwrap()),
+            "v4-mapped addresses match v4 rules"
+        );
         let one: Cidr = "192.0.2.1".parse().unwrap();
         assert!(one.contains("192.0.2.1".parse().unwrap()) && !one.contains("192.0.2.2".parse().unwrap()));
         let v6: Cidr = "2001:db8::/32".parse().unwrap();

@@ -51,6 +51,22 @@ pub enum Cmd {
         /// Only flows owned by this process.
         #[arg(long)]
         pid: Option<u32>,
+        /// Only flows at risk of NAT / load-balancer eviction.
+        #[arg(long)]
+        at_risk: bool,
+        /// Only flows idle at least this long (350s, 5m, 2h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_human_duration)]
+        idle_over: Option<std::time::Duration>,
+    },
+    /// The middlebox idle-timeout profiles (built-in and configured).
+    Profiles {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a remedy by hand.
+    Remedy {
+        #[command(subcommand)]
+        action: RemedyCmd,
     },
     /// Processes with findings: parents of zombie children, with diagnosis and nudges.
     Procs {
@@ -82,6 +98,24 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RemedyCmd {
+    /// Turn on keepalive (values from the flow's idle timeout) on a live socket.
+    Keepalive {
+        /// The flow: cookie:N or its local ADDR:PORT.
+        flow: String,
+        /// Show the values without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_human_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::human::parse_duration(s)
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,19 +197,34 @@ pub fn main() -> ExitCode {
                 print!("{}", render::status(&s))
             }
         }),
+        Cmd::Profiles { json } => query::<Vec<crate::profiles::Profile>>(&socket, Request::Profiles).map(|v| {
+            if json { json_out(&v) } else { print!("{}", render::profiles(&v)) }
+        }),
+        Cmd::Remedy { action: RemedyCmd::Keepalive { flow, dry_run, json } } => {
+            query::<serde_json::Value>(&socket, Request::Remedy { action: "keepalive".into(), target: flow, dry_run }).map(|v| {
+                if json {
+                    json_out(&v)
+                } else if let Some(p) = v.get("planned") {
+                    println!("would set SO_KEEPALIVE=1 TCP_KEEPIDLE={} TCP_KEEPINTVL={} TCP_KEEPCNT={} (dry-run)", p["idle_s"], p["intvl_s"], p["cnt"]);
+                } else {
+                    let q = &v["queued"];
+                    println!(
+                        "queued: SO_KEEPALIVE=1 TCP_KEEPIDLE={} TCP_KEEPINTVL={} TCP_KEEPCNT={}; see `holdfast explain cookie:{}`",
+                        q["idle_s"], q["intvl_s"], q["cnt"], v["cookie"]
+                    );
+                }
+            })
+        }
         Cmd::Flows {
             json,
             all,
             state,
             port,
             pid,
+            at_risk,
+            idle_over,
         } => {
-            let filter = FlowFilter {
-                all,
-                state,
-                port,
-                pid,
-            };
+            let filter = FlowFilter { all, state, port, pid, at_risk, idle_over_ms: idle_over.map(|d| d.as_millis() as u64) };
             query::<Vec<FlowView>>(&socket, Request::Flows { filter }).map(|v| {
                 if json {
                     json_out(&v)

@@ -122,7 +122,13 @@ impl Default for RemediesSection {
 
 fn ratio<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let v = f64::deserialize(d)?;
-    if v > 0.0 && v < 1.0 { Ok(v) } else { Err(serde::de::Error::custom(format!("expected a ratio between 0 and 1 (exclusive), found {v}"))) }
+    if v > 0.0 && v < 1.0 {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "expected a ratio between 0 and 1 (exclusive), found {v}"
+        )))
+    }
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -142,7 +148,10 @@ pub struct EvictionSection {
 
 impl Default for EvictionSection {
     fn default() -> Self {
-        Self { default_profile: "home-router".into(), warn_ratio: 0.8 }
+        Self {
+            default_profile: "home-router".into(),
+            warn_ratio: 0.8,
+        }
     }
 }
 
@@ -242,7 +251,11 @@ impl Config {
                 idle_timeout_s: p.idle_timeout.as_secs(),
                 keepalive_resets: p.keepalive_resets,
                 on_expiry: "as configured".into(),
-                source: if p.source.is_empty() { "config".into() } else { p.source.clone() },
+                source: if p.source.is_empty() {
+                    "config".into()
+                } else {
+                    p.source.clone()
+                },
             })
             .collect();
         crate::profiles::merged(&extra)

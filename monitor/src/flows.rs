@@ -105,7 +105,10 @@ impl FlowTable {
             return self.flows.get(&c);
         }
         if let Ok(addr) = spec.parse::<SocketAddr>() {
-            let mut m = self.flows.values().filter(|f| f.local == addr && f.state != tcp_state::LISTEN);
+            let mut m = self
+                .flows
+                .values()
+                .filter(|f| f.local == addr && f.state != tcp_state::LISTEN);
             let first = m.next()?;
             return m.next().is_none().then_some(first);
         }
@@ -268,6 +271,20 @@ pub struct FlowView {
     pub resets_sent: u32,
     pub retransmit_events: u32,
     pub last_error: Option<i32>,
+    /// Eviction risk, where a middlebox applies (filled in by the agent).
+    #[serde(default)]
+    pub risk: Option<RiskView>,
+}
+
+/// A flow's eviction forecast.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct RiskView {
+    pub profile: String,
+    pub timeout_s: u64,
+    pub verdict: String,
+    /// Milliseconds until the middlebox forgets the flow (negative: overdue); null if keepalive
+    /// refreshes it in time.
+    pub eta_ms: Option<i64>,
 }
 
 impl Flow {
@@ -327,6 +344,7 @@ impl Flow {
             resets_sent: self.resets_sent,
             retransmit_events: self.retransmit_events,
             last_error: self.last_error,
+            risk: None,
         }
     }
 }

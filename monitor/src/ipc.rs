@@ -28,6 +28,12 @@ pub struct FlowFilter {
     pub port: Option<u16>,
     #[serde(default)]
     pub pid: Option<u32>,
+    /// Only flows with an eviction risk (near eviction, keepalive too slow, likely evicted).
+    #[serde(default)]
+    pub at_risk: bool,
+    /// Only flows idle at least this long.
+    #[serde(default)]
+    pub idle_over_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,6 +58,14 @@ pub enum Request {
     },
     Explain {
         target: String,
+    },
+    Profiles,
+    /// Apply a remedy now (needs root or the agent's uid).
+    Remedy {
+        action: String,
+        target: String,
+        #[serde(default)]
+        dry_run: bool,
     },
 }
 
@@ -92,6 +106,8 @@ pub struct Status {
     pub processes: usize,
     pub zombies_tracked: usize,
     pub findings_active: usize,
+    pub keepalive_at_connect: String,
+    pub sockops_applied: u64,
     pub config: String,
 }
 
@@ -146,7 +162,7 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
     }
     serde_json::from_value::<Envelope>(v).map(|e| e.req).map_err(|e| {
         Reply::err(format!(
-            "bad request: {e} (ops: status, flows, procs, findings, explain)"
+            "bad request: {e} (ops: status, flows, procs, findings, explain, profiles, remedy)"
         ))
     })
 }
@@ -235,8 +251,19 @@ mod tests {
                     state: Some("estab".into()),
                     port: Some(22),
                     pid: Some(7),
+                    at_risk: true,
+                    idle_over_ms: Some(300_000),
                 },
             },
+            Request::Explain {
+                target: "cookie:5".into(),
+            },
+            Request::Remedy {
+                action: "keepalive".into(),
+                target: "10.0.0.1:5000".into(),
+                dry_run: true,
+            },
+            Request::Profiles,
         ] {
             let line = serde_json::to_string(&Envelope {
                 v: PROTOCOL_VERSION,

@@ -1,6 +1,7 @@
 //! holdfast library: all logic of the agent and CLI; `main.rs` only calls [`cli::main`].
 pub mod agent;
 pub mod btf;
+pub mod cgroups;
 pub mod cidr;
 pub mod cli;
 pub mod config;

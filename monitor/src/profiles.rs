@@ -19,24 +19,102 @@ pub struct Profile {
 }
 
 fn p(name: &str, secs: u64, resets: bool, on_expiry: &str, source: &str) -> Profile {
-    Profile { name: name.into(), idle_timeout_s: secs, keepalive_resets: resets, on_expiry: on_expiry.into(), source: source.into() }
+    Profile {
+        name: name.into(),
+        idle_timeout_s: secs,
+        keepalive_resets: resets,
+        on_expiry: on_expiry.into(),
+        source: source.into(),
+    }
 }
 
 /// The built-in table.
 pub fn builtin() -> Vec<Profile> {
     vec![
-        p("aws-nat-gateway", 350, true, "RST to the inside host on the next packet", "docs.aws.amazon.com/vpc/latest/userguide/nat-gateway-troubleshooting.html"),
-        p("aws-nlb", 350, true, "closed", "docs.aws.amazon.com/elasticloadbalancing/latest/network/update-idle-timeout.html"),
-        p("aws-alb", 60, false, "closed (keepalive probes do not reset it)", "docs.aws.amazon.com/elasticloadbalancing/latest/application/edit-load-balancer-attributes.html"),
-        p("aws-classic-lb", 60, false, "closed (keepalive probes do not reset it)", "docs.aws.amazon.com/elasticloadbalancing/latest/classic/config-idle-timeout.html"),
-        p("gcp-cloud-nat", 1200, true, "mapping dropped silently", "cloud.google.com compute v1 RouterNat tcpEstablishedIdleTimeoutSec"),
-        p("azure-lb", 240, true, "silent drop (or RST with TCP reset on idle)", "MicrosoftDocs azure-docs load-balancer-tcp-idle-timeout.md"),
-        p("azure-nat-gateway", 240, true, "idle flow disconnected", "learn.microsoft.com NAT gateway idleTimeoutInMinutes"),
-        p("linux-conntrack", 432_000, true, "entry removed silently", "kernel Documentation/networking/nf_conntrack-sysctl.rst"),
-        p("kube-proxy", 86_400, true, "entry removed silently", "kubernetes.io kube-proxy --conntrack-tcp-timeout-established"),
-        p("ipvs", 900, true, "flow black-holed", "moby/moby#31208; kubernetes/kubernetes#117873"),
-        p("openwrt", 7440, true, "silent", "openwrt sysctl-nf-conntrack.conf"),
-        p("home-router", 600, true, "silent", "typical consumer gateways (Hätönen et al., IMC 2010)"),
+        p(
+            "aws-nat-gateway",
+            350,
+            true,
+            "RST to the inside host on the next packet",
+            "docs.aws.amazon.com/vpc/latest/userguide/nat-gateway-troubleshooting.html",
+        ),
+        p(
+            "aws-nlb",
+            350,
+            true,
+            "closed",
+            "docs.aws.amazon.com/elasticloadbalancing/latest/network/update-idle-timeout.html",
+        ),
+        p(
+            "aws-alb",
+            60,
+            false,
+            "closed (keepalive probes do not reset it)",
+            "docs.aws.amazon.com/elasticloadbalancing/latest/application/edit-load-balancer-attributes.html",
+        ),
+        p(
+            "aws-classic-lb",
+            60,
+            false,
+            "closed (keepalive probes do not reset it)",
+            "docs.aws.amazon.com/elasticloadbalancing/latest/classic/config-idle-timeout.html",
+        ),
+        p(
+            "gcp-cloud-nat",
+            1200,
+            true,
+            "mapping dropped silently",
+            "cloud.google.com compute v1 RouterNat tcpEstablishedIdleTimeoutSec",
+        ),
+        p(
+            "azure-lb",
+            240,
+            true,
+            "silent drop (or RST with TCP reset on idle)",
+            "MicrosoftDocs azure-docs load-balancer-tcp-idle-timeout.md",
+        ),
+        p(
+            "azure-nat-gateway",
+            240,
+            true,
+            "idle flow disconnected",
+            "learn.microsoft.com NAT gateway idleTimeoutInMinutes",
+        ),
+        p(
+            "linux-conntrack",
+            432_000,
+            true,
+            "entry removed silently",
+            "kernel Documentation/networking/nf_conntrack-sysctl.rst",
+        ),
+        p(
+            "kube-proxy",
+            86_400,
+            true,
+            "entry removed silently",
+            "kubernetes.io kube-proxy --conntrack-tcp-timeout-established",
+        ),
+        p(
+            "ipvs",
+            900,
+            true,
+            "flow black-holed",
+            "moby/moby#31208; kubernetes/kubernetes#117873",
+        ),
+        p(
+            "openwrt",
+            7440,
+            true,
+            "silent",
+            "openwrt sysctl-nf-conntrack.conf",
+        ),
+        p(
+            "home-router",
+            600,
+            true,
+            "silent",
+            "typical consumer gateways (Hätönen et al., IMC 2010)",
+        ),
     ]
 }
 
@@ -69,8 +147,14 @@ mod tests {
         assert_eq!(get("azure-lb").idle_timeout_s, 240);
         assert!(!get("aws-alb").keepalive_resets);
         assert_eq!(get("home-router").idle_timeout_s, 600);
-        let m = merged(&[p("home-router", 300, true, "x", "mine"), p("corp-fw", 1800, true, "x", "mine")]);
-        assert_eq!(m.iter().find(|p| p.name == "home-router").unwrap().idle_timeout_s, 300);
+        let m = merged(&[
+            p("home-router", 300, true, "x", "mine"),
+            p("corp-fw", 1800, true, "x", "mine"),
+        ]);
+        assert_eq!(
+            m.iter().find(|p| p.name == "home-router").unwrap().idle_timeout_s,
+            300
+        );
         assert!(m.iter().any(|p| p.name == "corp-fw"));
         assert_eq!(m.len(), b.len() + 1);
     }

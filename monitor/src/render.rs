@@ -58,6 +58,42 @@ fn keepalive(f: &FlowView) -> String {
     }
 }
 
+/// Time to eviction: `-` when no middlebox applies, `ok (profile)` when keepalive refreshes it.
+fn eta(f: &FlowView) -> String {
+    match &f.risk {
+        None => "-".into(),
+        Some(r) => match r.eta_ms {
+            None => format!("ok ({})", r.profile),
+            Some(ms) if ms <= 0 => format!("overdue ({})", r.profile),
+            Some(ms) => format!("{} ({})", fmt_ms(ms as u64), r.profile),
+        },
+    }
+}
+
+/// The profile table.
+pub fn profiles(v: &[crate::profiles::Profile]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                fmt_ms(p.idle_timeout_s * 1000),
+                if p.keepalive_resets {
+                    "yes".into()
+                } else {
+                    "no: needs app pings".into()
+                },
+                p.source.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["PROFILE", "IDLE TIMEOUT", "KEEPALIVE RESETS", "SOURCE"],
+        &rows,
+        &[20, 12, 22, 80],
+    )
+}
+
 pub fn flows(v: &[FlowView]) -> String {
     if v.is_empty() {
         return "no flows\n".into();
@@ -80,6 +116,7 @@ pub fn flows(v: &[FlowView]) -> String {
                 opt_ms(f.idle_ms),
                 f.total_retrans.map_or("-".into(), |r| r.to_string()),
                 keepalive(f),
+                eta(f),
             ]
         })
         .collect();
@@ -212,6 +249,9 @@ pub fn findings(v: &[serde_json::Value]) -> String {
 
 /// `explain <pid>`.
 pub fn explain(v: &serde_json::Value) -> String {
+    if v.get("flow").is_some() {
+        return explain_flow(v);
+    }
     let mut o = format!(
         "pid {} ({}), state {}, parent {}\n",
         s(&v["pid"]),
@@ -254,6 +294,69 @@ pub fn explain(v: &serde_json::Value) -> String {
     }
     if let Some(fl) = v["flows"].as_array().filter(|f| !f.is_empty()) {
         o.push_str(&format!("flows: {}\n", fl.len()));
+    }
+    o
+}
+
+fn explain_flow(v: &serde_json::Value) -> String {
+    let f = &v["flow"];
+    let mut o = format!(
+        "flow cookie:{} {} → {} {} owner {}/{}\n",
+        s(&f["cookie"]),
+        s(&f["local"]),
+        s(&f["remote"]),
+        s(&f["state"]),
+        s(&f["pid"]),
+        s(&f["comm"])
+    );
+    o.push_str(&format!("idle:       {}\n", ms_of(&f["idle_ms"])));
+    let a = &v["assessment"];
+    if a.is_object() {
+        let app = &a["applicable"];
+        if app.is_object() {
+            o.push_str(&format!(
+                "timeout:    {} ({}) — {}\n",
+                ms_of(&(app["timeout_s"].as_u64().unwrap_or(0) * 1000).into()),
+                s(&app["profile"]),
+                s(&app["why"])
+            ));
+        } else {
+            o.push_str(&format!("timeout:    none — {}\n", s(&a["no_middlebox_reason"])));
+        }
+        let k = &a["keepalive"];
+        o.push_str(&format!(
+            "keepalive:  {} (idle {}s, intvl {}s, cnt {}, from {})\n",
+            match k["on"].as_bool() {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "?",
+            },
+            s(&k["values"]["idle_s"]),
+            s(&k["values"]["intvl_s"]),
+            s(&k["values"]["cnt"]),
+            s(&k["source"])
+        ));
+        if let Some(d) = a["detection_s"].as_u64() {
+            o.push_str(&format!(
+                "dead peer:  found {} after the last activity\n",
+                fmt_ms(d * 1000)
+            ));
+        }
+        o.push_str(&format!(
+            "forecast:   {}{}\n",
+            s(&a["verdict"]),
+            a["eta_ms"].as_i64().map_or(String::new(), |e| format!(
+                ", eviction in {}",
+                if e <= 0 {
+                    "0s (overdue)".into()
+                } else {
+                    fmt_ms(e as u64)
+                }
+            ))
+        ));
+    }
+    if let Some(fs) = v["findings"].as_array().filter(|f| !f.is_empty()) {
+        o.push_str(&findings(fs));
     }
     o
 }

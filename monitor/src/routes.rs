@@ -157,7 +157,13 @@ mod tests {
     fn classifies_routes() {
         assert_eq!(parse(&reply(RTN_LOCAL, &[])), Path::Local);
         assert_eq!(parse(&reply(RTN_UNICAST, &[(4, &[2, 0, 0, 0])])), Path::OnLink);
-        assert_eq!(parse(&reply(RTN_UNICAST, &[(4, &[2, 0, 0, 0]), (RTA_GATEWAY, &[10, 0, 0, 1])])), Path::Gateway("10.0.0.1".into()));
+        assert_eq!(
+            parse(&reply(
+                RTN_UNICAST,
+                &[(4, &[2, 0, 0, 0]), (RTA_GATEWAY, &[10, 0, 0, 1])]
+            )),
+            Path::Gateway("10.0.0.1".into())
+        );
         assert_eq!(parse(&reply(7, &[])), Path::Unknown);
         assert_eq!(parse(&[0u8; 10]), Path::Unknown);
         let req = request("192.0.2.1".parse().unwrap(), 3);

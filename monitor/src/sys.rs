@@ -162,3 +162,59 @@ impl Pidfd {
         }
     }
 }
+
+impl Pidfd {
+    /// pidfd_getfd(2): a duplicate of the target's descriptor `fd` in this process (close-on-exec).
+    /// Needs PTRACE_MODE_ATTACH_REALCREDS over the target (root has it).
+    pub fn getfd(&self, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: raw syscall with integer arguments; on success it returns a new descriptor we own.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), fd, 0u32) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: r is a fresh descriptor owned by nobody else.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+    }
+}
+
+/// getsockopt(2) of an int option.
+pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+/// setsockopt(2) of an int option.
+pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
+    let v: libc::c_int = value;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `v`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

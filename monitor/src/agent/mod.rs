@@ -21,6 +21,7 @@ use workers::{Source, WorkerMsg};
 
 use crate::config::{Config, Mode};
 use crate::ebpf::{self, KernelCounters};
+use crate::eviction::{EvictionPolicy, KaResult};
 use crate::findings::Transition;
 use crate::ipc::{Reply, Request};
 use crate::observe::{Event, Nanos, Owner, ProcEvent, Snapshot};
@@ -53,8 +54,11 @@ pub(crate) enum Msg {
     },
     Query {
         req: Request,
+        /// The caller may change things (root or the agent's uid).
+        admin: bool,
         reply: oneshot::Sender<Reply>,
     },
+    Keepalive(Vec<KaResult>),
 }
 
 /// Runs the agent in the foreground until SIGINT or SIGTERM.
@@ -66,10 +70,13 @@ pub fn run(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     rt.block_on(run_async(cfg, config_desc))
 }
 
-fn select_mode(mode: Mode) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events)>, String)> {
+fn select_mode(
+    mode: Mode,
+    opts: &ebpf::LoadOptions,
+) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events)>, String)> {
     let uid = sys::geteuid();
     let load = || {
-        ebpf::load().map_err(|e| {
+        ebpf::load(opts).map_err(|e| {
             if uid == 0 {
                 e.to_string()
             } else {
@@ -84,14 +91,17 @@ fn select_mode(mode: Mode) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events
         Mode::Ebpf => match load() {
             Ok(l) => Ok((
                 Some(l),
-                "ebpf mode requested: 5 tp_btf tracepoints + iter/tcp loaded".into(),
+                "ebpf mode requested: 7 tp_btf tracepoints + 2 tcp iterators loaded".into(),
             )),
             Err(e) => anyhow::bail!(
                 "eBPF mode was requested but the programs cannot load: {e}. Run as root on a kernel with BTF, or use --mode poll"
             ),
         },
         Mode::Auto => match load() {
-            Ok(l) => Ok((Some(l), "auto: 5 tp_btf tracepoints + iter/tcp loaded".into())),
+            Ok(l) => Ok((
+                Some(l),
+                "auto: 7 tp_btf tracepoints + 2 tcp iterators loaded".into(),
+            )),
             Err(e) => {
                 warn!("eBPF unavailable, running in poll mode (sock_diag + procfs): {e}");
                 Ok((
@@ -104,7 +114,25 @@ fn select_mode(mode: Mode) -> anyhow::Result<(Option<(ebpf::Loaded, ebpf::Events
 }
 
 async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
-    let (loaded, mode_reason) = select_mode(cfg.agent.mode)?;
+    let cgroup_values = crate::eviction::plan(cfg.keepalive.cgroup_timeout.as_secs(), &cfg.keepalive).ok();
+    let cgroup_dirs = match (cfg.keepalive.cgroups.is_empty(), crate::cgroups::mount()) {
+        (true, _) => Vec::new(),
+        (false, Some(m)) => cfg
+            .keepalive
+            .cgroups
+            .iter()
+            .map(|c| crate::cgroups::resolve(&m, c))
+            .collect(),
+        (false, None) => {
+            warn!("keepalive.cgroups is set but no cgroup2 mount was found: keepalive at connect is off");
+            Vec::new()
+        }
+    };
+    let load_opts = ebpf::LoadOptions {
+        cgroups: cgroup_dirs,
+        connect_values: cgroup_values,
+    };
+    let (loaded, mode_reason) = select_mode(cfg.agent.mode, &load_opts)?;
     let gid = group_gid(&cfg.agent.read_group);
     if gid.is_none() {
         info!(
@@ -120,6 +148,11 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let (wtx, wrx) = std_mpsc::channel::<WorkerMsg>();
 
+    let sockops = match &loaded {
+        Some((l, _)) => l.sockops.clone(),
+        None if cfg.keepalive.cgroups.is_empty() => "no cgroups configured (keepalive.cgroups)".into(),
+        None => "poll mode: new flows of the cgroups get keepalive through a pidfd when first seen (no sock_ops without eBPF)".into(),
+    };
     let (source, mode, interval, proc_interval) = match loaded {
         Some((l, events)) => {
             workers::spawn_pump(events, tx.clone());
@@ -148,7 +181,15 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
         .spawn(move || workers::proc_worker(proc_interval, proc_tx))
         .context("spawning the /proc scan thread")?;
 
-    let mut state = State::new(mode, mode_reason.clone(), interval, proc_interval, config_desc);
+    let mut state = State::new(
+        mode,
+        mode_reason.clone(),
+        eviction_policy(&cfg),
+        (interval, proc_interval),
+        config_desc,
+    );
+    state.sockops = sockops;
+    let mut policy_read = std::time::Instant::now();
     let policy = ZombiePolicy {
         min_age: cfg.zombies.min_age.as_nanos() as u64,
         sigchld: cfg.remedies.sigchld,
@@ -223,8 +264,24 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                         state.processes = scan.processes;
                         state.zombies.tracker.on_scan(&scan.zombies, finished, started);
                     }
-                    Msg::Query { req, reply } => {
-                        let _ = reply.send(state.answer(&req));
+                    Msg::Query { req, admin, reply } => {
+                        let _ = reply.send(state.answer(&req, admin));
+                        if !state.outbox.is_empty() {
+                            let _ = wtx.send(WorkerMsg::Keepalive(std::mem::take(&mut state.outbox)));
+                        }
+                    }
+                    Msg::Keepalive(results) => {
+                        let now = sys::monotonic_ns();
+                        for r in &results {
+                            match state.eviction.on_result(r, now, &mut state.findings) {
+                                Some((id, t)) => log_transition(&state, id, &t),
+                                None if r.error.is_none() && r.before.is_some_and(|b| !b.0) => info!(
+                                    flow = r.cookie, via = r.via, before = ?r.before, after = ?r.after,
+                                    "keepalive at first sight applied (configured cgroup)"
+                                ),
+                                None => {}
+                            }
+                        }
                     }
                 }
             }
@@ -233,6 +290,28 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                 let transitions = state.zombies.evaluate(now, policy, &LiveProc, &mut nudger, &mut state.findings);
                 for (id, t) in transitions {
                     log_transition(&state, id, &t);
+                }
+                if policy_read.elapsed() > Duration::from_secs(10) {
+                    // Sysctls and routes can change under a running agent.
+                    state.evpol = eviction_policy(&cfg);
+                    state.router.forget();
+                    policy_read = std::time::Instant::now();
+                }
+                let closed = state.table.take_closed();
+                let router = &mut state.router;
+                let (transitions, mut requests) = state.eviction.evaluate(
+                    now, state.table.iter(), &closed, &state.evpol, &mut |ip| router.path(ip), &mut state.findings,
+                );
+                for (id, t) in transitions {
+                    log_transition(&state, id, &t);
+                }
+                if mode == "poll" && !cfg.keepalive.cgroups.is_empty() && cfg.keepalive.mode == crate::config::RemedyMode::Enforce {
+                    if let Some(v) = cgroup_values {
+                        requests.extend(state.eviction.preventive(state.table.iter(), &cfg.keepalive.cgroups, v));
+                    }
+                }
+                if !requests.is_empty() {
+                    let _ = wtx.send(WorkerMsg::Keepalive(requests));
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -245,6 +324,30 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.agent.socket);
     info!("holdfast agent stopped");
     Ok(())
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The eviction policy from the config and this namespace's sysctls.
+fn eviction_policy(cfg: &Config) -> EvictionPolicy {
+    let ka = |name: &str, default: u64| {
+        read_u64(&format!("/proc/sys/net/ipv4/tcp_keepalive_{name}")).unwrap_or(default) as u32
+    };
+    // Conntrack counts only where it is tracking connections in this namespace.
+    let ct_active = read_u64("/proc/sys/net/netfilter/nf_conntrack_count").is_some_and(|n| n > 0);
+    EvictionPolicy {
+        profiles: cfg.profiles(),
+        rules: cfg.rules.clone(),
+        default_profile: cfg.eviction.default_profile.clone(),
+        warn_ratio: cfg.eviction.warn_ratio,
+        keepalive: cfg.keepalive.clone(),
+        host_conntrack_s: ct_active
+            .then(|| read_u64("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established"))
+            .flatten(),
+        sysctl_keepalive: (ka("time", 7200), ka("intvl", 75), ka("probes", 9)),
+    }
 }
 
 /// One log entry per finding transition or remedy outcome (never one per tick).

@@ -91,6 +91,8 @@ pub fn bind_socket(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListen
 
 pub async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Msg>, access: Access) {
     use std::os::fd::AsFd;
+    let cred = sys::peer_cred(stream.as_fd()).ok();
+    let admin = cred.is_some_and(|c| c.uid == 0 || c.uid == access.agent_uid);
     let verdict = sys::peer_cred(stream.as_fd())
         .map_err(|e| format!("cannot read peer credentials: {e}"))
         .and_then(|c| access.check(c));
@@ -131,7 +133,15 @@ pub async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Msg>, access: Acces
             Err(r) => r,
             Ok(req) => {
                 let (otx, orx) = oneshot::channel();
-                if tx.send(Msg::Query { req, reply: otx }).await.is_err() {
+                if tx
+                    .send(Msg::Query {
+                        req,
+                        admin,
+                        reply: otx,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 orx.await

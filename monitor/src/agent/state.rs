@@ -4,11 +4,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ebpf::KernelCounters;
-use crate::findings::{Finding, FindingStore};
-use crate::flows::{FlowTable, FlowView};
+use crate::eviction::{Assessment, EvictionDetector, EvictionPolicy, KaRequest, assess, plan};
+use crate::findings::{Finding, FindingStore, Severity};
+use crate::flows::{Flow, FlowTable, FlowView};
 use crate::ipc::{FlowFilter, Reply, Request, Status};
 use crate::observe::parse_state;
 use crate::procs;
+use crate::routes::Router;
 use crate::sys;
 use crate::zombies::{ParentCase, ZombieDetector};
 
@@ -16,9 +18,15 @@ use crate::zombies::{ParentCase, ZombieDetector};
 pub struct State {
     pub table: FlowTable,
     pub zombies: ZombieDetector,
+    pub eviction: EvictionDetector,
+    pub evpol: EvictionPolicy,
+    pub router: Router,
     pub findings: FindingStore,
+    /// Keepalive requests queued by queries (manual remedies), sent by the main loop.
+    pub outbox: Vec<KaRequest>,
     pub mode: &'static str,
     pub mode_reason: String,
+    pub sockops: String,
     pub started: Instant,
     pub kernel: KernelCounters,
     pub undecodable: u64,
@@ -44,29 +52,42 @@ struct ProcessExplanation {
     comm: Option<String>,
     state: Option<String>,
     ppid: Option<u32>,
-    /// If the process is a zombie: its parent's case.
+    /// If the process is a zombie: its parent.
     zombie_of: Option<u32>,
-    /// If the process has zombie children: the case and its finding.
+    /// If the process has zombie children: the case.
     zombie_parent: Option<ParentCase>,
     findings: Vec<Finding>,
     flows: Vec<FlowView>,
+}
+
+/// `explain <flow>`: the flow, its forecast and what was done.
+#[derive(Serialize)]
+struct FlowExplanation {
+    flow: FlowView,
+    assessment: Option<Assessment>,
+    findings: Vec<Finding>,
 }
 
 impl State {
     pub fn new(
         mode: &'static str,
         mode_reason: String,
-        snapshot_interval: Duration,
-        proc_interval: Duration,
+        evpol: EvictionPolicy,
+        intervals: (Duration, Duration),
         config_desc: String,
     ) -> Self {
         use std::os::unix::fs::MetadataExt;
         State {
             table: FlowTable::default(),
             zombies: ZombieDetector::default(),
+            eviction: EvictionDetector::default(),
+            evpol,
+            router: Router::default(),
             findings: FindingStore::default(),
+            outbox: Vec::new(),
             mode,
             mode_reason,
+            sockops: String::new(),
             started: Instant::now(),
             kernel: KernelCounters::default(),
             undecodable: 0,
@@ -74,8 +95,8 @@ impl State {
             snapshots: 0,
             last_snapshot: Duration::ZERO,
             last_snapshot_sockets: 0,
-            snapshot_interval,
-            proc_interval,
+            snapshot_interval: intervals.0,
+            proc_interval: intervals.1,
             full_walks: 0,
             targeted_walks: 0,
             proc_scans: 0,
@@ -119,11 +140,27 @@ impl State {
             processes: self.processes,
             zombies_tracked: self.zombies.tracker.len(),
             findings_active: self.findings.active().count(),
+            keepalive_at_connect: self.sockops.clone(),
+            sockops_applied: self.kernel.sockops_applied,
             config: self.config_desc.clone(),
         }
     }
 
-    fn flows(&self, f: &FlowFilter) -> Result<Vec<FlowView>, String> {
+    fn assess(&mut self, f: &Flow, now: u64) -> Option<Assessment> {
+        if f.state != monitor_common::tcp_state::ESTABLISHED || f.tcp.is_none() {
+            return None;
+        }
+        let router = &mut self.router;
+        Some(assess(
+            f,
+            now,
+            &self.evpol,
+            self.eviction.known.get(&f.cookie).copied(),
+            &mut |ip| router.path(ip),
+        ))
+    }
+
+    fn flows(&mut self, f: &FlowFilter) -> Result<Vec<FlowView>, String> {
         let want_state = match &f.state {
             Some(s) => Some(parse_state(s).ok_or_else(|| {
                 format!("unknown state `{s}`: use one of estab, syn-sent, syn-recv, fin-wait-1, fin-wait-2, close-wait, last-ack, listen, closing")
@@ -131,7 +168,7 @@ impl State {
             None => None,
         };
         let now = sys::monotonic_ns();
-        let mut out: Vec<FlowView> = self
+        let selected: Vec<Flow> = self
             .table
             .iter()
             .filter(|fl| f.all || want_state.is_some() || fl.state != monitor_common::tcp_state::LISTEN)
@@ -140,14 +177,29 @@ impl State {
                 f.port
                     .is_none_or(|p| fl.local.port() == p || fl.remote.port() == p)
             })
-            .map(|fl| fl.view(now))
-            .filter(|v| f.pid.is_none_or(|p| v.pid == Some(p)))
+            .cloned()
             .collect();
+        let mut out = Vec::with_capacity(selected.len());
+        for fl in &selected {
+            let mut v = fl.view(now);
+            if f.pid.is_some_and(|p| v.pid != Some(p))
+                || f.idle_over_ms
+                    .is_some_and(|min| v.idle_ms.is_none_or(|i| i < min))
+            {
+                continue;
+            }
+            let a = self.assess(fl, now);
+            if f.at_risk && !a.as_ref().is_some_and(|a| a.at_risk()) {
+                continue;
+            }
+            v.risk = a.and_then(|a| a.risk());
+            out.push(v);
+        }
         out.sort_by(|a, b| (&a.state, &a.local, &a.remote).cmp(&(&b.state, &b.local, &b.remote)));
         Ok(out)
     }
 
-    fn explain_pid(&self, pid: u32) -> ProcessExplanation {
+    fn explain_pid(&mut self, pid: u32) -> ProcessExplanation {
         let st = procs::read_stat(pid);
         let zombie_of = self
             .zombies
@@ -163,6 +215,7 @@ impl State {
             .iter()
             .filter(|f| {
                 f.subject.starts_with(&subject)
+                    || f.subject.contains(&format!(" pid {pid} "))
                     || zombie_of.is_some_and(|p| f.subject.starts_with(&format!("pid {p} ")))
             })
             .cloned()
@@ -186,7 +239,79 @@ impl State {
         }
     }
 
-    pub fn answer(&self, req: &Request) -> Reply {
+    fn explain_flow(&mut self, spec: &str) -> Result<FlowExplanation, String> {
+        let f = self.table.find(spec).cloned().ok_or_else(|| {
+            format!(
+                "no single flow matches `{spec}`: use cookie:N or the local ADDR:PORT from `holdfast flows`"
+            )
+        })?;
+        let now = sys::monotonic_ns();
+        let assessment = self.assess(&f, now);
+        let mut flow = f.view(now);
+        flow.risk = assessment.as_ref().and_then(|a| a.risk());
+        let findings = self
+            .findings
+            .items
+            .iter()
+            .filter(|x| x.details["cookie"] == f.cookie)
+            .cloned()
+            .collect();
+        Ok(FlowExplanation {
+            flow,
+            assessment,
+            findings,
+        })
+    }
+
+    fn remedy(&mut self, action: &str, target: &str, dry_run: bool) -> Result<serde_json::Value, String> {
+        if action != "keepalive" {
+            return Err(format!(
+                "unknown remedy `{action}`: holdfast can apply `keepalive` to a flow (sigchld runs on its own)"
+            ));
+        }
+        let f = self.table.find(target).cloned().ok_or_else(|| {
+            format!("no single flow matches `{target}`: use cookie:N or the local ADDR:PORT")
+        })?;
+        let now = sys::monotonic_ns();
+        let a = self
+            .assess(&f, now)
+            .ok_or("only ESTABLISHED flows with TCP state can get keepalive")?;
+        let app = a.applicable.as_ref().ok_or_else(|| {
+            format!(
+                "no idle timeout applies to this flow ({}); add a [[rules]] entry for it",
+                a.no_middlebox_reason.clone().unwrap_or_default()
+            )
+        })?;
+        let values = plan(app.timeout_s, &self.evpol.keepalive)?;
+        if dry_run {
+            return Ok(
+                serde_json::json!({ "planned": values, "cookie": f.cookie, "profile": app.profile, "timeout_s": app.timeout_s }),
+            );
+        }
+        let finding = match self.eviction.finding_of(f.cookie) {
+            Some(id) => id,
+            None => {
+                let id = self.findings.open(
+                    "idle-near-eviction",
+                    Severity::Info,
+                    format!("flow {} → {}", f.local, f.remote),
+                    format!(
+                        "manual keepalive for the {}s idle timeout of {}",
+                        app.timeout_s, app.profile
+                    ),
+                    serde_json::json!({ "cookie": f.cookie, "assessment": a }),
+                    now,
+                );
+                self.eviction.adopt(f.cookie, id);
+                id
+            }
+        };
+        let req = self.eviction.manual(&f, values, finding, now);
+        self.outbox.push(req);
+        Ok(serde_json::json!({ "queued": values, "cookie": f.cookie, "finding": finding }))
+    }
+
+    pub fn answer(&mut self, req: &Request, admin: bool) -> Reply {
         match req {
             Request::Status => Reply::ok(&self.status()),
             Request::Flows { filter } => match self.flows(filter) {
@@ -206,10 +331,27 @@ impl State {
             }
             Request::Explain { target } => match target.parse::<u32>() {
                 Ok(pid) => Reply::ok(&self.explain_pid(pid)),
-                Err(_) => Reply::err(format!(
-                    "cannot explain `{target}`: give a pid (flows are explained by pid of their owner for now)"
-                )),
+                Err(_) => match self.explain_flow(target) {
+                    Ok(e) => Reply::ok(&e),
+                    Err(e) => Reply::err(e),
+                },
             },
+            Request::Profiles => Reply::ok(&self.evpol.profiles),
+            Request::Remedy {
+                action,
+                target,
+                dry_run,
+            } => {
+                if !admin && !dry_run {
+                    return Reply::err(
+                        "permission denied: remedies change other processes' sockets; run as root (or use --dry-run)",
+                    );
+                }
+                match self.remedy(action, target, *dry_run) {
+                    Ok(v) => Reply::ok(&v),
+                    Err(e) => Reply::err(e),
+                }
+            }
         }
     }
 }

@@ -19,8 +19,13 @@ const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(100);
 const OWNER_LOOKUP_DELAY: Duration = Duration::from_millis(50);
 
 pub enum WorkerMsg {
-    Hint { cookie: u64, pid: u32 },
+    Hint {
+        cookie: u64,
+        pid: u32,
+    },
     Soon,
+    /// Apply or read keepalive on live sockets (in the kernel, or through pidfds in poll mode).
+    Keepalive(Vec<crate::eviction::KaRequest>),
 }
 
 pub enum Source {
@@ -29,6 +34,25 @@ pub enum Source {
 }
 
 impl Source {
+    fn keepalive(&mut self, reqs: &[crate::eviction::KaRequest]) -> Vec<crate::eviction::KaResult> {
+        match self {
+            Source::Ebpf(l) => match l.apply_keepalive(reqs) {
+                Ok(v) => v,
+                Err(e) => reqs
+                    .iter()
+                    .map(|r| crate::eviction::KaResult {
+                        cookie: r.cookie,
+                        before: None,
+                        after: None,
+                        error: Some(e.to_string()),
+                        via: "bpf iterator",
+                    })
+                    .collect(),
+            },
+            Source::Poll => reqs.iter().map(crate::remedy::pidfd_keepalive).collect(),
+        }
+    }
+
     fn snapshot(&mut self) -> Result<Snapshot, String> {
         match self {
             Source::Ebpf(l) => l.snapshot().map_err(|e| e.to_string()),
@@ -132,6 +156,14 @@ pub fn snapshot_worker(
         match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
             Ok(WorkerMsg::Hint { cookie, pid }) => {
                 hints.insert(cookie, pid);
+            }
+            Ok(WorkerMsg::Keepalive(reqs)) => {
+                let results = source.keepalive(&reqs);
+                if tx.blocking_send(Msg::Keepalive(results)).is_err() {
+                    return;
+                }
+                // Verify soon: the next snapshot must show the keepalive timer armed.
+                due = due.min(Instant::now() + OWNER_LOOKUP_DELAY);
             }
             Ok(WorkerMsg::Soon) => {
                 let soon = (last_start + spacing).max(Instant::now() + OWNER_LOOKUP_DELAY);
