@@ -212,8 +212,12 @@ fn attach_sockops(ebpf: &mut Ebpf, opts: &LoadOptions) -> String {
         let mut n = 0;
         for dir in &opts.cgroups {
             let f = std::fs::File::open(dir).map_err(|e| format!("cgroup {}: {e}", dir.display()))?;
-            prog.attach(f, CgroupAttachMode::AllowMultiple)
-                .map_err(|e| format!("attach to {}: {e}", dir.display()))?;
+            prog.attach(f, CgroupAttachMode::Single).map_err(|e| {
+                let cause = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                format!("attach to {}: {e}{cause}", dir.display())
+            })?;
             n += 1;
         }
         Ok(n)

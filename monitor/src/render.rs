@@ -12,7 +12,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>], caps: &[usize]) -> String {
             s.chars().take(cap.saturating_sub(1)).chain(['…']).collect()
         }
     };
-    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let columns = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(header.len());
+    let mut width: Vec<usize> = (0..columns)
+        .map(|i| header.get(i).map_or(0, |h| h.len()))
+        .collect();
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -131,9 +134,10 @@ pub fn flows(v: &[FlowView]) -> String {
             "IDLE",
             "RETR",
             "KEEPALIVE",
+            "ETA",
         ],
         &rows,
-        &[12, 47, 47, 24, 28, 10, 10, 6, 14],
+        &[12, 47, 47, 24, 28, 10, 10, 6, 14, 24],
     );
     out.push_str(&format!(
         "{} flow{}\n",
@@ -379,5 +383,26 @@ mod tests {
         assert_eq!(lines[0], "A     BB");
         assert_eq!(lines[1], "xxxx  y");
         assert_eq!(lines[2], "z     0123…");
+    }
+}
+
+#[cfg(test)]
+mod flow_table_tests {
+    use super::*;
+
+    #[test]
+    fn renders_flows_with_a_forecast() {
+        let v: FlowView = serde_json::from_value(serde_json::json!({
+            "cookie": 1, "local": "10.77.1.2:40000", "remote": "10.77.2.2:5432", "state": "ESTAB",
+            "state_age_ms": 9000, "seen_for_ms": 9000, "pid": 5, "comm": "psql", "unit": null, "cgroup": null,
+            "uid": 0, "inode": 3, "last_data_sent_ms": 9000, "last_data_recv_ms": 9000, "last_ack_recv_ms": 9000,
+            "idle_ms": 9000, "retransmits": 0, "total_retrans": 0, "unacked": 0, "probes": 0, "keepalive": false,
+            "timer": "none", "timer_expires_ms": null, "keepalive_idle_s": null, "keepalive_intvl_s": null,
+            "keepalive_cnt": null, "resets_recv": 0, "resets_sent": 0, "retransmit_events": 0, "last_error": null,
+            "risk": { "profile": "lab-nat", "timeout_s": 10, "verdict": "near-eviction", "eta_ms": 1000 }
+        }))
+        .unwrap();
+        let out = flows(&[v]);
+        assert!(out.contains("1s (lab-nat)"), "{out}");
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Every namespace, agent and peer is torn down on drop, so a failing test leaves nothing behind.
 use std::io::{BufRead, BufReader, Write};
+
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -185,11 +186,115 @@ impl Netns {
         Netns { name }
     }
 
-    /// A command that runs inside the namespace.
+    /// A command that runs inside the namespace. `nsenter` joins only the network namespace (unlike
+    /// `ip netns exec`, which also remounts /sys and hides the cgroup mounts).
     pub fn cmd(&self, program: &std::path::Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         c
+    }
+
+    /// Runs `ip`/`sysctl`/`nft` style commands in the namespace; panics with the error.
+    pub fn run(&self, args: &[&str]) {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        let o = c.output().expect("spawn");
+        assert!(
+            o.status.success(),
+            "{args:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Three namespaces client – router – server. The router masquerades the client's network,
+/// forgets established flows after `ct_timeout_s` idle, and drops packets of flows it does not
+/// know (`ct state invalid drop`, with `nf_conntrack_tcp_loose=0` so that a mid-stream packet is
+/// not adopted as a new flow): an evicted connection really breaks, silently, as behind
+/// GCP Cloud NAT or an Azure load balancer.
+pub struct NatBed {
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+}
+
+pub const NAT_CLIENT_NET: &str = "10.77.1.0/24";
+pub const NAT_SERVER_NET: &str = "10.77.2.0/24";
+pub const NAT_SERVER_IP: &str = "10.77.2.2";
+
+impl NatBed {
+    pub fn new(ct_timeout_s: u32) -> Self {
+        let (client, router, server) = (Netns::new("nc"), Netns::new("nr"), Netns::new("ns"));
+        sh(&[
+            "ip",
+            "-n",
+            &client.name,
+            "link",
+            "add",
+            "c0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rc0",
+            "netns",
+            &router.name,
+        ])
+        .expect("veth c");
+        sh(&[
+            "ip",
+            "-n",
+            &server.name,
+            "link",
+            "add",
+            "s0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rs0",
+            "netns",
+            &router.name,
+        ])
+        .expect("veth s");
+        client.run(&["ip", "addr", "add", "10.77.1.2/24", "dev", "c0"]);
+        client.run(&["ip", "link", "set", "c0", "up"]);
+        client.run(&["ip", "route", "add", "default", "via", "10.77.1.1"]);
+        server.run(&["ip", "addr", "add", "10.77.2.2/24", "dev", "s0"]);
+        server.run(&["ip", "link", "set", "s0", "up"]);
+        server.run(&["ip", "route", "add", "default", "via", "10.77.2.1"]);
+        router.run(&["ip", "addr", "add", "10.77.1.1/24", "dev", "rc0"]);
+        router.run(&["ip", "addr", "add", "10.77.2.1/24", "dev", "rs0"]);
+        router.run(&["ip", "link", "set", "rc0", "up"]);
+        router.run(&["ip", "link", "set", "rs0", "up"]);
+        router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        router.run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.netfilter.nf_conntrack_tcp_timeout_established={ct_timeout_s}"),
+        ]);
+        router.run(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
+        let rules = "table ip hfnat {\n chain postrouting { type nat hook postrouting priority 100; oifname \"rs0\" masquerade; }\n}\n\
+                     table inet hffilter {\n chain forward { type filter hook forward priority 0; ct state invalid drop; }\n}\n";
+        let mut nft = Command::new("ip");
+        nft.args(["netns", "exec", &router.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped());
+        let mut child = nft.spawn().expect("nft");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("rules");
+        assert!(child.wait().expect("nft").success(), "nft rules failed");
+        NatBed {
+            client,
+            router,
+            server,
+        }
     }
 }
 
@@ -209,9 +314,25 @@ pub struct Peer {
 
 impl Peer {
     pub fn spawn(ns: &Netns, mode: &str, addr: &str) -> Self {
-        let mut child = ns
-            .cmd(&peer_bin())
-            .args([mode, addr])
+        Self::spawn_with(ns, &[mode, addr], None)
+    }
+
+    /// Spawns with extra arguments; with `cgroup`, the peer joins that cgroup v2 directory first.
+    pub fn spawn_with(ns: &Netns, args: &[&str], cgroup: Option<&std::path::Path>) -> Self {
+        let mut cmd = match cgroup {
+            None => ns.cmd(&peer_bin()),
+            Some(dir) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && shift && exec nsenter --net=/run/netns/\"$ns\" -- \"$@\"")
+                    .arg(dir)
+                    .arg(&ns.name)
+                    .arg(peer_bin());
+                c
+            }
+        };
+        let mut child = cmd
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

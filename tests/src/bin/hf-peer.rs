@@ -2,14 +2,21 @@
 //!
 //! `hf-peer listen ADDR`  prints `listening ADDR`, accepts and holds connections; each
 //!                        connection is closed when its peer closes (EOF); `quit` exits.
-//! `hf-peer connect ADDR` prints `connected LOCAL`, then obeys `send`, `close`, `quit`.
+//! `hf-peer connect ADDR [USER_TIMEOUT_MS]` prints `connected LOCAL`, then obeys `send`, `close`,
+//!                        `quit`; with USER_TIMEOUT_MS, TCP_USER_TIMEOUT makes a send to an
+//!                        evicted flow fail within that time instead of minutes.
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (mode, addr) = match args.as_slice() {
-        [_, m, a] => (m.as_str(), a.as_str()),
+    let (mode, addr, user_timeout) = match args.as_slice() {
+        [_, m, a] => (m.as_str(), a.as_str(), None),
+        [_, m, a, t] => (
+            m.as_str(),
+            a.as_str(),
+            Some(t.parse::<u32>().expect("USER_TIMEOUT_MS")),
+        ),
         _ => {
             eprintln!("usage: hf-peer listen|connect ADDR");
             std::process::exit(2);
@@ -40,7 +47,14 @@ fn main() {
             }
         }
         "connect" => {
-            let mut s = Some(TcpStream::connect(addr).expect("connect"));
+            let stream = TcpStream::connect(addr).expect("connect");
+            if let Some(ms) = user_timeout {
+                set_user_timeout(&stream, ms);
+            }
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .expect("read timeout");
+            let mut s = Some(stream);
             println!(
                 "connected {}",
                 s.as_ref().expect("stream").local_addr().expect("addr")
@@ -50,7 +64,9 @@ fn main() {
                 match line.trim() {
                     "send" => {
                         if let Some(st) = s.as_mut() {
-                            let ok = st.write_all(b"ping").is_ok() && st.read(&mut [0u8; 4]).is_ok();
+                            let mut buf = [0u8; 4];
+                            let ok =
+                                st.write_all(b"ping").is_ok() && matches!(st.read_exact(&mut buf), Ok(()));
                             println!("sent {ok}");
                         }
                     }
@@ -68,4 +84,19 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+fn set_user_timeout(s: &TcpStream, ms: u32) {
+    let v: libc::c_int = ms as libc::c_int;
+    // SAFETY: setsockopt reads sizeof(int) bytes from `v`, a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
 }
