@@ -54,9 +54,17 @@ pub enum Cmd {
         /// Only flows at risk of NAT / load-balancer eviction.
         #[arg(long)]
         at_risk: bool,
+        /// Only leaked sessions (half-open, or stuck in CLOSE_WAIT / FIN_WAIT2 / LAST_ACK).
+        #[arg(long)]
+        leaked: bool,
         /// Only flows idle at least this long (350s, 5m, 2h).
         #[arg(long, value_name = "DURATION", value_parser = parse_human_duration)]
         idle_over: Option<std::time::Duration>,
+    },
+    /// The session ledger: per service opened, closed, live, leaked, limit and time to exhaustion.
+    Ledger {
+        #[arg(long)]
+        json: bool,
     },
     /// The middlebox idle-timeout profiles (built-in and configured).
     Profiles {
@@ -197,6 +205,9 @@ pub fn main() -> ExitCode {
                 print!("{}", render::status(&s))
             }
         }),
+        Cmd::Ledger { json } => query::<Vec<crate::ledger::LedgerRow>>(&socket, Request::Ledger).map(|v| {
+            if json { json_out(&v) } else { print!("{}", render::ledger(&v)) }
+        }),
         Cmd::Profiles { json } => query::<Vec<crate::profiles::Profile>>(&socket, Request::Profiles).map(|v| {
             if json { json_out(&v) } else { print!("{}", render::profiles(&v)) }
         }),
@@ -223,8 +234,9 @@ pub fn main() -> ExitCode {
             pid,
             at_risk,
             idle_over,
+            leaked,
         } => {
-            let filter = FlowFilter { all, state, port, pid, at_risk, idle_over_ms: idle_over.map(|d| d.as_millis() as u64) };
+            let filter = FlowFilter { all, state, port, pid, at_risk, idle_over_ms: idle_over.map(|d| d.as_millis() as u64), leaked };
             query::<Vec<FlowView>>(&socket, Request::Flows { filter }).map(|v| {
                 if json {
                     json_out(&v)

@@ -227,6 +227,83 @@ pub struct Rule {
     pub keepalive: Option<RemedyMode>,
 }
 
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaksSection {
+    /// CLOSE_WAIT longer than this is a leak: the peer closed and the program never did.
+    #[serde(deserialize_with = "duration")]
+    pub close_wait_after: Duration,
+    /// FIN_WAIT2 longer than this (beyond the kernel's tcp_fin_timeout) is stuck.
+    #[serde(deserialize_with = "duration")]
+    pub fin_wait2_after: Duration,
+    /// LAST_ACK longer than this is stuck.
+    #[serde(deserialize_with = "duration")]
+    pub last_ack_after: Duration,
+    /// half-open: no ACK from the peer for at least this long ...
+    #[serde(deserialize_with = "duration")]
+    pub half_open_silence: Duration,
+    /// ... and at least this many unanswered keepalive / zero-window probes ...
+    pub half_open_probes: u8,
+    /// ... or unacked data retransmitted at least this many times.
+    pub half_open_retransmits: u8,
+    /// The `close` remedy (opt-in): off, dry-run (default) or enforce.
+    pub close: RemedyMode,
+    /// Never close a socket that carried data more recently than this.
+    #[serde(deserialize_with = "duration")]
+    pub quiet_for: Duration,
+}
+
+impl Default for LeaksSection {
+    fn default() -> Self {
+        Self {
+            close_wait_after: Duration::from_secs(60),
+            fin_wait2_after: Duration::from_secs(120),
+            last_ack_after: Duration::from_secs(120),
+            half_open_silence: Duration::from_secs(10),
+            half_open_probes: 2,
+            half_open_retransmits: 3,
+            close: RemedyMode::DryRun,
+            quiet_for: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A service for the session ledger: flows whose owner matches are counted together.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub comm: Option<String>,
+    pub unit: Option<String>,
+    pub cgroup: Option<String>,
+    /// Local port the service serves.
+    pub port: Option<u16>,
+    /// Its hard session limit (e.g. 149 for a media bridge).
+    pub max_sessions: Option<u64>,
+    /// Overrides leaks.close for this service's sockets.
+    pub close: Option<RemedyMode>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    /// `session-budget` fires at this share of the limit ...
+    #[serde(deserialize_with = "ratio")]
+    pub warn_ratio: f64,
+    /// ... or when the trend reaches the limit within this horizon.
+    #[serde(deserialize_with = "duration")]
+    pub horizon: Duration,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            warn_ratio: 0.8,
+            horizon: Duration::from_secs(3600),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -238,6 +315,9 @@ pub struct Config {
     pub keepalive: KeepaliveSection,
     pub profiles: Vec<ProfileConfig>,
     pub rules: Vec<Rule>,
+    pub leaks: LeaksSection,
+    pub ledger: LedgerSection,
+    pub services: Vec<ServiceConfig>,
 }
 
 impl Config {

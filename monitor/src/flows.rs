@@ -78,7 +78,7 @@ impl FlowTable {
         self.flows.get(&cookie)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Flow> {
+    pub fn iter(&self) -> impl Iterator<Item = &Flow> + Clone {
         self.flows.values()
     }
 

@@ -34,6 +34,9 @@ pub struct FlowFilter {
     /// Only flows idle at least this long.
     #[serde(default)]
     pub idle_over_ms: Option<u64>,
+    /// Only leaked sessions (half-open, or stuck in CLOSE_WAIT / FIN_WAIT2 / LAST_ACK).
+    #[serde(default)]
+    pub leaked: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -60,6 +63,8 @@ pub enum Request {
         target: String,
     },
     Profiles,
+    /// The session ledger per service.
+    Ledger,
     /// Apply a remedy now (needs root or the agent's uid).
     Remedy {
         action: String,
@@ -162,7 +167,7 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
     }
     serde_json::from_value::<Envelope>(v).map(|e| e.req).map_err(|e| {
         Reply::err(format!(
-            "bad request: {e} (ops: status, flows, procs, findings, explain, profiles, remedy)"
+            "bad request: {e} (ops: status, flows, procs, findings, explain, profiles, ledger, remedy)"
         ))
     })
 }
@@ -253,6 +258,7 @@ mod tests {
                     pid: Some(7),
                     at_risk: true,
                     idle_over_ms: Some(300_000),
+                    leaked: true,
                 },
             },
             Request::Explain {

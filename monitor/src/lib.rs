@@ -12,6 +12,8 @@ pub mod findings;
 pub mod flows;
 pub mod human;
 pub mod ipc;
+pub mod leaks;
+pub mod ledger;
 pub mod observe;
 pub mod owners;
 pub mod procs;

@@ -44,6 +44,32 @@ impl Nudger for PidfdNudger {
     }
 }
 
+/// Aborts sockets through sock_diag SOCK_DESTROY; without CONFIG_INET_DIAG_DESTROY, shuts the
+/// socket down through a pidfd duplicate so that the owner sees EOF / EPIPE.
+pub struct SockDiagCloser;
+
+impl crate::leaks::Closer for SockDiagCloser {
+    fn close(&mut self, f: &crate::flows::Flow) -> Result<&'static str, String> {
+        match crate::sockdiag::destroy(f.local, f.remote, f.state, f.cookie) {
+            Ok(()) => Ok("SOCK_DESTROY"),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let pid = f
+                    .owner
+                    .as_ref()
+                    .map(|o| o.pid)
+                    .ok_or("no SOCK_DESTROY in this kernel and the owner is unknown")?;
+                let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+                let fd =
+                    fd_of(pid, f.inode).ok_or_else(|| format!("pid {pid} no longer holds the socket"))?;
+                let dup = pidfd.getfd(fd).map_err(|e| format!("pidfd_getfd: {e}"))?;
+                sys::shutdown(dup.as_fd()).map_err(|e| format!("shutdown: {e}"))?;
+                Ok("pidfd + shutdown (no SOCK_DESTROY in this kernel)")
+            }
+            Err(e) => Err(format!("SOCK_DESTROY: {e}")),
+        }
+    }
+}
+
 /// The descriptor number under which `pid` holds the socket with this inode.
 fn fd_of(pid: u32, inode: u64) -> Option<i32> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;

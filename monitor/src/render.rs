@@ -73,6 +73,46 @@ fn eta(f: &FlowView) -> String {
     }
 }
 
+/// The session ledger.
+pub fn ledger(v: &[crate::ledger::LedgerRow]) -> String {
+    if v.is_empty() {
+        return "no sessions\n".into();
+    }
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|r| {
+            vec![
+                r.service.clone(),
+                r.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+                r.live.to_string(),
+                r.leaked.to_string(),
+                r.opened.to_string(),
+                r.closed.to_string(),
+                r.limit.map_or("-".into(), |l| {
+                    format!("{l} ({})", r.limit_source.as_deref().unwrap_or("?"))
+                }),
+                format!("{:+.1}/min", r.growth_per_min),
+                r.exhaustion_eta_s.map_or("-".into(), |e| fmt_ms(e * 1000)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SERVICE",
+            "PIDS",
+            "LIVE",
+            "LEAKED",
+            "OPENED",
+            "CLOSED",
+            "LIMIT",
+            "TREND",
+            "EXHAUSTED IN",
+        ],
+        &rows,
+        &[28, 20, 6, 6, 8, 8, 24, 12, 12],
+    )
+}
+
 /// The profile table.
 pub fn profiles(v: &[crate::profiles::Profile]) -> String {
     let rows: Vec<Vec<String>> = v

@@ -189,6 +189,81 @@ pub fn dump() -> Result<Snapshot, DiagError> {
     })
 }
 
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_ACK: u16 = 0x4;
+
+/// The SOCK_DESTROY request for one socket: the exact tuple plus its cookie, so that a reused
+/// tuple can never be hit (the kernel compares the cookie).
+pub fn destroy_request(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    state: u8,
+    cookie: u64,
+    seq: u32,
+) -> [u8; NLMSG_HDR + 56] {
+    let mut b = [0u8; NLMSG_HDR + 56];
+    b[0..4].copy_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
+    b[4..6].copy_from_slice(&SOCK_DESTROY.to_ne_bytes());
+    b[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    b[8..12].copy_from_slice(&seq.to_ne_bytes());
+    let v6 = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    };
+    let family = if local.is_ipv4() && remote.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    b[16] = family;
+    b[17] = IPPROTO_TCP;
+    b[20..24].copy_from_slice(&(1u32 << state).to_ne_bytes());
+    // inet_diag_sockid at 24: sport, dport (network order), src[16], dst[16], if, cookie[2]
+    b[24..26].copy_from_slice(&local.port().to_be_bytes());
+    b[26..28].copy_from_slice(&remote.port().to_be_bytes());
+    let (src, dst) = if family == AF_INET {
+        let four = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(a) => a.octets(),
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().map_or([0; 4], |x| x.octets()),
+        };
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s[..4].copy_from_slice(&four(local.ip()));
+        d[..4].copy_from_slice(&four(remote.ip()));
+        (s, d)
+    } else {
+        (v6(local.ip()), v6(remote.ip()))
+    };
+    b[28..44].copy_from_slice(&src);
+    b[44..60].copy_from_slice(&dst);
+    b[64..68].copy_from_slice(&(cookie as u32).to_ne_bytes());
+    b[68..72].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    b
+}
+
+/// Aborts one TCP socket through sock_diag (CONFIG_INET_DIAG_DESTROY): its owner sees
+/// ECONNABORTED. Err carries the errno (EOPNOTSUPP without the kernel option, ENOENT if gone).
+pub fn destroy(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    state: u8,
+    cookie: u64,
+) -> Result<(), std::io::Error> {
+    let sock = sys::netlink_socket(sys::NETLINK_SOCK_DIAG)?;
+    sys::netlink_send(&sock, &destroy_request(local, remote, state, cookie, 1))?;
+    let mut buf = [0u8; 4096];
+    let n = sys::netlink_recv(&sock, &mut buf)?;
+    if n >= NLMSG_HDR + 4 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+        let errno = -(u32_at(&buf, NLMSG_HDR) as i32);
+        return if errno == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(errno))
+        };
+    }
+    Err(std::io::Error::other("unexpected SOCK_DESTROY reply"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +343,31 @@ mod tests {
             parse_batch(&err, 1, &mut out),
             Err(DiagError::Kernel(13))
         ));
+    }
+
+    #[test]
+    fn destroys_a_real_socket_by_tuple_and_cookie() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut a, _) = l.accept().unwrap();
+        let snap = dump().unwrap();
+        let me = snap
+            .socks
+            .iter()
+            .find(|x| x.local == a.local_addr().unwrap() && x.remote == a.peer_addr().unwrap())
+            .unwrap();
+        // A wrong cookie never hits the socket.
+        let wrong = destroy(me.local, me.remote, me.state, me.cookie ^ 1);
+        if wrong.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EOPNOTSUPP) {
+            eprintln!("SKIP: this kernel lacks CONFIG_INET_DIAG_DESTROY");
+            return;
+        }
+        assert!(wrong.is_err());
+        destroy(me.local, me.remote, me.state, me.cookie).unwrap();
+        let e = a.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED));
+        drop(c);
     }
 
     #[test]

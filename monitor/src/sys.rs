@@ -218,3 +218,14 @@ pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> 
         Ok(())
     }
 }
+
+/// shutdown(2) both directions.
+pub fn shutdown(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor we hold; no memory is passed.
+    let rc = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

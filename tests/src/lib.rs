@@ -319,15 +319,25 @@ impl Peer {
 
     /// Spawns with extra arguments; with `cgroup`, the peer joins that cgroup v2 directory first.
     pub fn spawn_with(ns: &Netns, args: &[&str], cgroup: Option<&std::path::Path>) -> Self {
+        Self::spawn_bin(ns, &peer_bin(), args, cgroup)
+    }
+
+    /// Spawns another helper binary of this crate (`hf-leaky`) with the same plumbing.
+    pub fn spawn_bin(
+        ns: &Netns,
+        bin: &std::path::Path,
+        args: &[&str],
+        cgroup: Option<&std::path::Path>,
+    ) -> Self {
         let mut cmd = match cgroup {
-            None => ns.cmd(&peer_bin()),
+            None => ns.cmd(bin),
             Some(dir) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg("echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && shift && exec nsenter --net=/run/netns/\"$ns\" -- \"$@\"")
                     .arg(dir)
                     .arg(&ns.name)
-                    .arg(peer_bin());
+                    .arg(bin);
                 c
             }
         };

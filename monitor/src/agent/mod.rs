@@ -26,7 +26,7 @@ use crate::findings::Transition;
 use crate::ipc::{Reply, Request};
 use crate::observe::{Event, Nanos, Owner, ProcEvent, Snapshot};
 use crate::procs::ProcScan;
-use crate::remedy::{LiveProc, PidfdNudger};
+use crate::remedy::{LiveProc, PidfdNudger, SockDiagCloser};
 use crate::sys;
 use crate::zombies::ZombiePolicy;
 
@@ -189,6 +189,7 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
         config_desc,
     );
     state.sockops = sockops;
+    state.services = cfg.services.clone();
     let mut policy_read = std::time::Instant::now();
     let policy = ZombiePolicy {
         min_age: cfg.zombies.min_age.as_nanos() as u64,
@@ -312,6 +313,15 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                 }
                 if !requests.is_empty() {
                     let _ = wtx.send(WorkerMsg::Keepalive(requests));
+                }
+                let leaked = state.leaks.leaked(state.table.iter(), now, &cfg.leaks);
+                state.ledger.update(now, state.table.iter(), &closed, &leaked, &cfg.services);
+                let mut transitions = state.leaks.evaluate(now, state.table.iter(), &cfg.leaks, &cfg.services, &mut SockDiagCloser, &mut state.findings);
+                transitions.extend(state.ledger.evaluate(now, &cfg.services, &cfg.ledger, &mut state.findings));
+                state.leaks.forget(closed.iter().map(|(f, _)| f.cookie));
+                state.leaked = leaked;
+                for (id, t) in transitions {
+                    log_transition(&state, id, &t);
                 }
             }
             _ = tokio::signal::ctrl_c() => break,

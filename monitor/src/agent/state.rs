@@ -19,6 +19,11 @@ pub struct State {
     pub table: FlowTable,
     pub zombies: ZombieDetector,
     pub eviction: EvictionDetector,
+    pub leaks: crate::leaks::LeakDetector,
+    pub ledger: crate::ledger::Ledger,
+    /// Cookies counted as leaked at the last evaluation.
+    pub leaked: std::collections::HashSet<u64>,
+    pub services: Vec<crate::config::ServiceConfig>,
     pub evpol: EvictionPolicy,
     pub router: Router,
     pub findings: FindingStore,
@@ -81,6 +86,10 @@ impl State {
             table: FlowTable::default(),
             zombies: ZombieDetector::default(),
             eviction: EvictionDetector::default(),
+            leaks: Default::default(),
+            ledger: Default::default(),
+            leaked: Default::default(),
+            services: Vec::new(),
             evpol,
             router: Router::default(),
             findings: FindingStore::default(),
@@ -186,6 +195,9 @@ impl State {
                 || f.idle_over_ms
                     .is_some_and(|min| v.idle_ms.is_none_or(|i| i < min))
             {
+                continue;
+            }
+            if f.leaked && !self.leaked.contains(&fl.cookie) {
                 continue;
             }
             let a = self.assess(fl, now);
@@ -337,6 +349,7 @@ impl State {
                 },
             },
             Request::Profiles => Reply::ok(&self.evpol.profiles),
+            Request::Ledger => Reply::ok(&self.ledger.rows(&self.services)),
             Request::Remedy {
                 action,
                 target,
