@@ -11,19 +11,19 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, seq_file},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{
-            bpf_get_socket_cookie, bpf_getsockopt, bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write,
-            bpf_setsockopt, bpf_skc_to_tcp_sock,
+            bpf_get_current_comm as bpf_get_current_comm_raw, bpf_get_socket_cookie, bpf_getsockopt,
+            bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write, bpf_setsockopt, bpf_skc_to_tcp_sock,
         },
     },
     macros::{btf_tracepoint, map, sock_ops},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext},
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, ProcRecord, SNAP_FULL,
-    SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind, proc_kind, sockopt, stat, tcp_state,
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, OwnerRecord, ProcRecord, SNAP_FULL,
+    SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapFilter, SnapRecord, kind, proc_kind, sockopt, stat, tcp_state,
 };
 
 /// Field offsets, filled in by the agent at load time.
@@ -43,6 +43,14 @@ static KA_TARGETS: HashMap<u64, KaTarget> = HashMap::with_max_entries(4096, 0);
 /// Values the sock_ops program sets at connection establishment (slot 0; `set == 0`: off).
 #[map]
 static KA_CONNECT: Array<KaTarget> = Array::with_max_entries(1, 0);
+
+/// Filter of the snapshot iterator (slot 0).
+#[map]
+static SNAP_FILTER: Array<SnapFilter> = Array::with_max_entries(1, 0);
+
+/// Sockets the filtered snapshot has already reported with their file (so their owner is known).
+#[map]
+static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1 << 20, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -77,19 +85,19 @@ fn rd<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }.map_err(|_| ())
 }
 
+/// The current task's comm as 16 NUL-padded bytes.
 #[inline(always)]
-fn rd_buf(base: *const u8, off: u32, dst: &mut [u8]) -> Result<(), ()> {
-    if off == u32::MAX {
-        return Err(());
-    }
-    // SAFETY: as in `rd`.
-    unsafe { bpf_probe_read_kernel_buf(base.wrapping_add(off as usize), dst) }.map_err(|_| ())
+fn current_comm() -> [u64; 2] {
+    let mut c = [0u64; 2];
+    // SAFETY: the helper writes at most 16 bytes into `c`.
+    unsafe { bpf_get_current_comm_raw(c.as_mut_ptr() as *mut c_void, 16) };
+    c
 }
 
 struct Tuple {
     ipver: u8,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
+    saddr: [u64; 2],
+    daddr: [u64; 2],
     sport: u16,
     dport: u16,
 }
@@ -100,21 +108,20 @@ fn tuple(sk: *const u8) -> Result<Tuple, ()> {
     let family: u16 = rd(sk, off!(skc_family))?;
     let mut t = Tuple {
         ipver: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
+        saddr: [0; 2],
+        daddr: [0; 2],
         sport: rd(sk, off!(skc_num))?,
         dport: u16::from_be(rd(sk, off!(skc_dport))?),
     };
     if family == AF_INET {
         t.ipver = 4;
-        let s: [u8; 4] = rd(sk, off!(skc_rcv_saddr))?;
-        let d: [u8; 4] = rd(sk, off!(skc_daddr))?;
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
+        // The 4 address bytes land in the first 4 bytes of the u64 (little-endian BPF).
+        t.saddr[0] = u64::from(rd::<u32>(sk, off!(skc_rcv_saddr))?);
+        t.daddr[0] = u64::from(rd::<u32>(sk, off!(skc_daddr))?);
     } else if family == AF_INET6 {
         t.ipver = 6;
-        rd_buf(sk, off!(skc_v6_rcv_saddr), &mut t.saddr)?;
-        rd_buf(sk, off!(skc_v6_daddr), &mut t.daddr)?;
+        t.saddr = rd::<[u64; 2]>(sk, off!(skc_v6_rcv_saddr))?;
+        t.daddr = rd::<[u64; 2]>(sk, off!(skc_v6_daddr))?;
     } else {
         return Err(());
     }
@@ -179,7 +186,7 @@ fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
         sport: t.sport,
         dport: t.dport,
         err,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: current_comm(),
     });
     // Never wake the reader per record: it drains on a short timer (see DESIGN: wakeups are the
     // cost that matters under churn).
@@ -238,11 +245,12 @@ fn emit_proc(kind: u8, p: *const u8) {
         _ => 0,
     };
     let exit_code = rd::<i32>(p, off!(task_exit_code)).unwrap_or(0);
-    let mut comm = [0u8; 16];
-    if kind == proc_kind::EXIT {
-        // sched_process_exit runs in the exiting task: its comm is the current one.
-        comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    }
+    // sched_process_exit runs in the exiting task: its comm is the current one.
+    let comm = if kind == proc_kind::EXIT {
+        current_comm()
+    } else {
+        [0; 2]
+    };
     let Some(mut entry) = PROCS.reserve::<ProcRecord>(0) else {
         return bump(stat::PROC_LOST);
     };
@@ -346,6 +354,12 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     if state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV {
         fill_full(base, &mut r);
     }
+    if let Some(f) = SNAP_FILTER.get(0) {
+        if f.enabled != 0 && !worth_a_look(&r, f.min_idle_jiffies) {
+            bump(stat::ITER_SKIPPED);
+            return 0;
+        }
+    }
     // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
     let ret = unsafe {
         bpf_seq_write(
@@ -357,6 +371,81 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     if ret != 0 {
         bump(stat::ITER_OVERFLOW);
     }
+    0
+}
+
+/// Whether a filtered snapshot reports this socket: first sight (until it has a file), unusual
+/// states, trouble, or idle long enough to matter.
+#[inline(always)]
+fn worth_a_look(r: &SnapRecord, min_idle: u32) -> bool {
+    if SEEN.get_ptr(&r.cookie).is_none() {
+        if r.inode != 0 || r.flags & SNAP_FULL == 0 {
+            let _ = SEEN.insert(&r.cookie, &1, 0);
+        }
+        return true;
+    }
+    if r.state == tcp_state::LISTEN {
+        return false;
+    }
+    if r.state != tcp_state::ESTABLISHED || r.retransmits != 0 || r.probes_out != 0 || r.backoff != 0 {
+        return true;
+    }
+    let now = r.now_jiffies as u32;
+    let newest = {
+        let a = now.wrapping_sub(r.lsndtime);
+        let b = now.wrapping_sub(r.lrcvtime);
+        let c = now.wrapping_sub(r.rcv_tstamp);
+        if a < b {
+            if a < c { a } else { c }
+        } else if b < c {
+            b
+        } else {
+            c
+        }
+    };
+    newest >= min_idle
+}
+
+/// One socket file of a process (task_file iterator; threads sharing the table are skipped).
+#[repr(C)]
+pub struct IterTaskFile {
+    meta: *mut IterMeta,
+    task: *mut c_void,
+    fd: u32,
+    file: *mut c_void,
+}
+
+/// Socket inode -> owning process, for every socket file on the host.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn owners_task_file(ctx: *mut IterTaskFile) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_iter__task_file context.
+    let (meta, task, fd, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).fd, (*ctx).file) };
+    if file.is_null() || task.is_null() {
+        return 0;
+    }
+    let Ok(inode) = rd::<u64>(file as *const u8, off!(file_f_inode)) else {
+        return 0;
+    };
+    let Ok(mode) = rd::<u16>(inode as *const u8, off!(inode_i_mode)) else {
+        return 0;
+    };
+    if u32::from(mode) & 0o170000 != 0o140000 {
+        return 0;
+    }
+    let rec = OwnerRecord {
+        inode: rd::<u64>(inode as *const u8, off!(inode_i_ino)).unwrap_or(0),
+        tgid: rd::<i32>(task as *const u8, off!(task_tgid)).unwrap_or(0) as u32,
+        fd,
+    };
+    // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
+    unsafe {
+        bpf_seq_write(
+            (*meta).seq,
+            &rec as *const OwnerRecord as *const c_void,
+            size_of::<OwnerRecord>() as u32,
+        )
+    };
     0
 }
 

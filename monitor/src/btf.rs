@@ -279,6 +279,10 @@ pub fn kernel_offsets(btf: &Btf, netns_inum: u32) -> Result<KernelOffsets, BtfEr
         task_tgid: btf.offset("task_struct", "tgid")?,
         task_real_parent: btf.offset("task_struct", "real_parent")?,
         task_exit_code: btf.offset("task_struct", "exit_code")?,
+        file_f_inode: btf.offset("file", "f_inode")?,
+        inode_i_mode: btf.offset("inode", "i_mode")?,
+        inode_i_ino: btf.offset("inode", "i_ino")?,
+        _reserved: 0,
     })
 }
 

@@ -101,10 +101,33 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Time one full read of the kernel's views here, as the agent does it (prints JSON).
+    Probe {
+        #[command(subcommand)]
+        what: ProbeCmd,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProbeCmd {
+    /// The whole TCP table with tcp_info (and owners with --owners).
+    Snapshot {
+        #[arg(long, value_enum, default_value = "poll")]
+        mode: Mode,
+        #[arg(long)]
+        owners: bool,
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
+    /// The /proc zombie scan of poll mode.
+    Procs {
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
     },
 }
 
@@ -205,6 +228,24 @@ pub fn main() -> ExitCode {
                 print!("{}", render::status(&s))
             }
         }),
+        Cmd::Probe { what } => {
+            let r = match what {
+                ProbeCmd::Snapshot { mode, owners, repeat } => {
+                    crate::probe::snapshot(if mode == Mode::Ebpf { "ebpf" } else { "poll" }, owners, repeat)
+                }
+                ProbeCmd::Procs { repeat } => Ok(crate::probe::procs(repeat)),
+            };
+            match r {
+                Ok(v) => {
+                    println!("{v}");
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("holdfast: {e}");
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
         Cmd::Ledger { json } => query::<Vec<crate::ledger::LedgerRow>>(&socket, Request::Ledger).map(|v| {
             if json { json_out(&v) } else { print!("{}", render::ledger(&v)) }
         }),

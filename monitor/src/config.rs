@@ -66,9 +66,13 @@ pub struct SnapshotSection {
     /// Poll mode: how often the whole TCP table is read (sock_diag).
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
-    /// eBPF mode: how often the iterator heals the event-fed table.
+    /// eBPF mode: how often the iterator reads the sockets worth a look (idle ones, troubled
+    /// ones, new ones: the kernel filters out the rest).
     #[serde(deserialize_with = "duration")]
     pub ebpf_interval: Duration,
+    /// eBPF mode: how often a complete snapshot heals what events and filtered reads missed.
+    #[serde(deserialize_with = "duration")]
+    pub full_interval: Duration,
 }
 
 impl Default for SnapshotSection {
@@ -76,6 +80,7 @@ impl Default for SnapshotSection {
         Self {
             poll_interval: Duration::from_millis(500),
             ebpf_interval: Duration::from_secs(5),
+            full_interval: Duration::from_secs(60),
         }
     }
 }

@@ -184,13 +184,27 @@ mod tests {
         b[4..8].copy_from_slice(&r.pid.to_ne_bytes());
         b[8..16].copy_from_slice(&r.cookie.to_ne_bytes());
         b[16..24].copy_from_slice(&r.ts_ns.to_ne_bytes());
-        b[24..40].copy_from_slice(&r.saddr);
-        b[40..56].copy_from_slice(&r.daddr);
+        b[24..40].copy_from_slice(&words(r.saddr));
+        b[40..56].copy_from_slice(&words(r.daddr));
         b[56..58].copy_from_slice(&r.sport.to_ne_bytes());
         b[58..60].copy_from_slice(&r.dport.to_ne_bytes());
         b[60..64].copy_from_slice(&r.err.to_ne_bytes());
-        b[64..80].copy_from_slice(&r.comm);
+        b[64..80].copy_from_slice(&words(r.comm));
         b
+    }
+
+    fn words(w: [u64; 2]) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&w[0].to_ne_bytes());
+        b[8..].copy_from_slice(&w[1].to_ne_bytes());
+        b
+    }
+
+    fn unwords(b: [u8; 16]) -> [u64; 2] {
+        [
+            u64::from_ne_bytes(b[..8].try_into().unwrap()),
+            u64::from_ne_bytes(b[8..].try_into().unwrap()),
+        ]
     }
 
     fn rec(kind: u8, new_state: u8) -> EventRecord {
@@ -208,12 +222,12 @@ mod tests {
             pid: 42,
             cookie: 0xdead_beef,
             ts_ns: 5,
-            saddr,
-            daddr,
+            saddr: unwords(saddr),
+            daddr: unwords(daddr),
             sport: 40000,
             dport: 22,
             err: 0,
-            comm,
+            comm: unwords(comm),
         }
     }
 
@@ -246,8 +260,8 @@ mod tests {
     fn decodes_ipv6_and_mapped_v4() {
         let mut r = rec(kind::STATE, tcp_state::ESTABLISHED);
         r.ipver = 6;
-        r.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        r.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets();
+        r.saddr = unwords(std::net::Ipv6Addr::LOCALHOST.octets());
+        r.daddr = unwords(std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets());
         let e = event(&ev_bytes(&r)).unwrap();
         assert_eq!(e.local.to_string(), "[::1]:40000");
         assert_eq!(e.remote.to_string(), "192.0.2.1:22");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, Iter, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use monitor_common::{KaTarget, SnapRecord, stat};
+use monitor_common::{KaTarget, OwnerRecord, SnapFilter, SnapRecord, stat};
 
 use crate::btf;
 use crate::decode;
@@ -171,9 +171,13 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         prog.load(name, &btf).map_err(perr(name))?;
         prog.attach().map_err(perr(name))?;
     }
-    for name in ["snapshot_tcp", "apply_keepalive"] {
+    for (name, target) in [
+        ("snapshot_tcp", "tcp"),
+        ("apply_keepalive", "tcp"),
+        ("owners_task_file", "task_file"),
+    ] {
         let iter: &mut Iter = program(&mut ebpf, name)?;
-        iter.load("tcp", &btf).map_err(perr(name))?;
+        iter.load(target, &btf).map_err(perr(name))?;
     }
     let sockops = attach_sockops(&mut ebpf, opts);
     let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(EbpfError::Missing(name));
@@ -247,9 +251,31 @@ impl Loaded {
         Ok(buf)
     }
 
-    /// Runs the tcp iterator once and decodes every socket of the namespace.
-    pub fn snapshot(&mut self) -> Result<Snapshot, EbpfError> {
+    /// Runs the tcp iterator once. Unfiltered (`None`) it reports every socket of the namespace;
+    /// with `Some(min_idle_ms)` only the sockets worth a look (see `SnapFilter`).
+    pub fn snapshot(&mut self, filter_idle_ms: Option<u64>) -> Result<Snapshot, EbpfError> {
         let started = sys::monotonic_ns();
+        {
+            let mut f: Array<&mut MapData, SnapFilter> = Array::try_from(
+                self.ebpf
+                    .map_mut("SNAP_FILTER")
+                    .ok_or(EbpfError::Missing("SNAP_FILTER"))?,
+            )
+            .map_err(|source| EbpfError::Map {
+                name: "SNAP_FILTER".into(),
+                source,
+            })?;
+            let v = SnapFilter {
+                enabled: u32::from(filter_idle_ms.is_some()),
+                min_idle_jiffies: filter_idle_ms.map_or(0, |ms| {
+                    (ms * u64::from(self.hz) / 1000).min(u64::from(u32::MAX)) as u32
+                }),
+            };
+            f.set(0, &v, 0).map_err(|source| EbpfError::Map {
+                name: "SNAP_FILTER".into(),
+                source,
+            })?;
+        }
         let buf = self.run_iter("snapshot_tcp")?;
         let rec = std::mem::size_of::<SnapRecord>();
         let mut socks = Vec::with_capacity(buf.len() / rec);
@@ -262,7 +288,23 @@ impl Loaded {
             started,
             finished: sys::monotonic_ns(),
             socks,
+            filtered_idle_ms: filter_idle_ms,
         })
+    }
+
+    /// Socket inode -> owning process for every socket file on the host, from the kernel's
+    /// task_file iterator (no /proc/*/fd walk).
+    pub fn owners(&mut self) -> Result<std::collections::HashMap<u64, u32>, EbpfError> {
+        let buf = self.run_iter("owners_task_file")?;
+        let rec = std::mem::size_of::<OwnerRecord>();
+        let mut out = std::collections::HashMap::with_capacity(buf.len() / rec);
+        for c in buf.chunks_exact(rec) {
+            let inode = u64::from_ne_bytes(c[0..8].try_into().expect("8"));
+            let tgid = u32::from_ne_bytes(c[8..12].try_into().expect("4"));
+            // The first holder wins, as in the /proc walk.
+            out.entry(inode).or_insert(tgid);
+        }
+        Ok(out)
     }
 
     /// Applies or reads keepalive on exactly the requested sockets, in the kernel (bpf_setsockopt

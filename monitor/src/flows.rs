@@ -221,6 +221,29 @@ impl FlowTable {
             }
             flow.last_seen = flow.last_seen.max(at);
         }
+        if let Some(min_idle) = snap.filtered_idle_ms {
+            // Left out by the kernel: active within `min_idle` of the snapshot. Age the sample
+            // no further than that, and keep the flow (its close will come as an event).
+            let listed: std::collections::HashSet<u64> = snap.socks.iter().map(|s| s.cookie).collect();
+            let cap = min_idle.min(u64::from(u32::MAX)) as u32;
+            for f in self
+                .flows
+                .values_mut()
+                .filter(|f| f.state == tcp_state::ESTABLISHED && !listed.contains(&f.cookie))
+            {
+                if let Some(t) = f.tcp.as_mut() {
+                    let grown = ((at.saturating_sub(f.tcp_at)) / 1_000_000).min(u64::from(u32::MAX)) as u32;
+                    t.last_data_sent_ms = t.last_data_sent_ms.saturating_add(grown).min(cap);
+                    t.last_data_recv_ms = t.last_data_recv_ms.saturating_add(grown).min(cap);
+                    t.last_ack_recv_ms = t.last_ack_recv_ms.saturating_add(grown).min(cap);
+                    f.tcp_at = at;
+                }
+                f.last_seen = f.last_seen.max(at);
+            }
+            self.tombstones
+                .retain(|_, t| at.saturating_sub(*t) < TOMBSTONE_NS);
+            return;
+        }
         let gone: Vec<u64> = self
             .flows
             .values()
@@ -392,7 +415,27 @@ mod tests {
             started,
             finished,
             socks,
+            filtered_idle_ms: None,
         }
+    }
+
+    #[test]
+    fn filtered_snapshots_keep_absent_flows_and_bound_their_idle() {
+        let mut t = FlowTable::default();
+        t.apply_snapshot(
+            &snap(S, S, vec![sock(1, tcp_state::ESTABLISHED, 5)]),
+            &HashMap::new(),
+        );
+        // 100 s later the kernel leaves flow 1 out: it was active within 2 s.
+        let filtered = Snapshot {
+            started: 101 * S,
+            finished: 101 * S,
+            socks: vec![],
+            filtered_idle_ms: Some(2_000),
+        };
+        t.apply_snapshot(&filtered, &HashMap::new());
+        let v = t.get(1).expect("kept").view(101 * S);
+        assert_eq!(v.idle_ms, Some(2_000), "bounded by the filter, not 100 s");
     }
 
     #[test]

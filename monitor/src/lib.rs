@@ -16,6 +16,7 @@ pub mod leaks;
 pub mod ledger;
 pub mod observe;
 pub mod owners;
+pub mod probe;
 pub mod procs;
 pub mod profiles;
 pub mod remedy;

@@ -107,6 +107,10 @@ pub struct Snapshot {
     pub started: Nanos,
     pub finished: Nanos,
     pub socks: Vec<SockSample>,
+    /// Set when the kernel reported only sockets worth a look: every socket it left out was
+    /// ESTABLISHED and active within this many milliseconds (and is not gone: closes come as
+    /// events). None: a complete table.
+    pub filtered_idle_ms: Option<u64>,
 }
 
 /// The owner of a socket: the process holding its file.

@@ -103,6 +103,42 @@ impl OwnerResolver {
         found.len()
     }
 
+    /// Socket inodes still without an owner (nothing to do when empty).
+    pub fn missing(&self, socks: &[SockSample]) -> bool {
+        socks.iter().any(|s| {
+            s.inode != 0 && !self.cache.contains_key(&s.inode) && !self.unfindable.contains(&s.inode)
+        })
+    }
+
+    /// Resolves owners from a complete inode -> pid map (eBPF mode's task_file iterator).
+    pub fn resolve_from(&mut self, socks: &[SockSample], map: &HashMap<u64, u32>) {
+        let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
+        let mut described: HashMap<u32, Option<Owner>> = HashMap::new();
+        for i in live {
+            if self.cache.contains_key(&i) {
+                continue;
+            }
+            match map.get(&i) {
+                Some(pid) => {
+                    if let Some(o) = described.entry(*pid).or_insert_with(|| describe(*pid)) {
+                        self.cache.insert(i, o.clone());
+                    }
+                }
+                None => {
+                    self.unfindable.insert(i);
+                }
+            }
+        }
+        self.full_walks += 1;
+    }
+
+    /// Drops what no longer exists (called with complete snapshots only).
+    pub fn prune(&mut self, socks: &[SockSample]) {
+        let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
+        self.cache.retain(|i, _| live.contains(i));
+        self.unfindable.retain(|i| live.contains(i));
+    }
+
     /// Resolves the owners of `socks`. `hints` maps cookie -> pid seen at connect()/listen().
     pub fn resolve(&mut self, socks: &[SockSample], hints: &HashMap<u64, u32>, now: Instant) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();

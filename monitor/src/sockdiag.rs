@@ -186,6 +186,7 @@ pub fn dump() -> Result<Snapshot, DiagError> {
         started,
         finished: sys::monotonic_ns(),
         socks,
+        filtered_idle_ms: None,
     })
 }
 

@@ -170,10 +170,15 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
             cfg.zombies.scan_interval,
         ),
     };
+    let pacing = workers::Pacing {
+        interval,
+        full_every: cfg.snapshot.full_interval,
+        filter_idle_ms: filter_idle_ms(&cfg, interval),
+    };
     let snap_tx = tx.clone();
     std::thread::Builder::new()
         .name("holdfast-snapshot".into())
-        .spawn(move || workers::snapshot_worker(source, interval, wrx, snap_tx))
+        .spawn(move || workers::snapshot_worker(source, pacing, wrx, snap_tx))
         .context("spawning the snapshot thread")?;
     let proc_tx = tx.clone();
     std::thread::Builder::new()
@@ -334,6 +339,34 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.agent.socket);
     info!("holdfast agent stopped");
     Ok(())
+}
+
+/// The idle time below which no flow can be at risk before the next snapshot: the kernel may leave
+/// such flows out of filtered snapshots. None disables filtering (nothing would be left out).
+fn filter_idle_ms(cfg: &Config, interval: Duration) -> Option<u64> {
+    let profiles = cfg.profiles();
+    let timeout = |name: &str| {
+        profiles
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.idle_timeout_s * 1000)
+    };
+    let mut min = timeout(&cfg.eviction.default_profile).unwrap_or(600_000);
+    for r in &cfg.rules {
+        let t = r
+            .timeout
+            .map(|t| t.as_millis() as u64)
+            .or_else(|| r.profile.as_deref().and_then(timeout));
+        min = min.min(t.unwrap_or(min));
+    }
+    if let Some(ct) = read_u64("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established") {
+        min = min.min(ct * 1000);
+    }
+    min = min.min(cfg.keepalive.cgroup_timeout.as_millis() as u64);
+    // Warn at warn_ratio x timeout; leave two snapshot intervals of margin.
+    let threshold = (min as f64 * cfg.eviction.warn_ratio) as u64;
+    let t = threshold.saturating_sub(2 * interval.as_millis() as u64);
+    (t >= 1000).then_some(t)
 }
 
 fn read_u64(path: &str) -> Option<u64> {

@@ -12,8 +12,10 @@ use crate::owners::OwnerResolver;
 
 /// How often the event pump drains the ring buffer (the programs never wake it per record).
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
-/// Snapshots take at most 1/SNAPSHOT_DUTY of wall time, whatever the configured interval.
-const SNAPSHOT_DUTY: u32 = 10;
+/// Periodic snapshots take at most 1/SNAPSHOT_DUTY of wall time (1 %), whatever the interval.
+const SNAPSHOT_DUTY: u32 = 100;
+/// Snapshots asked for soon (a new flow of unknown owner) take at most 1/SOON_DUTY of wall time.
+const SOON_DUTY: u32 = 10;
 const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(100);
 /// After a new flow of unknown owner appears, wait this long (accept() usually follows) and look.
 const OWNER_LOOKUP_DELAY: Duration = Duration::from_millis(50);
@@ -53,9 +55,9 @@ impl Source {
         }
     }
 
-    fn snapshot(&mut self) -> Result<Snapshot, String> {
+    fn snapshot(&mut self, filter_idle_ms: Option<u64>) -> Result<Snapshot, String> {
         match self {
-            Source::Ebpf(l) => l.snapshot().map_err(|e| e.to_string()),
+            Source::Ebpf(l) => l.snapshot(filter_idle_ms).map_err(|e| e.to_string()),
             Source::Poll => crate::sockdiag::dump().map_err(|e| e.to_string()),
         }
     }
@@ -94,9 +96,20 @@ pub fn spawn_pump(mut events: ebpf::Events, tx: mpsc::Sender<Msg>) {
     });
 }
 
+/// How the snapshot thread paces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Pacing {
+    /// Between two snapshots (filtered ones in eBPF mode).
+    pub interval: Duration,
+    /// eBPF mode: a complete snapshot this often heals what events and filtered snapshots missed.
+    pub full_every: Duration,
+    /// eBPF mode: the kernel leaves out ESTABLISHED sockets active within this many ms.
+    pub filter_idle_ms: Option<u64>,
+}
+
 pub fn snapshot_worker(
     mut source: Source,
-    interval: Duration,
+    pacing: Pacing,
     rx: std_mpsc::Receiver<WorkerMsg>,
     tx: mpsc::Sender<Msg>,
 ) {
@@ -106,15 +119,34 @@ pub fn snapshot_worker(
     let mut due = Instant::now();
     let mut spacing = MIN_SNAPSHOT_SPACING;
     let mut last_start = Instant::now();
+    let mut last_full: Option<Instant> = None;
+    let ebpf = matches!(source, Source::Ebpf(_));
     loop {
         let now = Instant::now();
         if now >= due {
             last_start = now;
-            let msg = match source.snapshot() {
+            let full = !ebpf
+                || pacing.filter_idle_ms.is_none()
+                || last_full.is_none_or(|t| t.elapsed() >= pacing.full_every);
+            let msg = match source.snapshot(if full { None } else { pacing.filter_idle_ms }) {
                 Ok(snap) => {
-                    resolver.resolve(&snap.socks, &hints, now);
+                    if full {
+                        last_full = Some(now);
+                        resolver.prune(&snap.socks);
+                    }
+                    match &mut source {
+                        Source::Ebpf(l) if resolver.missing(&snap.socks) => match l.owners() {
+                            Ok(map) => resolver.resolve_from(&snap.socks, &map),
+                            Err(e) => tracing::warn!("owner iterator failed, walking /proc instead: {e}"),
+                        },
+                        Source::Ebpf(_) => {}
+                        Source::Poll => resolver.resolve(&snap.socks, &hints, now),
+                    }
                     let live: HashSet<u64> = snap.socks.iter().map(|s| s.cookie).collect();
-                    hints.retain(|c, _| live.contains(c));
+                    if full {
+                        hints.retain(|c, _| live.contains(c));
+                        no_file_seen.retain(|c| live.contains(c));
+                    }
                     // A socket not yet accepted has no file: look again soon, once per socket.
                     let fresh_no_file = snap
                         .socks
@@ -124,19 +156,16 @@ pub fn snapshot_worker(
                         })
                         .filter(|s| no_file_seen.insert(s.cookie))
                         .count();
-                    no_file_seen.retain(|c| live.contains(c));
                     let owners = snap
                         .socks
                         .iter()
                         .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
                         .collect();
-                    spacing = (now.elapsed() * SNAPSHOT_DUTY).max(MIN_SNAPSHOT_SPACING);
-                    due = Instant::now()
-                        + if fresh_no_file > 0 {
-                            spacing
-                        } else {
-                            interval.max(spacing)
-                        };
+                    // Pace by the cost of reading the table; owner walks have their own budget.
+                    let cost = Duration::from_nanos(snap.finished.saturating_sub(snap.started));
+                    spacing = (cost * SOON_DUTY).max(MIN_SNAPSHOT_SPACING);
+                    let periodic = (cost * SNAPSHOT_DUTY).max(pacing.interval);
+                    due = Instant::now() + if fresh_no_file > 0 { spacing } else { periodic };
                     Msg::Snapshot {
                         snap,
                         owners,
@@ -145,7 +174,7 @@ pub fn snapshot_worker(
                     }
                 }
                 Err(e) => {
-                    due = Instant::now() + interval.max(spacing);
+                    due = Instant::now() + pacing.interval.max(spacing);
                     Msg::SnapshotFailed(e)
                 }
             };
@@ -162,7 +191,8 @@ pub fn snapshot_worker(
                 if tx.blocking_send(Msg::Keepalive(results)).is_err() {
                     return;
                 }
-                // Verify soon: the next snapshot must show the keepalive timer armed.
+                // Verify soon with a complete snapshot (a filtered one may leave an active flow out).
+                last_full = None;
                 due = due.min(Instant::now() + OWNER_LOOKUP_DELAY);
             }
             Ok(WorkerMsg::Soon) => {

@@ -1,0 +1,93 @@
+//! Load generator for `cargo xtask bench` (loopback only):
+//!
+//! - `hf-load conns ADDR N`  listens on ADDR, opens N client connections to it and accepts them
+//!   (2N sockets), prints `ready N`, holds them until stdin closes.
+//! - `hf-load churn ADDR N`  N connect/accept/close cycles as fast as possible; prints
+//!   `churn N SECONDS`.
+//! - `hf-load procs N Z`     N sleeping children of which Z exit at once and stay zombies; prints
+//!   `ready`; on stdin close kills and reaps them all.
+use std::io::{BufRead, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command};
+use std::time::Instant;
+
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+fn wait_stdin() {
+    for line in std::io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("conns") => {
+            raise_nofile();
+            let n: usize = args[3].parse().expect("N");
+            let l = TcpListener::bind(&args[2]).expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let acceptor =
+                std::thread::spawn(move || (0..n).map(|_| l.accept().expect("accept").0).collect::<Vec<_>>());
+            let clients: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect();
+            let servers = acceptor.join().expect("acceptor");
+            println!("ready {}", clients.len() + servers.len());
+            std::io::stdout().flush().ok();
+            wait_stdin();
+        }
+        Some("churn") => {
+            let n: usize = args[3].parse().expect("N");
+            let l = TcpListener::bind(&args[2]).expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let t0 = Instant::now();
+            for _ in 0..n {
+                let c = TcpStream::connect(addr).expect("connect");
+                let (s, _) = l.accept().expect("accept");
+                drop(c);
+                drop(s);
+            }
+            println!("churn {n} {:.6}", t0.elapsed().as_secs_f64());
+        }
+        Some("procs") => {
+            let n: usize = args[2].parse().expect("N");
+            let z: usize = args[3].parse().expect("Z");
+            let mut kids: Vec<Child> = Vec::with_capacity(n);
+            for i in 0..n {
+                let c = if i < z {
+                    Command::new("true").spawn()
+                } else {
+                    Command::new("sleep").arg("3600").spawn()
+                };
+                kids.push(c.expect("spawn"));
+            }
+            println!("ready");
+            std::io::stdout().flush().ok();
+            wait_stdin();
+            for k in &mut kids {
+                let _ = k.kill();
+            }
+            for k in &mut kids {
+                let _ = k.wait();
+            }
+        }
+        _ => {
+            eprintln!("usage: hf-load conns ADDR N | churn ADDR N | procs N Z");
+            std::process::exit(2);
+        }
+    }
+}
