@@ -316,12 +316,23 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     }
     bump(stat::ITER_SOCKETS);
     let base = sk as *const u8;
+    // SAFETY: helper calls on the verifier-typed sock_common pointer.
+    let (cookie, now) = unsafe { (bpf_get_socket_cookie(sk), bpf_jiffies64()) };
+    let filter = SNAP_FILTER.get(0).map_or(0, |f| {
+        if f.enabled != 0 {
+            f.min_idle_jiffies.max(1)
+        } else {
+            0
+        }
+    });
+    if filter != 0 && SEEN.get_ptr(&cookie).is_some() && skip_seen(base, now as u32, filter) {
+        bump(stat::ITER_SKIPPED);
+        return 0;
+    }
     let Ok(t) = tuple(base) else {
         return 0;
     };
     let state: u8 = rd(base, off!(skc_state)).unwrap_or(0);
-    // SAFETY: helper calls on the verifier-typed sock_common pointer.
-    let (cookie, now) = unsafe { (bpf_get_socket_cookie(sk), bpf_jiffies64()) };
     let mut r = SnapRecord {
         cookie,
         inode: 0,
@@ -354,11 +365,9 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     if state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV {
         fill_full(base, &mut r);
     }
-    if let Some(f) = SNAP_FILTER.get(0) {
-        if f.enabled != 0 && !worth_a_look(&r, f.min_idle_jiffies) {
-            bump(stat::ITER_SKIPPED);
-            return 0;
-        }
+    if filter != 0 && (r.inode != 0 || r.flags & SNAP_FULL == 0) {
+        // Reported with its file: later filtered reads may leave it out while it is calm.
+        let _ = SEEN.insert(&r.cookie, &1, 0);
     }
     // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
     let ret = unsafe {
@@ -374,36 +383,36 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     0
 }
 
-/// Whether a filtered snapshot reports this socket: first sight (until it has a file), unusual
-/// states, trouble, or idle long enough to matter.
+/// Whether a filtered snapshot may leave out a socket it has already reported: a listener, or an
+/// ESTABLISHED socket with no retransmission or probe outstanding that was active within
+/// `min_idle` jiffies. Reads only the fields this decision needs.
 #[inline(always)]
-fn worth_a_look(r: &SnapRecord, min_idle: u32) -> bool {
-    if SEEN.get_ptr(&r.cookie).is_none() {
-        if r.inode != 0 || r.flags & SNAP_FULL == 0 {
-            let _ = SEEN.insert(&r.cookie, &1, 0);
-        }
+fn skip_seen(base: *const u8, now: u32, min_idle: u32) -> bool {
+    let state: u8 = rd(base, off!(skc_state)).unwrap_or(0);
+    if state == tcp_state::LISTEN {
         return true;
     }
-    if r.state == tcp_state::LISTEN {
+    if state != tcp_state::ESTABLISHED {
         return false;
     }
-    if r.state != tcp_state::ESTABLISHED || r.retransmits != 0 || r.probes_out != 0 || r.backoff != 0 {
-        return true;
+    let trouble = rd::<u8>(base, off!(icsk_retransmits)).unwrap_or(1)
+        | rd::<u8>(base, off!(icsk_probes_out)).unwrap_or(1)
+        | rd::<u8>(base, off!(icsk_backoff)).unwrap_or(1);
+    if trouble != 0 {
+        return false;
     }
-    let now = r.now_jiffies as u32;
-    let newest = {
-        let a = now.wrapping_sub(r.lsndtime);
-        let b = now.wrapping_sub(r.lrcvtime);
-        let c = now.wrapping_sub(r.rcv_tstamp);
-        if a < b {
-            if a < c { a } else { c }
-        } else if b < c {
-            b
-        } else {
-            c
-        }
+    let age = |off: u32| now.wrapping_sub(rd::<u32>(base, off).unwrap_or(0));
+    let a = age(off!(tp_lsndtime));
+    let b = age(off!(icsk_lrcvtime));
+    let c = age(off!(tp_rcv_tstamp));
+    let newest = if a < b {
+        if a < c { a } else { c }
+    } else if b < c {
+        b
+    } else {
+        c
     };
-    newest >= min_idle
+    newest < min_idle
 }
 
 /// One socket file of a process (task_file iterator; threads sharing the table are skipped).

@@ -34,7 +34,32 @@ pub enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+        /// For scripts and health checks: exit 1 when findings are active.
+        #[arg(long)]
+        check: bool,
     },
+    /// Finding transitions and remedy outcomes (like journalctl; --follow streams them).
+    Events {
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only findings about this process.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Re-read the agent's configuration file (as SIGHUP does); needs root or the admin group.
+    Reload,
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
     /// List tracked TCP flows.
     Flows {
         #[arg(long)]
@@ -157,9 +182,20 @@ pub enum ConfigCmd {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Under systemd stderr is the journal: no timestamps or colours, journald adds its own.
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Under systemd the agent's own logs go to journald natively, with their fields.
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    if under_systemd {
+        if let Some(j) = crate::journal::Journal::open(std::path::Path::new(crate::journal::SOCKET)) {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(crate::journal::JournalLayer::new(j))
+                .init();
+            return;
+        }
+    }
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -190,6 +226,9 @@ fn json_out<T: serde::Serialize>(v: &T) {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Agent { .. } | Cmd::Events { .. }) {
+        crate::sys::default_sigpipe();
+    }
     let socket_override = cli.socket.clone();
     let socket = cli.socket.unwrap_or_else(|| config::DEFAULT_SOCKET.into());
     let result: Result<(), ExitCode> = match cli.cmd {
@@ -214,20 +253,66 @@ pub fn main() -> ExitCode {
                     } else {
                         format!("defaults ({} not found)", path.display())
                     };
-                    crate::agent::run(cfg, desc).map_err(|e| {
+                    crate::agent::run(cfg, desc, found.then(|| path.clone())).map_err(|e| {
                         tracing::error!("{e:#}");
                         ExitCode::from(1)
                     })
                 }
             }
         }
-        Cmd::Status { json } => query::<Status>(&socket, Request::Status).map(|s| {
-            if json {
-                json_out(&s)
-            } else {
-                print!("{}", render::status(&s))
+        Cmd::Status { json, check } => match query::<Status>(&socket, Request::Status) {
+            Ok(s) => {
+                if json { json_out(&s) } else { print!("{}", render::status(&s)) }
+                if check && s.findings_active > 0 { Err(ExitCode::from(1)) } else { Ok(()) }
             }
-        }),
+            Err(c) => Err(c),
+        },
+        Cmd::Events { follow, json, kind, pid } => {
+            let keep = |n: &serde_json::Value| {
+                kind.as_ref().is_none_or(|k| n["kind"] == k.as_str()) && pid.is_none_or(|p| n["pid"] == p)
+            };
+            let show = |n: &serde_json::Value| {
+                if json {
+                    println!("{n}");
+                } else {
+                    println!("{}", render::notice(n));
+                }
+            };
+            if follow {
+                crate::ipc::follow(&socket, |n| {
+                    if keep(&n) {
+                        show(&n);
+                    }
+                })
+                .map_err(|e| {
+                    eprintln!("holdfast: {e}");
+                    ExitCode::from(e.exit_code() as u8)
+                })
+            } else {
+                query::<Vec<serde_json::Value>>(&socket, Request::Events { follow: false })
+                    .map(|v| v.iter().filter(|n| keep(n)).for_each(show))
+            }
+        }
+        Cmd::Reload => query::<serde_json::Value>(&socket, Request::Reload)
+            .map(|v| println!("reloaded {}", v["reloaded"].as_str().unwrap_or(""))),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "holdfast", &mut out);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &out);
+            Ok(())
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(cmd).render(&mut out) {
+                Ok(()) => {
+                    let _ = std::io::Write::write_all(&mut std::io::stdout(), &out);
+                    Ok(())
+                }
+                Err(_) => Err(ExitCode::from(1)),
+            }
+        }
         Cmd::Probe { what } => {
             let r = match what {
                 ProbeCmd::Snapshot { mode, owners, repeat } => {

@@ -48,6 +48,12 @@ pub struct AgentSection {
     pub socket: PathBuf,
     /// Members of this group may query the agent (root always may).
     pub read_group: String,
+    /// Members of this group may also change things (remedies, reload); root always may.
+    pub admin_group: Option<String>,
+    /// Write finding transitions and remedy outcomes to journald (when it runs).
+    pub journal: bool,
+    /// Prometheus metrics on this loopback address (off when unset), e.g. "127.0.0.1:9464".
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentSection {
@@ -56,6 +62,9 @@ impl Default for AgentSection {
             mode: Mode::Auto,
             socket: DEFAULT_SOCKET.into(),
             read_group: "holdfast".into(),
+            admin_group: None,
+            journal: true,
+            metrics: None,
         }
     }
 }
@@ -79,8 +88,8 @@ impl Default for SnapshotSection {
     fn default() -> Self {
         Self {
             poll_interval: Duration::from_millis(500),
-            ebpf_interval: Duration::from_secs(5),
-            full_interval: Duration::from_secs(60),
+            ebpf_interval: Duration::from_secs(10),
+            full_interval: Duration::from_secs(120),
         }
     }
 }
@@ -474,7 +483,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.agent.mode, Mode::Poll);
         assert_eq!(c.snapshot.poll_interval, Duration::from_millis(250));
-        assert_eq!(c.snapshot.ebpf_interval, Duration::from_secs(5));
+        assert_eq!(c.snapshot.ebpf_interval, Duration::from_secs(10));
         let c = Config::parse(
             "[zombies]\nmin_age = \"0s\"\n[remedies]\nsigchld = \"dry-run\"\n",
             "x",

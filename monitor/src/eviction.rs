@@ -34,6 +34,9 @@ pub struct EvictionPolicy {
     pub host_conntrack_s: Option<u64>,
     /// Namespace keepalive sysctls: tcp_keepalive_time, _intvl, _probes.
     pub sysctl_keepalive: (u32, u32, u32),
+    /// The shortest idle timeout any flow can get (rules, default profile, host conntrack): flows
+    /// idler than warn_ratio of it are the only ones that need a full assessment.
+    pub min_timeout_ms: u64,
 }
 
 /// The idle timeout that applies to a flow, and why.
@@ -207,8 +210,8 @@ pub fn assess(
     known: Option<KaValues>,
     route: &mut dyn FnMut(IpAddr) -> Path,
 ) -> Assessment {
-    let view = f.view(now);
-    let idle_ms = view.idle_ms.unwrap_or(0);
+    let ages = f.ages_ms(now);
+    let idle_ms = f.idle_ms(now).unwrap_or(0);
     let keepalive = keepalive_of(f, known, pol);
     let ka_on = keepalive.on == Some(true);
     let refresh_s = ka_on.then(|| keepalive.values.idle_s.max(keepalive.values.intvl_s));
@@ -236,7 +239,7 @@ pub fn assess(
     let refreshes = app.keepalive_resets && refresh_s.is_some_and(|r| u64::from(r) < app.timeout_s);
     let t = f.tcp.as_ref();
     let stuck = t.is_some_and(|t| t.unacked > 0 && (t.retransmits > 0 || t.backoff > 0))
-        && view.last_ack_recv_ms.is_some_and(|ack| ack >= timeout_ms);
+        && ages.is_some_and(|(_, _, ack)| ack >= timeout_ms);
     a.verdict = if stuck {
         Verdict::LikelyEvicted
     } else if refreshes {
@@ -322,6 +325,8 @@ pub struct EvictionDetector {
     planned: HashMap<u64, u64>,
     postmortems: Vec<(u64, Nanos)>,
     prevented: std::collections::HashSet<u64>,
+    /// Sample time a keepalive-on flow was last fully assessed at.
+    judged: HashMap<u64, Nanos>,
 }
 
 fn kind_of(v: Verdict) -> Option<&'static str> {
@@ -389,7 +394,20 @@ impl EvictionDetector {
         let mut out = Vec::new();
         let mut requests = Vec::new();
         let mut live: HashMap<(u64, &'static str), ()> = HashMap::new();
+        let quick = (pol.min_timeout_ms as f64 * pol.warn_ratio) as u64;
         for f in flows.filter(|f| f.state == monitor_common::tcp_state::ESTABLISHED && f.tcp.is_some()) {
+            // Quick reject (no allocation, no lookups): recently active, keepalive off or already
+            // judged on this sample, and no retransmissions.
+            let t = f.tcp.as_ref().expect("filtered");
+            let calm = t.unacked == 0 && t.retransmits == 0;
+            if calm
+                && f.idle_ms(now).is_some_and(|i| i < quick)
+                && (t.keepalive != Some(true) || self.judged.get(&f.cookie) == Some(&f.tcp_at))
+                && !self.applied.contains_key(&f.cookie)
+            {
+                continue;
+            }
+            self.judged.insert(f.cookie, f.tcp_at);
             let a = assess(f, now, pol, self.known.get(&f.cookie).copied(), route);
             self.verify(f, &a, now, store, &mut out);
             // Poll mode does not see per-socket keepalive values: read them once through a pidfd.
@@ -473,6 +491,7 @@ impl EvictionDetector {
             self.pending.remove(&f.cookie);
             self.planned.remove(&f.cookie);
             self.prevented.remove(&f.cookie);
+            self.judged.remove(&f.cookie);
             if let Some(id) = self.postmortem(f, *at, pol, route, store) {
                 out.push((id, Transition::New));
             }
@@ -843,6 +862,7 @@ mod tests {
             },
             host_conntrack_s: None,
             sysctl_keepalive: (7200, 75, 9),
+            min_timeout_ms: 20_000,
         }
     }
 
@@ -857,12 +877,12 @@ mod tests {
             last_seen: 0,
             inode: 5,
             uid: 0,
-            owner: Some(Owner {
+            owner: Some(std::sync::Arc::new(Owner {
                 pid: 77,
                 comm: "psql".into(),
                 cgroup: None,
                 unit: None,
-            }),
+            })),
             pid_hint: None,
             tcp: Some(TcpSample {
                 last_data_sent_ms: idle_ms,

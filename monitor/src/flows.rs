@@ -28,7 +28,8 @@ pub struct Flow {
     pub last_seen: Nanos,
     pub inode: u64,
     pub uid: u32,
-    pub owner: Option<Owner>,
+    /// Shared by every flow of the process.
+    pub owner: Option<std::sync::Arc<Owner>>,
     pub pid_hint: Option<PidHint>,
     pub tcp: Option<TcpSample>,
     /// When `tcp` was sampled.
@@ -184,7 +185,7 @@ impl FlowTable {
     }
 
     /// Merges a complete snapshot. `owners` maps socket inode -> owner.
-    pub fn apply_snapshot(&mut self, snap: &Snapshot, owners: &HashMap<u64, Owner>) {
+    pub fn apply_snapshot(&mut self, snap: &Snapshot, owners: &HashMap<u64, std::sync::Arc<Owner>>) {
         let at = snap.finished;
         let mut time_wait = 0;
         for s in &snap.socks {
@@ -311,6 +312,26 @@ pub struct RiskView {
 }
 
 impl Flow {
+    /// Milliseconds since the last data sent, data received and ACK received, aged to `now`
+    /// (no allocation: the detectors call this for every flow).
+    pub fn ages_ms(&self, now: Nanos) -> Option<(u64, u64, u64)> {
+        let t = self.tcp.as_ref()?;
+        let grown = now.saturating_sub(self.tcp_at) / 1_000_000;
+        Some((
+            u64::from(t.last_data_sent_ms) + grown,
+            u64::from(t.last_data_recv_ms) + grown,
+            u64::from(t.last_ack_recv_ms) + grown,
+        ))
+    }
+
+    /// Time since the last packet either way; None for listeners and flows without a sample.
+    pub fn idle_ms(&self, now: Nanos) -> Option<u64> {
+        if self.state == tcp_state::LISTEN {
+            return None;
+        }
+        self.ages_ms(now).map(|(s, r, a)| s.min(r).min(a))
+    }
+
     pub fn view(&self, now: Nanos) -> FlowView {
         let ms = |ns: u64| ns / 1_000_000;
         let aged = |v: u32| -> u64 { u64::from(v) + ms(now.saturating_sub(self.tcp_at)) };
@@ -471,12 +492,12 @@ mod tests {
         let mut t = FlowTable::default();
         let owners = HashMap::from([(
             50u64,
-            Owner {
+            std::sync::Arc::new(Owner {
                 pid: 3,
                 comm: "sshd".into(),
                 cgroup: None,
                 unit: None,
-            },
+            }),
         )]);
         t.apply_snapshot(
             &snap(10 * S, 11 * S, vec![sock(7, tcp_state::ESTABLISHED, 50)]),

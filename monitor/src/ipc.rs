@@ -65,6 +65,13 @@ pub enum Request {
     Profiles,
     /// The session ledger per service.
     Ledger,
+    /// Finding transitions and remedy outcomes; with `follow` the connection streams them.
+    Events {
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Re-read the configuration file (needs root or the admin group).
+    Reload,
     /// Apply a remedy now (needs root or the agent's uid).
     Remedy {
         action: String,
@@ -114,6 +121,10 @@ pub struct Status {
     pub keepalive_at_connect: String,
     pub sockops_applied: u64,
     pub config: String,
+    pub config_reloads: u64,
+    pub last_reload_error: Option<String>,
+    /// Findings are written to journald.
+    pub journal: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -167,7 +178,7 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
     }
     serde_json::from_value::<Envelope>(v).map(|e| e.req).map_err(|e| {
         Reply::err(format!(
-            "bad request: {e} (ops: status, flows, procs, findings, explain, profiles, ledger, remedy)"
+            "bad request: {e} (ops: status, flows, procs, findings, explain, profiles, ledger, events, reload, remedy)"
         ))
     })
 }
@@ -198,6 +209,42 @@ impl ClientError {
             _ => 1,
         }
     }
+}
+
+/// Streams `events --follow`: calls `each` with every notice line until the agent goes away.
+pub fn follow(socket: &Path, mut each: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
+    let path = socket.display().to_string();
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NoAgent { path: path.clone() }
+        }
+        std::io::ErrorKind::PermissionDenied => ClientError::Denied { path: path.clone() },
+        _ => ClientError::Io {
+            path: path.clone(),
+            source: e,
+        },
+    })?;
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut line = serde_json::to_string(&Envelope {
+        v: PROTOCOL_VERSION,
+        req: Request::Events { follow: true },
+    })
+    .map_err(|e| ClientError::BadReply(e.to_string()))?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io)?;
+    for l in BufReader::new(&stream).lines() {
+        let l = l.map_err(io)?;
+        let r: Reply = serde_json::from_str(&l).map_err(|e| ClientError::BadReply(e.to_string()))?;
+        match (r.ok, r.data, r.error) {
+            (true, Some(d), _) => each(d),
+            (_, _, Some(e)) => return Err(ClientError::Refused(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Sends one request and returns the reply's data.
@@ -270,6 +317,8 @@ mod tests {
                 dry_run: true,
             },
             Request::Profiles,
+            Request::Events { follow: true },
+            Request::Reload,
         ] {
             let line = serde_json::to_string(&Envelope {
                 v: PROTOCOL_VERSION,

@@ -43,8 +43,7 @@ pub fn half_open(f: &Flow, now: Nanos, cfg: &LeaksSection) -> Option<Evidence> {
         return None;
     }
     let t = f.tcp.as_ref()?;
-    let v = f.view(now);
-    let silence_ms = v.last_ack_recv_ms?;
+    let (_, _, silence_ms) = f.ages_ms(now)?;
     if silence_ms < cfg.half_open_silence.as_millis() as u64 {
         return None;
     }
@@ -405,12 +404,12 @@ mod tests {
             last_seen: 0,
             inode: cookie,
             uid: 0,
-            owner: Some(Owner {
+            owner: Some(std::sync::Arc::new(Owner {
                 pid: 50,
                 comm: "bridge".into(),
                 cgroup: None,
                 unit: None,
-            }),
+            })),
             pid_hint: None,
             tcp: Some(t),
             tcp_at: 100 * S,

@@ -254,12 +254,12 @@ mod tests {
             last_seen: 0,
             inode: cookie,
             uid: 0,
-            owner: Some(Owner {
+            owner: Some(std::sync::Arc::new(Owner {
                 pid: 4_194_305,
                 comm: "bridge".into(),
                 cgroup: None,
                 unit: None,
-            }),
+            })),
             pid_hint: None,
             tcp: None,
             tcp_at: 0,

@@ -4,6 +4,7 @@
 //! socket of unknown owner appears, tries the likely owners first (the pid seen at connect(), the
 //! owner of the listener on the same port) and bounds full walks to a small duty cycle.
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::observe::{Owner, SockSample};
@@ -14,7 +15,7 @@ const MIN_FULL_WALK_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Default)]
 pub struct OwnerResolver {
-    cache: HashMap<u64, Owner>,
+    cache: HashMap<u64, Arc<Owner>>,
     /// Inodes a full walk did not find (fd in flight, or held outside our /proc view).
     unfindable: HashSet<u64>,
     last_full: Option<Instant>,
@@ -80,7 +81,7 @@ fn all_pids() -> Vec<u32> {
 }
 
 impl OwnerResolver {
-    pub fn owner(&self, inode: u64) -> Option<&Owner> {
+    pub fn owner(&self, inode: u64) -> Option<&Arc<Owner>> {
         self.cache.get(&inode)
     }
 
@@ -93,7 +94,7 @@ impl OwnerResolver {
         if found.is_empty() {
             return 0;
         }
-        let Some(owner) = describe(pid) else {
+        let Some(owner) = describe(pid).map(Arc::new) else {
             return 0;
         };
         for i in &found {
@@ -113,14 +114,17 @@ impl OwnerResolver {
     /// Resolves owners from a complete inode -> pid map (eBPF mode's task_file iterator).
     pub fn resolve_from(&mut self, socks: &[SockSample], map: &HashMap<u64, u32>) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        let mut described: HashMap<u32, Option<Owner>> = HashMap::new();
+        let mut described: HashMap<u32, Option<Arc<Owner>>> = HashMap::new();
         for i in live {
             if self.cache.contains_key(&i) {
                 continue;
             }
             match map.get(&i) {
                 Some(pid) => {
-                    if let Some(o) = described.entry(*pid).or_insert_with(|| describe(*pid)) {
+                    if let Some(o) = described
+                        .entry(*pid)
+                        .or_insert_with(|| describe(*pid).map(Arc::new))
+                    {
                         self.cache.insert(i, o.clone());
                     }
                 }

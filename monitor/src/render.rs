@@ -73,6 +73,18 @@ fn eta(f: &FlowView) -> String {
     }
 }
 
+/// One notice as a line: time, kind, transition, message.
+pub fn notice(n: &serde_json::Value) -> String {
+    let secs = n["time_ms"].as_u64().unwrap_or(0) / 1000;
+    let (h, m, sec) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    format!(
+        "{h:02}:{m:02}:{sec:02}Z {:<20} {:<8} {}",
+        s(&n["kind"]),
+        s(&n["transition"]),
+        s(&n["message"])
+    )
+}
+
 /// The session ledger.
 pub fn ledger(v: &[crate::ledger::LedgerRow]) -> String {
     if v.is_empty() {
@@ -216,7 +228,23 @@ pub fn status(s: &Status) -> String {
         "owners:     {} full /proc walks, {} targeted\n",
         s.owner_full_walks, s.owner_targeted_walks
     ));
-    o.push_str(&format!("config:     {}\n", s.config));
+    o.push_str(&format!(
+        "config:     {} (reloaded {} times{})\n",
+        s.config,
+        s.config_reloads,
+        s.last_reload_error
+            .as_ref()
+            .map_or(String::new(), |e| format!("; last reload refused: {e}"))
+    ));
+    o.push_str(&format!(
+        "findings:   {} active; journald {}\n",
+        s.findings_active,
+        if s.journal {
+            "on"
+        } else {
+            "off (not running or disabled)"
+        }
+    ));
     o
 }
 

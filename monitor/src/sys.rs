@@ -229,3 +229,10 @@ pub fn shutdown(fd: BorrowedFd<'_>) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// Restores the default SIGPIPE disposition (the CLI then ends quietly when its output pipe
+/// closes, like other Unix tools; the agent keeps ignoring it and handles EPIPE).
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal disposition to SIG_DFL has no memory effects.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

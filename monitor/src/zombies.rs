@@ -194,6 +194,8 @@ pub struct ParentCase {
     pub children: Vec<ZombieView>,
     pub nudges: u32,
     pub stopped: bool,
+    /// Age of the oldest zombie when the finding opened: the detection latency when min_age is 0.
+    pub age_at_report_ms: u64,
     #[serde(skip)]
     opened: Nanos,
     #[serde(skip)]
@@ -247,6 +249,7 @@ fn details(c: &ParentCase) -> serde_json::Value {
         "children": c.children.iter().take(LIST_CHILDREN).collect::<Vec<_>>(),
         "nudges": c.nudges,
         "nudge_can_help": c.diagnosis.nudge_can_help(),
+        "age_at_report_ms": c.age_at_report_ms,
     })
 }
 
@@ -315,6 +318,7 @@ impl ZombieDetector {
                         children: kids.clone(),
                         nudges: 0,
                         stopped: false,
+                        age_at_report_ms: kids.first().map_or(0, |k| k.age_ms),
                         opened: now,
                         seen: HashSet::new(),
                         next_nudge: now,

@@ -402,13 +402,24 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent in `ns` with `mode` and extra config TOML, and waits until it answers.
     pub fn start(ns: &Netns, mode: &str, extra_config: &str) -> Self {
+        Self::start_env(ns, mode, "", extra_config, &[])
+    }
+
+    /// As `start`, with extra `[agent]` lines and environment variables for the agent.
+    pub fn start_env(
+        ns: &Netns,
+        mode: &str,
+        agent_lines: &str,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-agent", ns.name));
         std::fs::create_dir_all(&dir).expect("agent dir");
         let socket = dir.join("holdfast.sock");
         let config = dir.join("holdfast.toml");
         std::fs::write(
             &config,
-            format!("[agent]\nmode = \"{mode}\"\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n{extra_config}"),
+            format!("[agent]\nmode = \"{mode}\"\n{agent_lines}\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n{extra_config}"),
         )
         .expect("write config");
         let stderr_path = dir.join("agent.stderr");
@@ -420,6 +431,7 @@ impl Agent {
             .arg(&config)
             .arg("--socket")
             .arg(&socket)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()

@@ -60,7 +60,7 @@ fn close_wait_leak_is_reported_and_freed(mode: &str) {
         assert!(visit(&ns, &addr), "served while below the limit");
     }
     // 3 of 4 slots leaked: session-budget fires before the limit is reached.
-    let budget = wait_for(Duration::from_secs(3), "session-budget before the limit", || {
+    let budget = wait_for(Duration::from_secs(8), "session-budget before the limit", || {
         findings(&agent, "session-budget")
             .into_iter()
             .next()

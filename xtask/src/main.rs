@@ -8,6 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
+mod install;
+
 /// Userspace toolchain (aya 0.16 needs rustc >= 1.98).
 const STABLE: &str = "1.99.1";
 /// eBPF toolchain: its LLVM major (22) must equal bpf-linker's.
@@ -23,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "conntrack",
+    "bpftool",
+    "procps",
 ];
 
 fn root() -> PathBuf {
@@ -259,8 +264,36 @@ fn main() -> ExitCode {
             }
             run(&mut c)
         }),
+        "install" => build().and_then(|bin| {
+            println!("installing:");
+            install::stage(&root(), &bin, Path::new("/"))?;
+            install::activate();
+            Ok(())
+        }),
+        "package" => build().and_then(|bin| {
+            let deb = install::package(&root(), &bin, env!("CARGO_PKG_VERSION"))?;
+            println!("built {}", deb.display());
+            Ok(())
+        }),
+        "bench" => build().and_then(|bin| {
+            let sizes: Vec<usize> = if rest.is_empty() {
+                vec![1_000, 10_000, 100_000]
+            } else {
+                rest.iter().filter_map(|s| s.parse().ok()).collect()
+            };
+            let tools = root().join("target/release");
+            let results = bench::run(&bin, &tools, &sizes)?;
+            let dir = root().join("target/bench");
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("results.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+            println!("\nresults: {}", path.display());
+            Ok(())
+        }),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|run [agent args]|test [test filter]>");
+            eprintln!(
+                "usage: cargo xtask <setup|build|run [agent args]|test [test filter]|bench [connections...]|install|package>"
+            );
             return ExitCode::from(2);
         }
     };

@@ -4,7 +4,7 @@
 //! the IPC connections send it messages over a bounded channel. Snapshots and /proc walks block,
 //! so they run on their own threads.
 mod server;
-mod state;
+pub mod state;
 mod workers;
 
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 pub use server::{Access, group_gid};
-use state::State;
+pub use state::State;
 use workers::{Source, WorkerMsg};
 
 use crate::config::{Config, Mode};
@@ -32,8 +32,14 @@ use crate::zombies::ZombiePolicy;
 
 /// How often detectors run over the state.
 const EVALUATE_EVERY: Duration = Duration::from_millis(200);
+/// How often the flow detectors (eviction, leaks) walk the flow table.
+const FLOWS_EVERY: Duration = Duration::from_secs(1);
+/// How often the session ledger is recounted.
+const LEDGER_EVERY: Duration = Duration::from_secs(3);
+/// After an exit event, when to check /proc for the zombie (exit_notify has run by then).
+const ZOMBIE_CHECK_AFTER: Duration = Duration::from_millis(25);
 
-pub(crate) enum Msg {
+pub enum Msg {
     Events {
         events: Vec<Event>,
         procs: Vec<ProcEvent>,
@@ -42,7 +48,7 @@ pub(crate) enum Msg {
     },
     Snapshot {
         snap: Snapshot,
-        owners: HashMap<u64, Owner>,
+        owners: HashMap<u64, std::sync::Arc<Owner>>,
         full_walks: u64,
         targeted_walks: u64,
     },
@@ -59,15 +65,17 @@ pub(crate) enum Msg {
         reply: oneshot::Sender<Reply>,
     },
     Keepalive(Vec<KaResult>),
+    /// A Prometheus scrape.
+    Metrics(oneshot::Sender<String>),
 }
 
 /// Runs the agent in the foreground until SIGINT or SIGTERM.
-pub fn run(cfg: Config, config_desc: String) -> anyhow::Result<()> {
+pub fn run(cfg: Config, config_desc: String, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(run_async(cfg, config_desc))
+    rt.block_on(run_async(cfg, config_desc, config_path))
 }
 
 fn select_mode(
@@ -113,7 +121,11 @@ fn select_mode(
     }
 }
 
-async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
+async fn run_async(
+    mut cfg: Config,
+    config_desc: String,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let cgroup_values = crate::eviction::plan(cfg.keepalive.cgroup_timeout.as_secs(), &cfg.keepalive).ok();
     let cgroup_dirs = match (cfg.keepalive.cgroups.is_empty(), crate::cgroups::mount()) {
         (true, _) => Vec::new(),
@@ -143,6 +155,7 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     let access = Access {
         agent_uid: sys::geteuid(),
         group: (cfg.agent.read_group.clone(), gid),
+        admin: cfg.agent.admin_group.as_ref().map(|g| (g.clone(), group_gid(g))),
     };
     let listener = server::bind_socket(&cfg.agent.socket, gid)?;
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
@@ -195,8 +208,15 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
     );
     state.sockops = sockops;
     state.services = cfg.services.clone();
+    state.journal = if cfg.agent.journal {
+        crate::journal::Journal::open(std::path::Path::new(crate::journal::SOCKET))
+    } else {
+        None
+    };
+    let (ntx, _) = tokio::sync::broadcast::channel::<crate::sinks::Notice>(1024);
+    state.notices = Some(ntx.clone());
     let mut policy_read = std::time::Instant::now();
-    let policy = ZombiePolicy {
+    let mut policy = ZombiePolicy {
         min_age: cfg.zombies.min_age.as_nanos() as u64,
         sigchld: cfg.remedies.sigchld,
     };
@@ -207,7 +227,12 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(server::serve_conn(stream, qtx.clone(), access.clone()));
+                    tokio::spawn(server::serve_conn(
+                        stream,
+                        qtx.clone(),
+                        access.clone(),
+                        ntx.clone(),
+                    ));
                 }
                 Err(e) => {
                     warn!("accept on the CLI socket failed: {e}");
@@ -217,12 +242,28 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
         }
     });
 
+    if let Some(addr) = cfg.agent.metrics {
+        let mtx = tx.clone();
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+        info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(l, mtx));
+    }
+    let notify = crate::notify::Notifier::from_env();
+    notify.send(&format!("READY=1\nSTATUS=mode {mode}: starting"));
+    let watchdog = crate::notify::watchdog_interval();
+    let mut last_notify = std::time::Instant::now();
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(EVALUATE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_failures = 0u64;
     let mut nudger = PidfdNudger;
+    let mut zombie_due: Option<tokio::time::Instant> = None;
+    let mut flows_evaluated = std::time::Instant::now();
+    let mut ledger_updated = std::time::Instant::now();
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -247,6 +288,10 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                         for p in &procs {
                             state.zombies.tracker.on_event(p);
                         }
+                        // An exit is checked against /proc right after exit_notify, not at the next tick.
+                        if procs.iter().any(|p| p.kind == crate::observe::ProcEventKind::Exit) && zombie_due.is_none() {
+                            zombie_due = Some(tokio::time::Instant::now() + ZOMBIE_CHECK_AFTER);
+                        }
                     }
                     Msg::Snapshot { snap, owners, full_walks, targeted_walks } => {
                         state.snapshots += 1;
@@ -270,6 +315,20 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                         state.processes = scan.processes;
                         state.zombies.tracker.on_scan(&scan.zombies, finished, started);
                     }
+                    Msg::Query { req: Request::Reload, admin, reply } => {
+                        let r = if !admin {
+                            Reply::err("permission denied: reloading the configuration needs root or the admin group (agent.admin_group)")
+                        } else {
+                            match reload(&mut state, &mut cfg, config_path.as_deref(), &mut policy) {
+                                Ok(()) => Reply::ok(&serde_json::json!({ "reloaded": state.config_desc })),
+                                Err(e) => Reply::err(e),
+                            }
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Msg::Metrics(reply) => {
+                        let _ = reply.send(crate::metrics::render(&state));
+                    }
                     Msg::Query { req, admin, reply } => {
                         let _ = reply.send(state.answer(&req, admin));
                         if !state.outbox.is_empty() {
@@ -280,7 +339,7 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                         let now = sys::monotonic_ns();
                         for r in &results {
                             match state.eviction.on_result(r, now, &mut state.findings) {
-                                Some((id, t)) => log_transition(&state, id, &t),
+                                Some((id, t)) => log_transition(&mut state, id, &t),
                                 None if r.error.is_none() && r.before.is_some_and(|b| !b.0) => info!(
                                     flow = r.cookie, via = r.via, before = ?r.before, after = ?r.after,
                                     "keepalive at first sight applied (configured cgroup)"
@@ -291,12 +350,29 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = async { tokio::time::sleep_until(zombie_due.unwrap_or_else(tokio::time::Instant::now)).await }, if zombie_due.is_some() => {
+                zombie_due = None;
+                let transitions = state.zombies.evaluate(sys::monotonic_ns(), policy, &LiveProc, &mut nudger, &mut state.findings);
+                for (id, t) in transitions {
+                    log_transition(&mut state, id, &t);
+                }
+            }
             _ = tick.tick() => {
                 let now = sys::monotonic_ns();
+                if last_notify.elapsed() >= watchdog.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5)) {
+                    last_notify = std::time::Instant::now();
+                    let status = format!("STATUS={} mode: {} flows, {} active findings", state.mode, state.table.len(), state.findings.active().count());
+                    notify.send(&if watchdog.is_some() { format!("WATCHDOG=1\n{status}") } else { status });
+                }
                 let transitions = state.zombies.evaluate(now, policy, &LiveProc, &mut nudger, &mut state.findings);
                 for (id, t) in transitions {
-                    log_transition(&state, id, &t);
+                    log_transition(&mut state, id, &t);
                 }
+                // The flow detectors walk every flow: once per FLOWS_EVERY, not every tick.
+                if flows_evaluated.elapsed() < FLOWS_EVERY {
+                    continue;
+                }
+                flows_evaluated = std::time::Instant::now();
                 if policy_read.elapsed() > Duration::from_secs(10) {
                     // Sysctls and routes can change under a running agent.
                     state.evpol = eviction_policy(&cfg);
@@ -309,7 +385,7 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                     now, state.table.iter(), &closed, &state.evpol, &mut |ip| router.path(ip), &mut state.findings,
                 );
                 for (id, t) in transitions {
-                    log_transition(&state, id, &t);
+                    log_transition(&mut state, id, &t);
                 }
                 if mode == "poll" && !cfg.keepalive.cgroups.is_empty() && cfg.keepalive.mode == crate::config::RemedyMode::Enforce {
                     if let Some(v) = cgroup_values {
@@ -319,20 +395,27 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
                 if !requests.is_empty() {
                     let _ = wtx.send(WorkerMsg::Keepalive(requests));
                 }
-                let leaked = state.leaks.leaked(state.table.iter(), now, &cfg.leaks);
-                state.ledger.update(now, state.table.iter(), &closed, &leaked, &cfg.services);
+                // The ledger walks every flow with map lookups: every LEDGER_EVERY (closes are
+                // buffered in between so that none is missed).
+                state.pending_closed.extend(closed.iter().cloned());
+                if ledger_updated.elapsed() >= LEDGER_EVERY {
+                    ledger_updated = std::time::Instant::now();
+                    let leaked = state.leaks.leaked(state.table.iter(), now, &cfg.leaks);
+                    let pending = std::mem::take(&mut state.pending_closed);
+                    state.ledger.update(now, state.table.iter(), &pending, &leaked, &cfg.services);
+                    state.leaked = leaked;
+                }
                 let mut transitions = state.leaks.evaluate(now, state.table.iter(), &cfg.leaks, &cfg.services, &mut SockDiagCloser, &mut state.findings);
                 transitions.extend(state.ledger.evaluate(now, &cfg.services, &cfg.ledger, &mut state.findings));
                 state.leaks.forget(closed.iter().map(|(f, _)| f.cookie));
-                state.leaked = leaked;
                 for (id, t) in transitions {
-                    log_transition(&state, id, &t);
+                    log_transition(&mut state, id, &t);
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                warn!("SIGHUP: configuration reload is not implemented yet; restart the agent to apply a new config");
+                let _ = reload(&mut state, &mut cfg, config_path.as_deref(), &mut policy);
             }
         }
     }
@@ -344,6 +427,14 @@ async fn run_async(cfg: Config, config_desc: String) -> anyhow::Result<()> {
 /// The idle time below which no flow can be at risk before the next snapshot: the kernel may leave
 /// such flows out of filtered snapshots. None disables filtering (nothing would be left out).
 fn filter_idle_ms(cfg: &Config, interval: Duration) -> Option<u64> {
+    // Warn at warn_ratio x timeout; leave two snapshot intervals of margin.
+    let threshold = (min_timeout_ms(cfg) as f64 * cfg.eviction.warn_ratio) as u64;
+    let t = threshold.saturating_sub(2 * interval.as_millis() as u64);
+    (t >= 1000).then_some(t)
+}
+
+/// The shortest idle timeout a flow can get from this config and host.
+fn min_timeout_ms(cfg: &Config) -> u64 {
     let profiles = cfg.profiles();
     let timeout = |name: &str| {
         profiles
@@ -362,11 +453,7 @@ fn filter_idle_ms(cfg: &Config, interval: Duration) -> Option<u64> {
     if let Some(ct) = read_u64("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established") {
         min = min.min(ct * 1000);
     }
-    min = min.min(cfg.keepalive.cgroup_timeout.as_millis() as u64);
-    // Warn at warn_ratio x timeout; leave two snapshot intervals of margin.
-    let threshold = (min as f64 * cfg.eviction.warn_ratio) as u64;
-    let t = threshold.saturating_sub(2 * interval.as_millis() as u64);
-    (t >= 1000).then_some(t)
+    min.min(cfg.keepalive.cgroup_timeout.as_millis() as u64)
 }
 
 fn read_u64(path: &str) -> Option<u64> {
@@ -390,12 +477,41 @@ fn eviction_policy(cfg: &Config) -> EvictionPolicy {
             .then(|| read_u64("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established"))
             .flatten(),
         sysctl_keepalive: (ka("time", 7200), ka("intvl", 75), ka("probes", 9)),
+        min_timeout_ms: min_timeout_ms(cfg),
     }
 }
 
-/// One log entry per finding transition or remedy outcome (never one per tick).
-fn log_transition(state: &State, id: u64, t: &Transition) {
-    let Some(f) = state.findings.get(id) else { return };
+/// One log entry, one journal entry and one `events` line per finding transition or remedy
+/// outcome (never one per tick).
+fn log_transition(state: &mut State, id: u64, t: &Transition) {
+    let Some(f) = state.findings.get(id).cloned() else {
+        return;
+    };
+    let n = crate::sinks::notice(&f, t);
+    if let Some(j) = &state.journal {
+        if let Err(e) = j.send(&crate::sinks::journal_fields(&n)) {
+            if !state.journal_failed {
+                warn!("writing to journald failed (reported once): {e}");
+                state.journal_failed = true;
+            }
+        }
+    }
+    *state
+        .counts
+        .entry((
+            n.kind.clone(),
+            n.transition.clone(),
+            n.action.clone().unwrap_or_default(),
+            outcome_class(n.outcome.as_deref()),
+        ))
+        .or_default() += 1;
+    state.recent.push_back(n.clone());
+    if state.recent.len() > 200 {
+        state.recent.pop_front();
+    }
+    if let Some(tx) = &state.notices {
+        let _ = tx.send(n);
+    }
     let transition = t.as_str();
     match t {
         Transition::Action => {
@@ -407,5 +523,78 @@ fn log_transition(state: &State, id: u64, t: &Transition) {
             info!(kind = %f.kind, finding = id, transition, subject = %f.subject, "resolved: {}", f.summary)
         }
         _ => warn!(kind = %f.kind, finding = id, transition, subject = %f.subject, "{}", f.summary),
+    }
+}
+
+/// The outcome class counted in metrics: planned, ok, failed.
+fn outcome_class(o: Option<&str>) -> String {
+    match o {
+        None => String::new(),
+        Some(o) if o.starts_with("planned") => "planned".into(),
+        Some(o)
+            if o.starts_with("failed")
+                || o.starts_with("refused")
+                || o.starts_with("not ")
+                || o.starts_with("stopped") =>
+        {
+            "failed".into()
+        }
+        Some(_) => "ok".into(),
+    }
+}
+
+/// Re-reads the configuration. A bad file is refused and the old configuration stays in force;
+/// keys that need a restart are named.
+fn reload(
+    state: &mut State,
+    cfg: &mut Config,
+    path: Option<&std::path::Path>,
+    policy: &mut ZombiePolicy,
+) -> Result<(), String> {
+    let Some(path) = path else {
+        let e = "no configuration file was loaded at start (defaults in force); start with --config FILE to reload".to_string();
+        warn!("{e}");
+        return Err(e);
+    };
+    match Config::load(path, true) {
+        Err(e) => {
+            let msg = format!("configuration reload refused, the previous configuration stays in force: {e}");
+            tracing::error!("{msg}");
+            state.last_reload_error = Some(e.to_string());
+            Err(msg)
+        }
+        Ok((new, _)) => {
+            let mut restart = Vec::new();
+            if new.agent.mode != cfg.agent.mode {
+                restart.push("agent.mode");
+            }
+            if new.agent.socket != cfg.agent.socket {
+                restart.push("agent.socket");
+            }
+            if new.agent.metrics != cfg.agent.metrics {
+                restart.push("agent.metrics");
+            }
+            if new.snapshot != cfg.snapshot {
+                restart.push("snapshot.*");
+            }
+            if new.keepalive.cgroups != cfg.keepalive.cgroups {
+                restart.push("keepalive.cgroups");
+            }
+            *cfg = new;
+            state.evpol = eviction_policy(cfg);
+            state.services = cfg.services.clone();
+            *policy = ZombiePolicy {
+                min_age: cfg.zombies.min_age.as_nanos() as u64,
+                sigchld: cfg.remedies.sigchld,
+            };
+            state.reloads += 1;
+            state.last_reload_error = None;
+            if restart.is_empty() {
+                info!(path = %path.display(), "configuration reloaded");
+            } else {
+                warn!(path = %path.display(), "configuration reloaded; changes to {} take effect at the next restart", restart.join(", "));
+            }
+            Ok(())
+        }
     }
 }

@@ -17,6 +17,8 @@ pub struct Access {
     pub agent_uid: u32,
     /// The read group's name and, if it exists on this host, its gid.
     pub group: (String, Option<u32>),
+    /// The admin group (may change things: remedies, reload), if configured.
+    pub admin: Option<(String, Option<u32>)>,
 }
 
 /// The gid of `name` from /etc/group.
@@ -40,7 +42,22 @@ fn supplementary_groups(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+fn in_group(cred: sys::PeerCred, gid: u32) -> bool {
+    cred.gid == gid || supplementary_groups(cred.pid).contains(&gid)
+}
+
 impl Access {
+    /// Root, the agent's own uid, or a member of the admin group.
+    pub fn is_admin(&self, cred: sys::PeerCred) -> bool {
+        cred.uid == 0
+            || cred.uid == self.agent_uid
+            || self
+                .admin
+                .as_ref()
+                .and_then(|(_, g)| *g)
+                .is_some_and(|g| in_group(cred, g))
+    }
+
     /// Ok, or the refusal to send back.
     pub fn check(&self, cred: sys::PeerCred) -> Result<(), String> {
         if cred.uid == 0 || cred.uid == self.agent_uid {
@@ -48,9 +65,12 @@ impl Access {
         }
         let (name, gid) = &self.group;
         if let Some(gid) = gid {
-            if cred.gid == *gid || supplementary_groups(cred.pid).contains(gid) {
+            if in_group(cred, *gid) {
                 return Ok(());
             }
+        }
+        if self.is_admin(cred) {
+            return Ok(());
         }
         let fix = match gid {
             Some(_) => format!("ask an admin to run `usermod -aG {name} <user>`"),
@@ -89,10 +109,15 @@ pub fn bind_socket(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListen
     Ok(l)
 }
 
-pub async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Msg>, access: Access) {
+pub async fn serve_conn(
+    stream: UnixStream,
+    tx: mpsc::Sender<Msg>,
+    access: Access,
+    notices: tokio::sync::broadcast::Sender<crate::sinks::Notice>,
+) {
     use std::os::fd::AsFd;
     let cred = sys::peer_cred(stream.as_fd()).ok();
-    let admin = cred.is_some_and(|c| c.uid == 0 || c.uid == access.agent_uid);
+    let admin = cred.is_some_and(|c| access.is_admin(c));
     let verdict = sys::peer_cred(stream.as_fd())
         .map_err(|e| format!("cannot read peer credentials: {e}"))
         .and_then(|c| access.check(c));
@@ -131,6 +156,26 @@ pub async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Msg>, access: Acces
         }
         let reply = match ipc::parse_request(line) {
             Err(r) => r,
+            Ok(ipc::Request::Events { follow: true }) => {
+                // Stream every notice as its own reply line until the client goes away.
+                let mut rx = notices.subscribe();
+                loop {
+                    match rx.recv().await {
+                        Ok(n) => {
+                            if w.write_all(Reply::ok(&n).to_line().as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                            let msg = format!("{k} events were dropped: this reader is too slow");
+                            if w.write_all(Reply::err(msg).to_line().as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
             Ok(req) => {
                 let (otx, orx) = oneshot::channel();
                 if tx

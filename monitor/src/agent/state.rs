@@ -48,6 +48,17 @@ pub struct State {
     pub processes: usize,
     pub config_desc: String,
     pub netns: u64,
+    pub journal: Option<crate::journal::Journal>,
+    pub journal_failed: bool,
+    pub notices: Option<tokio::sync::broadcast::Sender<crate::sinks::Notice>>,
+    /// (kind, transition, action, outcome class) -> count, for metrics.
+    pub counts: std::collections::BTreeMap<(String, String, String, String), u64>,
+    /// The last notices, for `holdfast events` without --follow.
+    pub recent: std::collections::VecDeque<crate::sinks::Notice>,
+    pub reloads: u64,
+    pub last_reload_error: Option<String>,
+    /// Flows closed since the ledger last counted.
+    pub pending_closed: Vec<(Flow, u64)>,
 }
 
 /// `explain <pid>`: what holdfast knows about one process.
@@ -115,6 +126,14 @@ impl State {
             netns: std::fs::metadata("/proc/self/ns/net")
                 .map(|m| m.ino())
                 .unwrap_or(0),
+            journal: None,
+            journal_failed: false,
+            notices: None,
+            counts: Default::default(),
+            recent: Default::default(),
+            reloads: 0,
+            last_reload_error: None,
+            pending_closed: Vec::new(),
         }
     }
 
@@ -152,6 +171,9 @@ impl State {
             keepalive_at_connect: self.sockops.clone(),
             sockops_applied: self.kernel.sockops_applied,
             config: self.config_desc.clone(),
+            config_reloads: self.reloads,
+            last_reload_error: self.last_reload_error.clone(),
+            journal: self.journal.is_some(),
         }
     }
 
@@ -350,6 +372,8 @@ impl State {
             },
             Request::Profiles => Reply::ok(&self.evpol.profiles),
             Request::Ledger => Reply::ok(&self.ledger.rows(&self.services)),
+            Request::Events { .. } => Reply::ok(&self.recent),
+            Request::Reload => Reply::err("internal: reload is handled by the agent loop"),
             Request::Remedy {
                 action,
                 target,

@@ -4,6 +4,7 @@
 //!   (2N sockets), prints `ready N`, holds them until stdin closes.
 //! - `hf-load churn ADDR N`  N connect/accept/close cycles as fast as possible; prints
 //!   `churn N SECONDS`.
+//! - `hf-load get ADDR`      HTTP GET /metrics, prints the body.
 //! - `hf-load procs N Z`     N sleeping children of which Z exit at once and stay zombies; prints
 //!   `ready`; on stdin close kills and reaps them all.
 use std::io::{BufRead, Write};
@@ -85,8 +86,18 @@ fn main() {
                 let _ = k.wait();
             }
         }
+        Some("get") => {
+            // A minimal HTTP GET (for the metrics test): prints the response body.
+            use std::io::Read;
+            let mut c = TcpStream::connect(&args[2]).expect("connect");
+            write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+            let mut resp = String::new();
+            c.read_to_string(&mut resp).expect("read");
+            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            print!("{body}");
+        }
         _ => {
-            eprintln!("usage: hf-load conns ADDR N | churn ADDR N | procs N Z");
+            eprintln!("usage: hf-load conns ADDR N | churn ADDR N | procs N Z | get ADDR");
             std::process::exit(2);
         }
     }

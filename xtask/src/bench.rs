@@ -1,0 +1,540 @@
+//! `cargo xtask bench`: holdfast's speed, memory and overhead, side by side with `ss` and `ps` on
+//! the same sockets and processes in the same run. Loopback only, in a namespace it creates;
+//! everything it starts is stopped at the end.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+const NS: &str = "hf-bench";
+/// Connections per load process (two sockets each; RLIMIT_NOFILE is capped at 20000 here).
+const PER_PROC: usize = 8500;
+
+struct Ns;
+
+impl Ns {
+    fn new() -> Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        run_ok(Command::new("ip").args(["netns", "add", NS]))?;
+        run_ok(Command::new("ip").args(["-n", NS, "link", "set", "lo", "up"]))?;
+        Ok(Ns)
+    }
+    fn cmd(program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{NS}")).arg("--").arg(program);
+        c
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+    }
+}
+
+fn run_ok(c: &mut Command) -> Result<String> {
+    let o = c.output().with_context(|| format!("{c:?}"))?;
+    if !o.status.success() {
+        bail!("{c:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// A background process fed through stdin (closing it ends the process).
+struct Held {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// Kept open so that the process can keep printing.
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    fn spawn(mut c: Command, expect: &str) -> Result<(Self, String)> {
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("{c:?}"))?;
+        let stdin = child.stdin.take();
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+        out.read_line(&mut line)?;
+        if !line.starts_with(expect) {
+            bail!("{c:?} printed {line:?}, expected {expect}");
+        }
+        Ok((
+            Held {
+                child,
+                stdin,
+                _stdout: out,
+            },
+            line,
+        ))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Best wall time of `n` runs of a command inside the namespace (output discarded).
+fn time_cmd(args: &[&str], n: usize, timeout: Duration) -> Option<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let mut c = Ns::cmd(Path::new(args[0]));
+        let mut child = c
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if t0.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Some(best)
+}
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    bin: PathBuf,
+}
+
+impl Agent {
+    fn start(bin: &Path, mode: &str, config: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("hf-bench-{mode}"));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("h.sock");
+        let cfg = dir.join("h.toml");
+        std::fs::write(&cfg, config)?;
+        let child = Ns::cmd(bin)
+            .args(["agent", "--mode", mode, "--config"])
+            .arg(&cfg)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let a = Agent {
+            child,
+            socket,
+            bin: bin.to_path_buf(),
+        };
+        a.wait(Duration::from_secs(30), |s| s["mode"] == mode)?;
+        Ok(a)
+    }
+    fn status(&self) -> Option<Value> {
+        let o = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&o.stdout).ok()
+    }
+    fn query(&self, args: &[&str]) -> Option<Value> {
+        let o = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&o.stdout).ok()
+    }
+    fn wait(&self, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.status() {
+                if ok(&s) {
+                    return Ok(s);
+                }
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "agent did not reach the expected state in {timeout:?}: {:?}",
+                    self.status()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    /// (user+system CPU seconds, RSS bytes)
+    fn usage(&self) -> (f64, u64) {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks: u64 = rest.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + rest.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            * 1024;
+        (ticks as f64 / 100.0, rss)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn probe(bin: &Path, mode: &str) -> Result<Value> {
+    let out = run_ok(Ns::cmd(bin).args(["probe", "snapshot", "--mode", mode, "--owners", "--repeat", "3"]))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
+    let mut held = Vec::new();
+    let procs = conns.div_ceil(PER_PROC);
+    for i in 0..procs {
+        let n = (conns - i * PER_PROC).min(PER_PROC);
+        let mut c = Ns::cmd(&tools.join("hf-load"));
+        c.args([
+            "conns",
+            &format!("127.0.{}.{}:5000", i / 250, i % 250 + 1),
+            &n.to_string(),
+        ]);
+        held.push(Held::spawn(c, "ready")?.0);
+    }
+    Ok(held)
+}
+
+fn steady(bin: &Path, mode: &str, sockets: u64, window: Duration, base_rss: u64) -> Result<Value> {
+    let a = Agent::start(bin, mode, "")?;
+    a.wait(Duration::from_secs(180), |s| {
+        s["flows"].as_u64().unwrap_or(0) + 10 >= sockets
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (c0, _) = a.usage();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let (c1, rss) = a.usage();
+    let cpu = (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    let flows = a.status().and_then(|s| s["flows"].as_u64()).unwrap_or(0);
+    let per_flow = if flows > 0 {
+        rss.saturating_sub(base_rss) as f64 / flows as f64
+    } else {
+        0.0
+    };
+    Ok(
+        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs() }),
+    )
+}
+
+fn churn(tools: &Path, cycles: usize) -> Result<f64> {
+    let out = run_ok(Ns::cmd(&tools.join("hf-load")).args(["churn", "127.0.0.1:6000", &cycles.to_string()]))?;
+    out.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .context("churn output")
+}
+
+/// Sums run_cnt and run_time_ns of holdfast's socket tracepoint programs (kernel bpf stats).
+fn bpf_stats() -> (u64, u64) {
+    let Ok(out) = run_ok(Command::new("bpftool").args(["prog", "show", "--json"])) else {
+        return (0, 0);
+    };
+    let v: Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut cnt = 0;
+    let mut ns = 0;
+    for p in v.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("");
+        if [
+            "inet_sock_set_s",
+            "tcp_receive_res",
+            "tcp_send_reset",
+            "inet_sk_error_r",
+            "tcp_retransmit_",
+        ]
+        .iter()
+        .any(|n| name.starts_with(n))
+        {
+            cnt += p["run_cnt"].as_u64().unwrap_or(0);
+            ns += p["run_time_ns"].as_u64().unwrap_or(0);
+        }
+    }
+    (cnt, ns)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
+    let _ns = Ns::new()?;
+    let mut results = json!({ "machine": { "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim() } });
+    // Baseline agent RSS with no flows, per mode.
+    let mut base = std::collections::HashMap::new();
+    for mode in ["ebpf", "poll"] {
+        let a = Agent::start(bin, mode, "")?;
+        std::thread::sleep(Duration::from_secs(2));
+        base.insert(mode, a.usage().1);
+    }
+    results["agent_rss_empty_bytes"] = json!(base);
+    let mut table = Vec::new();
+    let mut sizes_out = Vec::new();
+    for &conns in sizes {
+        eprintln!("bench: {conns} connections ({} sockets)", 2 * conns);
+        let held = load(tools, conns)?;
+        let sockets = (2 * conns) as u64;
+        let ebpf = probe(bin, "ebpf")?;
+        let poll = probe(bin, "poll")?;
+        let ss_tin = time_cmd(&["ss", "-tin"], 3, Duration::from_secs(120));
+        let ss_tino = time_cmd(&["ss", "-tino"], 3, Duration::from_secs(120));
+        let ss_tnp = time_cmd(&["ss", "-tnp"], 1, Duration::from_secs(180));
+        let window = Duration::from_secs(if conns >= 50_000 { 30 } else { 10 });
+        let steady_ebpf = steady(bin, "ebpf", sockets, window, base["ebpf"])?;
+        let steady_poll = steady(bin, "poll", sockets, window, base["poll"])?;
+        drop(held);
+        let e_total = ebpf["best_total_s"].as_f64().unwrap_or(0.0);
+        let p_total = poll["best_total_s"].as_f64().unwrap_or(0.0);
+        table.push(vec![
+            format!("{}", 2 * conns),
+            format!("{:.3}", ebpf["best_read_s"].as_f64().unwrap_or(0.0)),
+            format!("{:.3}", e_total),
+            format!("{:.3}", poll["best_read_s"].as_f64().unwrap_or(0.0)),
+            format!("{:.3}", p_total),
+            ss_tin.map_or("-".into(), |v| format!("{v:.3}")),
+            ss_tino.map_or("-".into(), |v| format!("{v:.3}")),
+            ss_tnp.map_or("timeout".into(), |v| format!("{v:.2}")),
+            ratio(ss_tin.unwrap_or(0.0), e_total),
+            ratio(ss_tnp.unwrap_or(0.0), e_total),
+            format!(
+                "{:.2}/{:.2}",
+                steady_ebpf["cpu_pct"].as_f64().unwrap_or(0.0),
+                steady_poll["cpu_pct"].as_f64().unwrap_or(0.0)
+            ),
+            format!(
+                "{:.0}/{:.0}",
+                steady_ebpf["bytes_per_flow"].as_f64().unwrap_or(0.0),
+                steady_poll["bytes_per_flow"].as_f64().unwrap_or(0.0)
+            ),
+        ]);
+        sizes_out.push(json!({
+            "connections": conns, "sockets": sockets,
+            "holdfast_ebpf": ebpf, "holdfast_poll": poll,
+            "ss_tin_s": ss_tin, "ss_tino_s": ss_tino, "ss_tnp_s": ss_tnp,
+            "steady_ebpf": steady_ebpf, "steady_poll": steady_poll,
+        }));
+    }
+    results["sizes"] = json!(sizes_out);
+    // Churn: the same loop bare and with the agent in each mode.
+    eprintln!("bench: churn");
+    let cycles = 100_000;
+    let bare = churn(tools, cycles)?;
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=1"])
+        .status();
+    let mut churn_out = json!({ "cycles": cycles, "bare_s": bare });
+    for mode in ["ebpf", "poll"] {
+        let a = Agent::start(bin, mode, "")?;
+        let (c0, n0) = bpf_stats();
+        let s0 = a.status().unwrap_or_default();
+        let t = churn(tools, cycles)?;
+        std::thread::sleep(Duration::from_millis(700));
+        let s1 = a.status().unwrap_or_default();
+        let (c1, n1) = bpf_stats();
+        let events = s1["events"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(s0["events"].as_u64().unwrap_or(0));
+        churn_out[mode] = json!({
+            "seconds": t,
+            "added_pct": (t / bare - 1.0) * 100.0,
+            "events": events,
+            "events_per_s": events as f64 / t,
+            "lost": s1["events_lost"],
+            "ns_per_program_run": if c1 > c0 { Some((n1 - n0) as f64 / (c1 - c0) as f64) } else { None },
+        });
+    }
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=0"])
+        .status();
+    results["churn"] = churn_out;
+    // Zombie exit -> finding latency, eBPF mode, age threshold 0.
+    eprintln!("bench: zombie latency");
+    let mut lat = Vec::new();
+    {
+        let a = Agent::start(bin, "ebpf", "[zombies]\nmin_age = \"0s\"\n")?;
+        for _ in 0..5 {
+            let (parent, _) = Held::spawn(
+                {
+                    let mut c = Command::new(tools.join("hf-parent"));
+                    c.args(["no-handler", "1"]);
+                    c
+                },
+                "children",
+            )?;
+            let pid = parent.child.id();
+            let t0 = Instant::now();
+            loop {
+                let f = a
+                    .query(&["findings", "--json", "--kind", "zombie"])
+                    .unwrap_or_default();
+                if let Some(x) = f
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|f| f["details"]["ppid"] == pid)
+                {
+                    lat.push(x["details"]["age_at_report_ms"].as_u64().unwrap_or(0));
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(parent);
+        }
+    }
+    lat.sort_unstable();
+    results["zombie_latency_ms"] =
+        json!({ "samples": lat, "median": lat.get(lat.len() / 2), "max": lat.last() });
+    // /proc scan with 10k processes (100 zombies) vs ps.
+    eprintln!("bench: 10k processes");
+    let procs = {
+        let mut c = Command::new(tools.join("hf-load"));
+        c.args(["procs", "10000", "100"]);
+        let held = Held::spawn(c, "ready")?.0;
+        let v: Value = serde_json::from_str(&run_ok(
+            Command::new(bin).args(["probe", "procs", "--repeat", "3"]),
+        )?)?;
+        let ps = {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                run_ok(Command::new("ps").args(["-eo", "stat"]))?;
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            best
+        };
+        drop(held);
+        json!({ "holdfast": v, "ps_eo_stat_s": ps })
+    };
+    results["procs"] = procs;
+    print_table(&table, &results);
+    Ok(results)
+}
+
+fn print_table(rows: &[Vec<String>], r: &Value) {
+    let header = [
+        "sockets",
+        "ebpf read",
+        "ebpf+own",
+        "poll read",
+        "poll+own",
+        "ss -tin",
+        "ss -tino",
+        "ss -tnp",
+        "ss-tin/hf",
+        "ss-tnp/hf",
+        "cpu% e/p",
+        "B/flow e/p",
+    ];
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, c) in row.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:>width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nFull snapshot with tcp_info (seconds, best of 3; owners included in +own), steady-state agent CPU and memory:"
+    );
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    let c = &r["churn"];
+    let _ = writeln!(
+        out,
+        "\nChurn ({} connect/accept/close cycles): bare {:.2}s",
+        c["cycles"],
+        c["bare_s"].as_f64().unwrap_or(0.0)
+    );
+    for m in ["ebpf", "poll"] {
+        let x = &c[m];
+        let _ = writeln!(
+            out,
+            "  {m:4}: {:.2}s (+{:.1}%), {} events ({:.0}/s), lost {}, {} ns per program run",
+            x["seconds"].as_f64().unwrap_or(0.0),
+            x["added_pct"].as_f64().unwrap_or(0.0),
+            x["events"],
+            x["events_per_s"].as_f64().unwrap_or(0.0),
+            x["lost"],
+            x["ns_per_program_run"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.0}"))
+        );
+    }
+    let z = &r["zombie_latency_ms"];
+    let _ = writeln!(
+        out,
+        "\nZombie exit -> finding (eBPF, min_age 0): median {} ms, max {} ms",
+        z["median"], z["max"]
+    );
+    let p = &r["procs"];
+    let _ = writeln!(
+        out,
+        "/proc zombie scan, {} processes: holdfast {:.3}s vs ps -eo stat {:.3}s ({})",
+        p["holdfast"]["processes"],
+        p["holdfast"]["best_s"].as_f64().unwrap_or(0.0),
+        p["ps_eo_stat_s"].as_f64().unwrap_or(0.0),
+        ratio(
+            p["ps_eo_stat_s"].as_f64().unwrap_or(0.0),
+            p["holdfast"]["best_s"].as_f64().unwrap_or(0.0)
+        )
+    );
+    let _ = writeln!(
+        out,
+        "agent RSS with no flows: eBPF {} KiB, poll {} KiB",
+        r["agent_rss_empty_bytes"]["ebpf"].as_u64().unwrap_or(0) / 1024,
+        r["agent_rss_empty_bytes"]["poll"].as_u64().unwrap_or(0) / 1024
+    );
+}
