@@ -447,6 +447,30 @@ impl Config {
             "ebpf_interval",
             "expected at least 100ms",
         )?;
+        let svc_lines: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == "[[services]]")
+            .map(|(i, _)| i + 1)
+            .collect();
+        for (i, sv) in self.services.iter().enumerate() {
+            if sv.name.is_empty()
+                || (sv.comm.is_none() && sv.unit.is_none() && sv.cgroup.is_none() && sv.port.is_none())
+            {
+                return Err(ConfigError::Invalid {
+                    path: path.into(),
+                    line: svc_lines.get(i).copied().unwrap_or(1),
+                    key: format!("services[{i}]"),
+                    message: "a service needs a `name` and at least one of comm, unit, cgroup, port".into(),
+                });
+            }
+        }
+        check(
+            self.agent.metrics.is_none_or(|a| a.ip().is_loopback()),
+            "agent.metrics",
+            "metrics",
+            "expected a loopback address such as 127.0.0.1:9464 (metrics are not served to the network)",
+        )?;
         check(
             self.agent.socket.is_absolute(),
             "agent.socket",

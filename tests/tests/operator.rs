@@ -270,7 +270,7 @@ fn metrics_are_prometheus_text_on_loopback() {
             .output()
             .map_err(|e| e.to_string())?;
         let b = String::from_utf8_lossy(&o.stdout).into_owned();
-        if b.contains("holdfast_mode") {
+        if b.contains("holdfast_flows{state=\"LISTEN\"} 1") {
             Ok(b)
         } else {
             Err(b)

@@ -208,6 +208,7 @@ async fn run_async(
     );
     state.sockops = sockops;
     state.services = cfg.services.clone();
+    state.leaks_cfg = cfg.leaks.clone();
     state.journal = if cfg.agent.journal {
         crate::journal::Journal::open(std::path::Path::new(crate::journal::SOCKET))
     } else {
@@ -583,6 +584,7 @@ fn reload(
             *cfg = new;
             state.evpol = eviction_policy(cfg);
             state.services = cfg.services.clone();
+            state.leaks_cfg = cfg.leaks.clone();
             *policy = ZombiePolicy {
                 min_age: cfg.zombies.min_age.as_nanos() as u64,
                 sigchld: cfg.remedies.sigchld,

@@ -24,6 +24,7 @@ pub struct State {
     /// Cookies counted as leaked at the last evaluation.
     pub leaked: std::collections::HashSet<u64>,
     pub services: Vec<crate::config::ServiceConfig>,
+    pub leaks_cfg: crate::config::LeaksSection,
     pub evpol: EvictionPolicy,
     pub router: Router,
     pub findings: FindingStore,
@@ -101,6 +102,7 @@ impl State {
             ledger: Default::default(),
             leaked: Default::default(),
             services: Vec::new(),
+            leaks_cfg: Default::default(),
             evpol,
             router: Router::default(),
             findings: FindingStore::default(),
@@ -210,6 +212,11 @@ impl State {
             })
             .cloned()
             .collect();
+        let leaked = if f.leaked {
+            self.leaks.leaked(selected.iter(), now, &self.leaks_cfg)
+        } else {
+            Default::default()
+        };
         let mut out = Vec::with_capacity(selected.len());
         for fl in &selected {
             let mut v = fl.view(now);
@@ -219,7 +226,7 @@ impl State {
             {
                 continue;
             }
-            if f.leaked && !self.leaked.contains(&fl.cookie) {
+            if f.leaked && !leaked.contains(&fl.cookie) {
                 continue;
             }
             let a = self.assess(fl, now);
