@@ -613,26 +613,7 @@ impl EvictionDetector {
             }
             return None;
         }
-        self.pending.insert(f.cookie, now);
-        self.applied.insert(
-            f.cookie,
-            Applied {
-                finding,
-                values,
-                at: now,
-                verified: false,
-            },
-        );
-        Some(KaRequest {
-            cookie: f.cookie,
-            inode: f.inode,
-            pid: f
-                .owner
-                .as_ref()
-                .map(|o| o.pid)
-                .or(f.pid_hint.as_ref().map(|h| h.pid)),
-            set: Some(values),
-        })
+        Some(self.manual(f, values, finding, now))
     }
 
     /// Records what an executor did.

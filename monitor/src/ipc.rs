@@ -211,8 +211,8 @@ impl ClientError {
     }
 }
 
-/// Streams `events --follow`: calls `each` with every notice line until the agent goes away.
-pub fn follow(socket: &Path, mut each: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
+/// Connects to the agent, mapping the usual failures to what the operator should do.
+fn connect(socket: &Path) -> Result<(UnixStream, String), ClientError> {
     let path = socket.display().to_string();
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -224,6 +224,12 @@ pub fn follow(socket: &Path, mut each: impl FnMut(serde_json::Value)) -> Result<
             source: e,
         },
     })?;
+    Ok((stream, path))
+}
+
+/// Streams `events --follow`: calls `each` with every notice line until the agent goes away.
+pub fn follow(socket: &Path, mut each: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
+    let (stream, path) = connect(socket)?;
     let io = |source| ClientError::Io {
         path: path.clone(),
         source,
@@ -249,17 +255,7 @@ pub fn follow(socket: &Path, mut each: impl FnMut(serde_json::Value)) -> Result<
 
 /// Sends one request and returns the reply's data.
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
-    let path = socket.display().to_string();
-    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            ClientError::NoAgent { path: path.clone() }
-        }
-        std::io::ErrorKind::PermissionDenied => ClientError::Denied { path: path.clone() },
-        _ => ClientError::Io {
-            path: path.clone(),
-            source: e,
-        },
-    })?;
+    let (stream, path) = connect(socket)?;
     let io = |source| ClientError::Io {
         path: path.clone(),
         source,

@@ -510,5 +510,22 @@ pub fn find_flow<'a>(flows: &'a [Value], local: &str, remote: &str) -> Option<&'
         .find(|f| f["local"] == local && f["remote"] == remote)
 }
 
+/// Turns `fn name(mode: &str)` into two tests, `name::poll` and `name::ebpf`.
+#[macro_export]
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn poll() {
+                super::$name("poll");
+            }
+            #[test]
+            fn ebpf() {
+                super::$name("ebpf");
+            }
+        }
+    };
+}
+
 /// Both modes, for tests that must pass in each.
 pub const MODES: [&str; 2] = ["poll", "ebpf"];

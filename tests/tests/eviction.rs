@@ -2,23 +2,8 @@
 //! conntrack forgets idle flows after 10 s and drops packets of flows it does not know.
 use std::time::{Duration, Instant};
 
-use holdfast_tests::{Agent, NAT_SERVER_IP, NatBed, Netns, Peer, require_root, wait_for};
+use holdfast_tests::{Agent, NAT_SERVER_IP, NatBed, Netns, Peer, both_modes, require_root, wait_for};
 use serde_json::Value;
-
-macro_rules! both_modes {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn poll() {
-                super::$name("poll");
-            }
-            #[test]
-            fn ebpf() {
-                super::$name("ebpf");
-            }
-        }
-    };
-}
 
 /// The router's conntrack established timeout.
 const TIMEOUT_S: u64 = 10;

@@ -1,22 +1,7 @@
 //! Scenario tests for the flow table (issue 2), each in a fresh network namespace, in both modes.
 use std::time::Duration;
 
-use holdfast_tests::{Agent, Netns, Peer, find_flow, require_root, wait_for};
-
-macro_rules! both_modes {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn poll() {
-                super::$name("poll");
-            }
-            #[test]
-            fn ebpf() {
-                super::$name("ebpf");
-            }
-        }
-    };
-}
+use holdfast_tests::{Agent, Netns, Peer, both_modes, find_flow, require_root, wait_for};
 
 /// A client/server pair connects: both ends appear within 1 s with the right tuple, ESTABLISHED
 /// and the right owner pid; the client closes: both ends leave within 1 s.

@@ -1,23 +1,8 @@
 //! Leaked and half-open sessions (issue 4), each in namespaces the test creates, in both modes.
 use std::time::Duration;
 
-use holdfast_tests::{Agent, Netns, Peer, helper_bin, require_root, wait_for};
+use holdfast_tests::{Agent, Netns, Peer, both_modes, helper_bin, require_root, wait_for};
 use serde_json::Value;
-
-macro_rules! both_modes {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn poll() {
-                super::$name("poll");
-            }
-            #[test]
-            fn ebpf() {
-                super::$name("ebpf");
-            }
-        }
-    };
-}
 
 const LIMIT: usize = 4;
 

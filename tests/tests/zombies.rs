@@ -1,23 +1,8 @@
 //! Zombie scenarios (issue 5), each in both modes, with test parents built for the purpose.
 use std::time::Duration;
 
-use holdfast_tests::{Agent, Netns, Parent, require_root, wait_for};
+use holdfast_tests::{Agent, Netns, Parent, both_modes, require_root, wait_for};
 use serde_json::Value;
-
-macro_rules! both_modes {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn poll() {
-                super::$name("poll");
-            }
-            #[test]
-            fn ebpf() {
-                super::$name("ebpf");
-            }
-        }
-    };
-}
 
 const CONFIG: &str = "[zombies]\nmin_age = \"1s\"\nscan_interval = \"250ms\"\n";
 
