@@ -76,6 +76,9 @@ pub enum Cmd {
         /// Only flows owned by this process.
         #[arg(long)]
         pid: Option<u32>,
+        /// Only flows of processes in this systemd unit.
+        #[arg(long)]
+        unit: Option<String>,
         /// Only flows at risk of NAT / load-balancer eviction.
         #[arg(long)]
         at_risk: bool,
@@ -148,6 +151,10 @@ pub enum ProbeCmd {
         owners: bool,
         #[arg(long, default_value_t = 3)]
         repeat: u32,
+        /// eBPF: also time kernel-filtered reads (the steady-state at-risk read) with this
+        /// idle threshold in milliseconds.
+        #[arg(long)]
+        filtered_ms: Option<u64>,
     },
     /// The /proc zombie scan of poll mode.
     Procs {
@@ -315,8 +322,8 @@ pub fn main() -> ExitCode {
         }
         Cmd::Probe { what } => {
             let r = match what {
-                ProbeCmd::Snapshot { mode, owners, repeat } => {
-                    crate::probe::snapshot(if mode == Mode::Ebpf { "ebpf" } else { "poll" }, owners, repeat)
+                ProbeCmd::Snapshot { mode, owners, repeat, filtered_ms } => {
+                    crate::probe::snapshot(if mode == Mode::Ebpf { "ebpf" } else { "poll" }, owners, repeat, filtered_ms)
                 }
                 ProbeCmd::Procs { repeat } => Ok(crate::probe::procs(repeat)),
             };
@@ -361,8 +368,9 @@ pub fn main() -> ExitCode {
             at_risk,
             idle_over,
             leaked,
+            unit,
         } => {
-            let filter = FlowFilter { all, state, port, pid, at_risk, idle_over_ms: idle_over.map(|d| d.as_millis() as u64), leaked };
+            let filter = FlowFilter { all, state, port, pid, at_risk, idle_over_ms: idle_over.map(|d| d.as_millis() as u64), leaked, unit };
             query::<Vec<FlowView>>(&socket, Request::Flows { filter }).map(|v| {
                 if json {
                     json_out(&v)

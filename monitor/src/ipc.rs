@@ -37,6 +37,9 @@ pub struct FlowFilter {
     /// Only leaked sessions (half-open, or stuck in CLOSE_WAIT / FIN_WAIT2 / LAST_ACK).
     #[serde(default)]
     pub leaked: bool,
+    /// Only flows of processes in this systemd unit.
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -302,6 +305,7 @@ mod tests {
                     at_risk: true,
                     idle_over_ms: Some(300_000),
                     leaked: true,
+                    unit: Some("ssh.service".into()),
                 },
             },
             Request::Explain {

@@ -220,7 +220,8 @@ impl State {
         let mut out = Vec::with_capacity(selected.len());
         for fl in &selected {
             let mut v = fl.view(now);
-            if f.pid.is_some_and(|p| v.pid != Some(p))
+            if f.unit.as_ref().is_some_and(|u| v.unit.as_ref() != Some(u))
+                || f.pid.is_some_and(|p| v.pid != Some(p))
                 || f.idle_over_ms
                     .is_some_and(|min| v.idle_ms.is_none_or(|i| i < min))
             {
