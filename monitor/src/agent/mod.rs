@@ -32,10 +32,15 @@ use crate::zombies::ZombiePolicy;
 
 /// How often detectors run over the state.
 const EVALUATE_EVERY: Duration = Duration::from_millis(200);
-/// How often the flow detectors (eviction, leaks) walk the flow table.
-const FLOWS_EVERY: Duration = Duration::from_secs(1);
 /// How often the session ledger is recounted.
-const LEDGER_EVERY: Duration = Duration::from_secs(3);
+const LEDGER_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the flow detectors (eviction, leaks) walk the flow table: often enough to act within
+/// half of the margin between the warning and the shortest idle timeout, at most every 2 s.
+fn flows_every(cfg: &Config) -> Duration {
+    let margin_ms = min_timeout_ms(cfg) as f64 * (1.0 - cfg.eviction.warn_ratio) / 2.0;
+    Duration::from_millis(margin_ms as u64).clamp(Duration::from_millis(200), Duration::from_secs(2))
+}
 /// After an exit event, when to check /proc for the zombie (exit_notify has run by then).
 const ZOMBIE_CHECK_AFTER: Duration = Duration::from_millis(25);
 
@@ -209,6 +214,7 @@ async fn run_async(
     state.sockops = sockops;
     state.services = cfg.services.clone();
     state.leaks_cfg = cfg.leaks.clone();
+    state.flows_period = flows_every(&cfg);
     state.journal = if cfg.agent.journal {
         crate::journal::Journal::open(std::path::Path::new(crate::journal::SOCKET))
     } else {
@@ -370,7 +376,7 @@ async fn run_async(
                     log_transition(&mut state, id, &t);
                 }
                 // The flow detectors walk every flow: once per FLOWS_EVERY, not every tick.
-                if flows_evaluated.elapsed() < FLOWS_EVERY {
+                if flows_evaluated.elapsed() < state.flows_period {
                     continue;
                 }
                 flows_evaluated = std::time::Instant::now();
@@ -585,6 +591,7 @@ fn reload(
             state.evpol = eviction_policy(cfg);
             state.services = cfg.services.clone();
             state.leaks_cfg = cfg.leaks.clone();
+            state.flows_period = flows_every(cfg);
             *policy = ZombiePolicy {
                 min_age: cfg.zombies.min_age.as_nanos() as u64,
                 sigchld: cfg.remedies.sigchld,

@@ -25,6 +25,8 @@ pub struct State {
     pub leaked: std::collections::HashSet<u64>,
     pub services: Vec<crate::config::ServiceConfig>,
     pub leaks_cfg: crate::config::LeaksSection,
+    /// How often the flow detectors run (see `flows_every`).
+    pub flows_period: Duration,
     pub evpol: EvictionPolicy,
     pub router: Router,
     pub findings: FindingStore,
@@ -103,6 +105,7 @@ impl State {
             leaked: Default::default(),
             services: Vec::new(),
             leaks_cfg: Default::default(),
+            flows_period: Duration::from_secs(1),
             evpol,
             router: Router::default(),
             findings: FindingStore::default(),
