@@ -165,6 +165,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_catalog_explains_every_kind() {
+        let cat = include_str!("../../packaging/holdfast.catalog");
+        for (kind, id) in KINDS {
+            assert!(
+                cat.contains(&format!("-- {id}\nSubject: ")),
+                "catalog entry for {kind}"
+            );
+        }
+        for (kind, _) in KINDS {
+            let page =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../docs/findings/{kind}.md"));
+            assert!(page.exists(), "docs page for {kind}");
+        }
+    }
+
+    #[test]
     fn open_resolve_and_bound_history() {
         let mut s = FindingStore::default();
         let id = s.open(

@@ -227,8 +227,9 @@ fn probe(bin: &Path, mode: &str) -> Result<Value> {
 }
 
 fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
-    let mut held = Vec::new();
+    // Start every load process first, then wait for each: they connect in parallel.
     let procs = conns.div_ceil(PER_PROC);
+    let mut started = Vec::new();
     for i in 0..procs {
         let n = (conns - i * PER_PROC).min(PER_PROC);
         let mut c = Ns::cmd(&tools.join("hf-load"));
@@ -237,9 +238,27 @@ fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
             &format!("127.0.{}.{}:5000", i / 250, i % 250 + 1),
             &n.to_string(),
         ]);
-        held.push(Held::spawn(c, "ready")?.0);
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("{c:?}"))?;
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        started.push(Held {
+            child,
+            stdin,
+            _stdout: out,
+        });
     }
-    Ok(held)
+    for h in &mut started {
+        let mut line = String::new();
+        h._stdout.read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            bail!("hf-load printed {line:?}");
+        }
+    }
+    Ok(started)
 }
 
 fn steady(bin: &Path, mode: &str, sockets: u64, window: Duration, base_rss: u64) -> Result<Value> {
@@ -465,6 +484,10 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         json!({ "holdfast": v, "ps_eo_stat_s": ps })
     };
     results["procs"] = procs;
+    // Keep the figures even if printing fails.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     print_table(&table, &results);
     Ok(results)
 }
@@ -474,6 +497,7 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
         "sockets",
         "ebpf read",
         "ebpf+own",
+        "at-risk",
         "poll read",
         "poll+own",
         "ss -tin",
@@ -481,10 +505,12 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
         "ss -tnp",
         "ss-tin/hf",
         "ss-tnp/hf",
+        "at-risk/tino",
         "cpu% e/p",
         "B/flow e/p",
     ];
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let cols = rows.iter().map(Vec::len).chain([header.len()]).max().unwrap_or(0);
+    let mut w: Vec<usize> = (0..cols).map(|i| header.get(i).map_or(0, |h| h.len())).collect();
     for row in rows {
         for (i, c) in row.iter().enumerate() {
             w[i] = w[i].max(c.len());
