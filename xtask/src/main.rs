@@ -256,9 +256,16 @@ fn main() -> ExitCode {
             // Unit tests, then the privileged scenario tests against the release binary.
             run(cargo().args(["test", "--release", "-p", "monitor-common", "-p", "monitor"]))?;
             let mut c = cargo();
-            c.args(["test", "--release", "-p", "holdfast-tests", "--"])
-                .args(rest)
-                .env("HOLDFAST_BIN", &bin);
+            c.args([
+                "test",
+                "--release",
+                "--no-fail-fast",
+                "-p",
+                "holdfast-tests",
+                "--",
+            ])
+            .args(rest)
+            .env("HOLDFAST_BIN", &bin);
             if !rest.iter().any(|a| a.starts_with("--test-threads")) {
                 c.arg("--test-threads=1");
             }

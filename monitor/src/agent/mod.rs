@@ -32,8 +32,10 @@ use crate::zombies::ZombiePolicy;
 
 /// How often detectors run over the state.
 const EVALUATE_EVERY: Duration = Duration::from_millis(200);
-/// How often the session ledger is recounted.
+/// How often the session ledger is recounted on large tables.
 const LEDGER_EVERY: Duration = Duration::from_secs(5);
+/// Below this many flows every walk is cheap: detectors and ledger run every 500 ms.
+const SMALL_TABLE: usize = 10_000;
 
 /// How often the flow detectors (eviction, leaks) walk the flow table: often enough to act within
 /// half of the margin between the warning and the shortest idle timeout, at most every 2 s.
@@ -376,7 +378,9 @@ async fn run_async(
                     log_transition(&mut state, id, &t);
                 }
                 // The flow detectors walk every flow: once per FLOWS_EVERY, not every tick.
-                if flows_evaluated.elapsed() < state.flows_period {
+                // Small tables are cheap to walk: evaluate them often; large ones at the period.
+                let period = if state.table.len() < SMALL_TABLE { Duration::from_millis(500) } else { state.flows_period };
+                if flows_evaluated.elapsed() < period {
                     continue;
                 }
                 flows_evaluated = std::time::Instant::now();
@@ -405,7 +409,7 @@ async fn run_async(
                 // The ledger walks every flow with map lookups: every LEDGER_EVERY (closes are
                 // buffered in between so that none is missed).
                 state.pending_closed.extend(closed.iter().cloned());
-                if ledger_updated.elapsed() >= LEDGER_EVERY {
+                if state.table.len() < SMALL_TABLE || ledger_updated.elapsed() >= LEDGER_EVERY {
                     ledger_updated = std::time::Instant::now();
                     let leaked = state.leaks.leaked(state.table.iter(), now, &cfg.leaks);
                     let pending = std::mem::take(&mut state.pending_closed);
