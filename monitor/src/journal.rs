@@ -40,10 +40,10 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// Opens the journal if journald listens at `path` (a socket file left by a journald that is
+    /// gone refuses the connection: None).
     pub fn open(path: &Path) -> Option<Self> {
-        if !path.exists() {
-            return None;
-        }
+        UnixDatagram::unbound().ok()?.connect(path).ok()?;
         let sock = UnixDatagram::unbound().ok()?;
         Some(Journal {
             sock,

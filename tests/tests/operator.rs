@@ -15,7 +15,14 @@ struct Journald(Option<std::process::Child>);
 
 impl Journald {
     fn ensure() -> Self {
-        if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        let path = std::path::Path::new("/run/systemd/journal/socket");
+        // A socket file left by a journald that is gone refuses connections: start a new one.
+        let alive = || {
+            std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.connect(path))
+                .is_ok()
+        };
+        if alive() {
             return Journald(None);
         }
         let child = Command::new("/lib/systemd/systemd-journald")
@@ -24,7 +31,7 @@ impl Journald {
             .spawn()
             .expect("start systemd-journald");
         wait_for(Duration::from_secs(10), "journald's socket", || {
-            if std::path::Path::new("/run/systemd/journal/socket").exists() {
+            if alive() {
                 Ok(())
             } else {
                 Err("not yet".to_string())
