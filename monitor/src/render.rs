@@ -225,7 +225,7 @@ pub fn status(s: &Status) -> String {
         s.last_snapshot_sockets
     ));
     o.push_str(&format!(
-        "owners:     {} full /proc walks, {} targeted\n",
+        "owners:     {} full lookups (task_file iterator or /proc walk), {} targeted\n",
         s.owner_full_walks, s.owner_targeted_walks
     ));
     o.push_str(&format!(

@@ -106,7 +106,7 @@ fn select_mode(
         Mode::Ebpf => match load() {
             Ok(l) => Ok((
                 Some(l),
-                "ebpf mode requested: 7 tp_btf tracepoints + 2 tcp iterators loaded".into(),
+                "ebpf mode requested: 7 tp_btf tracepoints, tcp and task_file iterators loaded".into(),
             )),
             Err(e) => anyhow::bail!(
                 "eBPF mode was requested but the programs cannot load: {e}. Run as root on a kernel with BTF, or use --mode poll"
@@ -115,7 +115,7 @@ fn select_mode(
         Mode::Auto => match load() {
             Ok(l) => Ok((
                 Some(l),
-                "auto: 7 tp_btf tracepoints + 2 tcp iterators loaded".into(),
+                "auto: 7 tp_btf tracepoints, tcp and task_file iterators loaded".into(),
             )),
             Err(e) => {
                 warn!("eBPF unavailable, running in poll mode (sock_diag + procfs): {e}");
