@@ -277,7 +277,8 @@ fn metrics_are_prometheus_text_on_loopback() {
             .output()
             .map_err(|e| e.to_string())?;
         let b = String::from_utf8_lossy(&o.stdout).into_owned();
-        if b.contains("holdfast_flows{state=\"LISTEN\"} 1") {
+        // Two listeners in this namespace: the test peer and the agent's own metrics socket.
+        if b.contains("holdfast_flows{state=\"LISTEN\"} 2") {
             Ok(b)
         } else {
             Err(b)
@@ -315,7 +316,7 @@ fn metrics_are_prometheus_text_on_loopback() {
         }
     }
     assert!(body.contains("holdfast_mode{mode=\"poll\"} 1"), "{body}");
-    assert!(body.contains("holdfast_flows{state=\"LISTEN\"} 1"), "{body}");
+    assert!(body.contains("holdfast_flows{state=\"LISTEN\"} 2"), "{body}");
     assert!(
         body.lines()
             .any(|l| l.starts_with("holdfast_agent_rss_bytes ") && !l.ends_with(" 0")),
