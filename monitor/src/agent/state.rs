@@ -64,6 +64,26 @@ pub struct State {
     pub pending_closed: Vec<(Flow, u64)>,
 }
 
+/// The eviction assessment of an ESTABLISHED flow (None for other states).
+fn assess_flow(
+    evpol: &EvictionPolicy,
+    eviction: &EvictionDetector,
+    router: &mut Router,
+    f: &Flow,
+    now: u64,
+) -> Option<Assessment> {
+    if f.state != monitor_common::tcp_state::ESTABLISHED || f.tcp.is_none() {
+        return None;
+    }
+    Some(assess(
+        f,
+        now,
+        evpol,
+        eviction.known.get(&f.cookie).copied(),
+        &mut |ip| router.path(ip),
+    ))
+}
+
 /// `explain <pid>`: what holdfast knows about one process.
 #[derive(Serialize)]
 struct ProcessExplanation {
@@ -183,17 +203,7 @@ impl State {
     }
 
     fn assess(&mut self, f: &Flow, now: u64) -> Option<Assessment> {
-        if f.state != monitor_common::tcp_state::ESTABLISHED || f.tcp.is_none() {
-            return None;
-        }
-        let router = &mut self.router;
-        Some(assess(
-            f,
-            now,
-            &self.evpol,
-            self.eviction.known.get(&f.cookie).copied(),
-            &mut |ip| router.path(ip),
-        ))
+        assess_flow(&self.evpol, &self.eviction, &mut self.router, f, now)
     }
 
     fn flows(&mut self, f: &FlowFilter) -> Result<Vec<FlowView>, String> {
@@ -204,24 +214,28 @@ impl State {
             None => None,
         };
         let now = sys::monotonic_ns();
-        let selected: Vec<Flow> = self
-            .table
-            .iter()
-            .filter(|fl| f.all || want_state.is_some() || fl.state != monitor_common::tcp_state::LISTEN)
-            .filter(|fl| want_state.is_none_or(|s| fl.state == s))
-            .filter(|fl| {
-                f.port
-                    .is_none_or(|p| fl.local.port() == p || fl.remote.port() == p)
-            })
-            .cloned()
-            .collect();
+        // Borrow the table while the router is borrowed mutably: no copy of the flows.
+        let (table, router, evpol, eviction) = (&self.table, &mut self.router, &self.evpol, &self.eviction);
+        let selected = || {
+            table
+                .iter()
+                .filter(|fl| f.all || want_state.is_some() || fl.state != monitor_common::tcp_state::LISTEN)
+                .filter(|fl| want_state.is_none_or(|s| fl.state == s))
+                .filter(|fl| {
+                    f.port
+                        .is_none_or(|p| fl.local.port() == p || fl.remote.port() == p)
+                })
+        };
         let leaked = if f.leaked {
-            self.leaks.leaked(selected.iter(), now, &self.leaks_cfg)
+            self.leaks.leaked(selected(), now, &self.leaks_cfg)
         } else {
             Default::default()
         };
-        let mut out = Vec::with_capacity(selected.len());
-        for fl in &selected {
+        let mut out = Vec::new();
+        for fl in selected() {
+            if f.leaked && !leaked.contains(&fl.cookie) {
+                continue;
+            }
             let mut v = fl.view(now);
             if f.unit.as_ref().is_some_and(|u| v.unit.as_ref() != Some(u))
                 || f.pid.is_some_and(|p| v.pid != Some(p))
@@ -230,10 +244,7 @@ impl State {
             {
                 continue;
             }
-            if f.leaked && !leaked.contains(&fl.cookie) {
-                continue;
-            }
-            let a = self.assess(fl, now);
+            let a = assess_flow(evpol, eviction, router, fl, now);
             if f.at_risk && !a.as_ref().is_some_and(|a| a.at_risk()) {
                 continue;
             }
