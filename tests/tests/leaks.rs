@@ -20,6 +20,16 @@ fn findings(agent: &Agent, kind: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The leaky server (hf-leaky) with its session limit, in `ns`.
+fn leaky_server(ns: &Netns) -> Peer {
+    Peer::spawn_bin(
+        ns,
+        &helper_bin("hf-leaky"),
+        &["127.0.0.1:0", &LIMIT.to_string()],
+        None,
+    )
+}
+
 /// A client that connects, round-trips and leaves; true if the server served it.
 fn visit(ns: &Netns, server: &str) -> bool {
     let mut c = Peer::spawn(ns, "connect", server);
@@ -34,12 +44,7 @@ fn close_wait_leak_is_reported_and_freed(mode: &str) {
     require_root();
     let ns = Netns::new("leak");
     let agent = Agent::start(&ns, mode, &leak_config("enforce"));
-    let mut server = Peer::spawn_bin(
-        &ns,
-        &helper_bin("hf-leaky"),
-        &["127.0.0.1:0", &LIMIT.to_string()],
-        None,
-    );
+    let mut server = leaky_server(&ns);
     let addr = server.addr();
     for _ in 0..3 {
         assert!(visit(&ns, &addr), "served while below the limit");
@@ -131,12 +136,7 @@ fn dry_run_closes_nothing(mode: &str) {
     require_root();
     let ns = Netns::new("leakdry");
     let agent = Agent::start(&ns, mode, &leak_config("dry-run"));
-    let mut server = Peer::spawn_bin(
-        &ns,
-        &helper_bin("hf-leaky"),
-        &["127.0.0.1:0", &LIMIT.to_string()],
-        None,
-    );
+    let mut server = leaky_server(&ns);
     let addr = server.addr();
     for _ in 0..LIMIT {
         assert!(visit(&ns, &addr));

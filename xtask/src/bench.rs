@@ -52,27 +52,36 @@ struct Held {
 }
 
 impl Held {
-    fn spawn(mut c: Command, expect: &str) -> Result<(Self, String)> {
+    /// Starts `c` with piped stdin/stdout, without waiting for it.
+    fn start(mut c: Command) -> Result<Self> {
         let mut child = c
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("{c:?}"))?;
         let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        Ok(Held {
+            child,
+            stdin,
+            _stdout: out,
+        })
+    }
+
+    /// Waits for the first line, which must start with `expect`.
+    fn first_line(&mut self, expect: &str) -> Result<String> {
         let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-        out.read_line(&mut line)?;
+        self._stdout.read_line(&mut line)?;
         if !line.starts_with(expect) {
-            bail!("{c:?} printed {line:?}, expected {expect}");
+            bail!("pid {} printed {line:?}, expected {expect}", self.child.id());
         }
-        Ok((
-            Held {
-                child,
-                stdin,
-                _stdout: out,
-            },
-            line,
-        ))
+        Ok(line)
+    }
+
+    fn spawn(c: Command, expect: &str) -> Result<(Self, String)> {
+        let mut h = Held::start(c)?;
+        let line = h.first_line(expect)?;
+        Ok((h, line))
     }
 }
 
@@ -228,9 +237,8 @@ fn probe(bin: &Path, mode: &str) -> Result<Value> {
 
 fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
     // Start every load process first, then wait for each: they connect in parallel.
-    let procs = conns.div_ceil(PER_PROC);
     let mut started = Vec::new();
-    for i in 0..procs {
+    for i in 0..conns.div_ceil(PER_PROC) {
         let n = (conns - i * PER_PROC).min(PER_PROC);
         let mut c = Ns::cmd(&tools.join("hf-load"));
         c.args([
@@ -238,25 +246,10 @@ fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
             &format!("127.0.{}.{}:5000", i / 250, i % 250 + 1),
             &n.to_string(),
         ]);
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("{c:?}"))?;
-        let stdin = child.stdin.take();
-        let out = BufReader::new(child.stdout.take().context("stdout")?);
-        started.push(Held {
-            child,
-            stdin,
-            _stdout: out,
-        });
+        started.push(Held::start(c)?);
     }
     for h in &mut started {
-        let mut line = String::new();
-        h._stdout.read_line(&mut line)?;
-        if !line.starts_with("ready") {
-            bail!("hf-load printed {line:?}");
-        }
+        h.first_line("ready")?;
     }
     Ok(started)
 }
