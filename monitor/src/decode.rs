@@ -155,18 +155,21 @@ pub fn proc_event(bytes: &[u8]) -> Result<ProcEvent, DecodeError> {
     })
 }
 
-/// Guesses the kernel's HZ from one (jiffies_64, CLOCK_MONOTONIC seconds) pair.
+/// The kernel's HZ from two (jiffies_64, CLOCK_MONOTONIC seconds) readings: the candidate closest
+/// to the rate between them.
 ///
-/// jiffies_64 starts at INITIAL_JIFFIES = 2^32 - 300*HZ and advances HZ per second, so the
-/// candidate whose prediction is closest to the reading is the kernel's HZ.
-pub fn guess_hz(jiffies: u64, mono_secs: f64) -> u32 {
+/// A single reading cannot tell: jiffies_64 starts at INITIAL_JIFFIES = 2^32 - 300*HZ, so every
+/// candidate predicts the same value 300 s after boot (seen here: HZ 250 taken for 100 at that
+/// uptime). The rate over 100 ms separates 100, 250, 300 and 1000 by several jiffies each.
+pub fn hz_from_rate(j0: u64, t0: f64, j1: u64, t1: f64) -> Option<u32> {
+    let dt = t1 - t0;
+    if dt <= 0.0 || j1 < j0 {
+        return None;
+    }
+    let rate = (j1 - j0) as f64 / dt;
     [100u32, 250, 300, 1000]
         .into_iter()
-        .min_by_key(|&hz| {
-            let predicted = (1u64 << 32) as f64 - 300.0 * f64::from(hz) + mono_secs * f64::from(hz);
-            (predicted - jiffies as f64).abs() as u64
-        })
-        .unwrap_or(250)
+        .min_by(|a, b| (f64::from(*a) - rate).abs().total_cmp(&(f64::from(*b) - rate).abs()))
 }
 
 #[cfg(test)]
@@ -373,12 +376,16 @@ mod tests {
     }
 
     #[test]
-    fn guesses_hz() {
-        let mono = 153.18;
-        assert_eq!(guess_hz(4_294_930_493, mono), 250);
-        for hz in [100u32, 300, 1000] {
-            let j = (1u64 << 32) - 300 * u64::from(hz) + (5000.0 * f64::from(hz)) as u64;
-            assert_eq!(guess_hz(j, 5000.2), hz);
+    fn hz_from_the_jiffies_rate() {
+        // Readings 100 ms apart, one jiffy of jitter either way.
+        for hz in [100u32, 250, 300, 1000] {
+            let j0 = (1u64 << 32) - 300 * u64::from(hz);
+            for jitter in [-1i64, 0, 1] {
+                let j1 = (j0 as i64 + i64::from(hz) / 10 + jitter) as u64;
+                assert_eq!(hz_from_rate(j0, 300.0, j1, 300.1), Some(hz), "hz {hz} jitter {jitter}");
+            }
         }
+        assert_eq!(hz_from_rate(10, 1.0, 5, 2.0), None);
+        assert_eq!(hz_from_rate(10, 1.0, 20, 1.0), None);
     }
 }

@@ -13,16 +13,22 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The kernel's HZ, from /proc/timer_list's jiffies and CLOCK_MONOTONIC (250 if unreadable).
+/// The kernel's HZ, from the rate of jiffies in /proc/timer_list over 100 ms (250 if unreadable).
 pub fn kernel_hz() -> u32 {
-    let mono = monotonic_ns() as f64 / 1e9;
-    let Ok(text) = std::fs::read_to_string("/proc/timer_list") else {
-        return 250;
+    let read = || -> Option<(u64, f64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let j = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: "))?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        Some((j, monotonic_ns() as f64 / 1e9))
     };
-    text.lines()
-        .find_map(|l| l.strip_prefix("jiffies: "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|j| crate::decode::guess_hz(j, mono))
+    let Some((j0, t0)) = read() else { return 250 };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    read()
+        .and_then(|(j1, t1)| crate::decode::hz_from_rate(j0, t0, j1, t1))
         .unwrap_or(250)
 }
 

@@ -70,13 +70,20 @@ pub struct ZombieView {
 #[derive(Default)]
 pub struct ZombieTracker {
     zombies: HashMap<u32, Zombie>,
+    /// Pids reaped (free events) with the time: a /proc scan that started before the reap must
+    /// not bring them back.
+    freed: HashMap<u32, Nanos>,
     scanned: bool,
 }
+
+/// How long a reaped pid is remembered (longer than any /proc scan takes).
+const FREED_KEEP: Nanos = 60 * SEC;
 
 impl ZombieTracker {
     pub fn on_event(&mut self, e: &ProcEvent) {
         match e.kind {
             ProcEventKind::Exit => {
+                self.freed.remove(&e.pid);
                 self.zombies.insert(
                     e.pid,
                     Zombie {
@@ -91,6 +98,7 @@ impl ZombieTracker {
             }
             ProcEventKind::Free => {
                 self.zombies.remove(&e.pid);
+                self.freed.insert(e.pid, e.ts);
             }
         }
     }
@@ -101,7 +109,12 @@ impl ZombieTracker {
         // Reaped since (or lost events); keep exits newer than the scan's start.
         self.zombies
             .retain(|pid, z| live.contains(pid) || z.first_seen >= started);
+        self.freed.retain(|_, t| at.saturating_sub(*t) < FREED_KEEP);
         for st in zombies {
+            if self.freed.get(&st.pid).is_some_and(|t| *t >= started) {
+                // Reaped while the scan ran: the scan saw it before the reap.
+                continue;
+            }
             let first = !self.scanned;
             let z = self.zombies.entry(st.pid).or_insert_with(|| Zombie {
                 pid: st.pid,
@@ -116,6 +129,11 @@ impl ZombieTracker {
             z.confirmed = true;
         }
         self.scanned = true;
+    }
+
+    /// Forgets a pid that /proc shows is no longer a zombie (reaped, events lost or late).
+    pub fn forget(&mut self, pid: u32) {
+        self.zombies.remove(&pid);
     }
 
     /// Checks exit events against /proc: a zombie is confirmed, anything else dropped.
@@ -390,11 +408,14 @@ impl ZombieDetector {
             if now < at {
                 return None;
             }
-            let still = before
+            let (still, reaped): (Vec<u32>, Vec<u32>) = before
                 .iter()
-                .filter(|p| view.stat(**p).is_some_and(|s| s.state == 'Z'))
-                .count();
+                .partition(|p| view.stat(**p).is_some_and(|s| s.state == 'Z'));
+            let still = still.len();
             case.verify = None;
+            for pid in reaped {
+                self.tracker.forget(pid);
+            }
             record_outcome(
                 store,
                 case.finding,
@@ -567,6 +588,30 @@ mod tests {
             ts,
             comm: "child".into(),
         }
+    }
+
+    #[test]
+    fn a_scan_that_started_before_a_reap_does_not_bring_the_zombie_back() {
+        let mut t = ZombieTracker::default();
+        let z = ProcStat {
+            pid: 11,
+            comm: "child".into(),
+            state: 'Z',
+            ppid: 10,
+            starttime: 1,
+        };
+        t.on_event(&exit(11, 10, SEC));
+        // The scan starts at 2 s and sees the zombie; the parent reaps it at 3 s; the scan's
+        // result arrives at 4 s.
+        t.on_event(&ProcEvent {
+            kind: ProcEventKind::Free,
+            ..exit(11, 10, 3 * SEC)
+        });
+        t.on_scan(std::slice::from_ref(&z), 4 * SEC, 2 * SEC);
+        assert!(t.is_empty(), "the reaped child stays gone");
+        // A later scan that really sees it (pid reused by a new zombie) counts it.
+        t.on_scan(std::slice::from_ref(&z), 10 * SEC, 5 * SEC);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
