@@ -63,7 +63,7 @@ pub const AF_INET6: u16 = 10;
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u16 = 6;
 
-/// One kernel event about one socket, keyed by its cookie. 80 bytes.
+/// One kernel event about one socket, keyed by its cookie. 88 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventRecord {
@@ -94,13 +94,17 @@ pub struct EventRecord {
     pub err: i32,
     /// comm of the current task (same caveat as `pid`), NUL-padded bytes.
     pub comm: [u64; 2],
+    /// The socket's network namespace (`net->ns.inum`, the inode of its nsfs file).
+    pub netns: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<EventRecord>() == 80);
+const _: () = assert!(size_of::<EventRecord>() == 88);
 const _: () = assert!(offset_of!(EventRecord, cookie) == 8);
 const _: () = assert!(offset_of!(EventRecord, saddr) == 24);
 const _: () = assert!(offset_of!(EventRecord, sport) == 56);
 const _: () = assert!(offset_of!(EventRecord, comm) == 64);
+const _: () = assert!(offset_of!(EventRecord, netns) == 80);
 
 /// One socket as the `iter/tcp` program sees it. 128 bytes.
 ///
@@ -229,8 +233,7 @@ pub struct KernelOffsets {
     pub tp_keepalive_time: u32,
     pub tp_keepalive_intvl: u32,
     pub tp_keepalive_probes: u32,
-    /// Only events of sockets in this network namespace are emitted (0: all).
-    pub netns_inum: u32,
+    pub _reserved0: u32,
     /// `struct task_struct` fields (from the start of task_struct).
     pub task_pid: u32,
     pub task_tgid: u32,
@@ -240,7 +243,6 @@ pub struct KernelOffsets {
     pub file_f_inode: u32,
     pub inode_i_mode: u32,
     pub inode_i_ino: u32,
-    /// 1: the `snapshot_tcp` iterator emits only sockets worth a look (see [`SnapFilter`]).
     pub _reserved: u32,
 }
 
@@ -280,7 +282,7 @@ impl KernelOffsets {
         tp_keepalive_time: u32::MAX,
         tp_keepalive_intvl: u32::MAX,
         tp_keepalive_probes: u32::MAX,
-        netns_inum: 0,
+        _reserved0: 0,
         task_pid: u32::MAX,
         task_tgid: u32::MAX,
         task_real_parent: u32::MAX,

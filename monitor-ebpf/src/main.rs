@@ -140,20 +140,13 @@ fn tuple(sk: *const u8) -> Result<Tuple, ()> {
     Ok(t)
 }
 
-/// True if the socket lives in the namespace the agent watches (or no filter is set).
+/// The socket's network namespace: `sk->__sk_common.skc_net.net->ns.inum` (0 if unreadable).
 #[inline(always)]
-fn in_netns(sk: *const u8) -> bool {
-    let want = off!(netns_inum);
-    if want == 0 {
-        return true;
+fn netns_of(sk: *const u8) -> u32 {
+    match ld::<u64>(sk, off!(skc_net)) {
+        Ok(net) if net != 0 => ld::<u32>(net as *const u8, off!(net_ns_inum)).unwrap_or(0),
+        _ => 0,
     }
-    let Ok(net) = ld::<u64>(sk, off!(skc_net)) else {
-        return false;
-    };
-    if net == 0 {
-        return false;
-    }
-    matches!(ld::<u32>(net as *const u8, off!(net_ns_inum)), Ok(inum) if inum == want)
 }
 
 /// Emits one event record for `sk` (a BTF `struct sock *` from a tp_btf argument).
@@ -167,9 +160,6 @@ fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
         Ok(p) if p == IPPROTO_TCP => {}
         Ok(_) => return,
         Err(()) => return bump(stat::ERR_BASE + prog),
-    }
-    if !in_netns(base) {
-        return;
     }
     let Ok(t) = tuple(base) else {
         return bump(stat::ERR_BASE + prog);
@@ -202,6 +192,8 @@ fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
         dport: t.dport,
         err,
         comm: current_comm(),
+        netns: netns_of(base),
+        _pad: 0,
     });
     // Never wake the reader per record: it drains on a short timer (see DESIGN: wakeups are the
     // cost that matters under churn).

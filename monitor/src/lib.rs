@@ -1,31 +1,21 @@
 //! holdfast library: all logic of the agent and CLI; `main.rs` only calls [`cli::main`].
+//!
+//! Layers, each using only those listed before it: `model` (typed data), `config` (file and
+//! runtime policy), `kernel` (every source and syscall), `track` (state fed by observations),
+//! `findings` (the lifecycle store), `detect` (pure judges), `remedy` (actions), `sinks`
+//! (journald, metrics, notices), `ipc` (the protocol), `agent` (the state owner and its
+//! workers), `cli` (commands).
 pub mod agent;
-pub mod btf;
-pub mod cgroups;
-pub mod cidr;
 pub mod cli;
 pub mod config;
-pub mod decode;
-pub mod ebpf;
-pub mod eviction;
+pub mod detect;
 pub mod findings;
-pub mod flows;
-pub mod human;
 pub mod ipc;
-pub mod journal;
-pub mod leaks;
-pub mod ledger;
-pub mod metrics;
-pub mod notify;
-pub mod observe;
-pub mod owners;
-pub mod probe;
-pub mod procs;
-pub mod profiles;
+pub mod kernel;
+pub mod model;
 pub mod remedy;
-pub mod render;
-pub mod routes;
 pub mod sinks;
-pub mod sockdiag;
-pub mod sys;
-pub mod zombies;
+pub mod track;
+
+#[cfg(test)]
+mod testing;

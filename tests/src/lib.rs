@@ -479,6 +479,33 @@ impl Agent {
         serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
     }
 
+    pub fn status(&self) -> Value {
+        self.json(&["status", "--json"]).expect("status")
+    }
+
+    /// How many evaluation rounds of `kind` (zombies, flows, ledger) the agent has completed.
+    pub fn rounds(&self, kind: &str) -> u64 {
+        self.status()["rounds"][kind].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until the agent has completed `n` more rounds of `kind` than now: the positive signal
+    /// a negative check waits for ("nothing happened" means something was looked at).
+    pub fn wait_rounds(&self, kind: &str, n: u64) {
+        let start = self.rounds(kind);
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{n} more {kind} rounds"),
+            || {
+                let now = self.rounds(kind);
+                if now >= start + n {
+                    Ok(())
+                } else {
+                    Err(format!("{} of {n}", now - start))
+                }
+            },
+        );
+    }
+
     pub fn flows(&self) -> Vec<Value> {
         self.json(&["flows", "--json"])
             .ok()
@@ -494,12 +521,16 @@ impl Drop for Agent {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Failed or not, the test leaves no socket directory, config or log behind.
+        if let Some(dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -527,5 +558,66 @@ macro_rules! both_modes {
     };
 }
 
-/// Both modes, for tests that must pass in each.
-pub const MODES: [&str; 2] = ["poll", "ebpf"];
+/// Records a skipped test (allowed only when the kernel lacks a feature): printed, and appended
+/// to the file named by HOLDFAST_SKIPS so that `cargo xtask test` counts and names it.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIP: {test}: {reason}");
+    if let Some(path) = std::env::var_os("HOLDFAST_SKIPS")
+        && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+    {
+        let _ = writeln!(f, "{test}: {reason}");
+    }
+}
+
+/// An action's outcome sentence.
+pub fn outcome(a: &Value) -> &str {
+    a["outcome"]["text"].as_str().unwrap_or("")
+}
+
+/// Whether a finding is about the flow with this local (or remote) address.
+pub fn about_flow(f: &Value, addr: &str) -> bool {
+    f["subject"]["local"] == addr || f["subject"]["remote"] == addr
+}
+
+/// Whether a finding is about this process (its subject or its flow's owner).
+pub fn about_pid(f: &Value, pid: u32) -> bool {
+    f["subject"]["pid"] == pid || f["subject"]["owner"]["pid"] == pid
+}
+
+/// A cgroup v2 directory for a test, removed on drop (with its processes moved out first).
+pub struct CgroupDir {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl CgroupDir {
+    /// None when the kernel has no cgroup2 mount (the caller skips, saying so).
+    pub fn new(tag: &str) -> Option<Self> {
+        let mount = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|mi| {
+                mi.lines()
+                    .find(|l| l.contains(" - cgroup2 "))
+                    .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+            })?;
+        let name = format!("holdfast-test-{}-{tag}", std::process::id());
+        let path = mount.join(&name);
+        std::fs::create_dir_all(&path).expect("create test cgroup");
+        Some(CgroupDir { name, path })
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        // Processes left inside (a failed test) go back to the parent cgroup before rmdir.
+        if let (Ok(procs), Some(parent)) = (
+            std::fs::read_to_string(self.path.join("cgroup.procs")),
+            self.path.parent(),
+        ) {
+            for p in procs.lines() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), p);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

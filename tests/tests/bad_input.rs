@@ -63,12 +63,23 @@ fn bad_config_names_file_line_key_and_expectation() {
     );
     assert!(err.contains("not a duration like 350s"), "{err}");
     let (code, _, err) = run(&["config", "check", path]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "a bad file is a configuration error (exit 2): {err}");
     assert!(err.contains(":5:"), "{err}");
     std::fs::write(&cfg, "[agent]\nmode = \"poll\"\n").unwrap();
     let (code, out, _) = run(&["config", "check", path]);
     assert_eq!(code, 0);
-    assert!(out.contains("ok"), "{out}");
+    assert_eq!(out.trim(), format!("{path}: ok"), "no dump of internals");
+    let (code, out, _) = run(&["config", "check", "--show", path]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("[agent]")
+            && out.contains("mode = \"poll\"")
+            && out.contains("poll_interval = \"500ms\""),
+        "the effective configuration as TOML: {out}"
+    );
+    let (code, _, err) = run(&["config", "check", "/dev/zero"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
     let (code, _, err) = run(&["agent", "--config", "/nonexistent/holdfast.toml"]);
     assert_eq!(code, 2);
     assert!(
@@ -162,7 +173,7 @@ fn a_caller_without_permission_is_refused_clearly() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(
-        err.contains("permission denied on") && err.contains("usermod -aG holdfast"),
+        err.contains("permission denied on") && err.contains("usermod -aG"),
         "{err}"
     );
     assert!(agent.json(&["status", "--json"]).is_ok());
@@ -196,14 +207,25 @@ fn auto_mode_degrades_to_poll_with_one_clear_warning() {
         .spawn()
         .unwrap();
     let status = wait_for(Duration::from_secs(10), "the unprivileged agent", || {
-        let o = Command::new(holdfast_bin())
-            .arg("--socket")
-            .arg(&socket)
-            .args(["status", "--json"])
+        // Asked by its own user: the CLI believes an agent running as itself.
+        let o = as_nobody(&["--socket", socket.to_str().unwrap(), "status", "--json"])
             .output()
             .unwrap();
         serde_json::from_slice::<serde_json::Value>(&o.stdout).map_err(|e| e.to_string())
     });
+    // Root's CLI does not believe an agent that does not run as root (a squatter could lie).
+    let o = Command::new(holdfast_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("runs as uid 65534, not as root: refusing to believe it"),
+        "{err}"
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status["mode"], "poll", "{status}");

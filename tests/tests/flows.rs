@@ -41,11 +41,7 @@ fn connect_then_close(mode: &str) {
     assert!(c["inode"].as_u64().unwrap() > 0);
 
     // The human table shows the same flow.
-    let (code, table, _) = agent.cli(&[
-        "flows",
-        "--port",
-        &server_addr.rsplit(':').next().unwrap().to_string(),
-    ]);
+    let (code, table, _) = agent.cli(&["flows", "--port", server_addr.rsplit(':').next().unwrap()]);
     assert_eq!(code, 0);
     assert!(
         table.contains(&client_addr) && table.contains(&format!("{}/hf-peer", client.pid())),
@@ -115,28 +111,48 @@ fn preexisting_connection(mode: &str) {
 }
 both_modes!(preexisting_connection);
 
-/// Keepalive state and timer are reported per socket.
+/// Keepalive state, values and timer are reported per socket: off for a program that does not
+/// set it, on with its own values and a running timer for one that does.
 fn keepalive_is_visible(mode: &str) {
     require_root();
     let ns = Netns::new("ka");
     let agent = Agent::start(&ns, mode, "");
     let server = Peer::spawn(&ns, "listen", "127.0.0.1:0");
-    let client = Peer::spawn(&ns, "connect", &server.addr());
-    let (server_addr, client_addr) = (server.addr(), client.addr());
-    let f = wait_for(Duration::from_secs(3), "the flow with tcp_info", || {
+    let plain = Peer::spawn(&ns, "connect", &server.addr());
+    let with_ka = Peer::spawn_with(&ns, &["connect", &server.addr(), "ka"], None);
+    let server_addr = server.addr();
+    let seen = |local: &str| {
         let flows = agent.flows();
-        let f = find_flow(&flows, &client_addr, &server_addr)
-            .cloned()
-            .ok_or("missing")?;
+        let f = find_flow(&flows, local, &server_addr).cloned().ok_or("missing")?;
         if f["keepalive"].is_boolean() {
             Ok(f)
         } else {
             Err(f.to_string())
         }
+    };
+    let f = wait_for(Duration::from_secs(3), "the plain flow with tcp state", || {
+        seen(&plain.addr())
     });
-    assert_eq!(
-        f["keepalive"], false,
-        "the test peer does not set SO_KEEPALIVE: {f}"
+    assert_eq!(f["keepalive"], false, "the program did not set SO_KEEPALIVE: {f}");
+    let k = wait_for(
+        Duration::from_secs(3),
+        "the keepalive flow with tcp state",
+        || seen(&with_ka.addr()),
     );
+    assert_eq!(k["keepalive"], true, "the program set SO_KEEPALIVE: {k}");
+    assert_eq!(k["timer"], "keepalive", "its keepalive timer runs: {k}");
+    let left = k["timer_expires_ms"].as_i64().expect("timer expiry");
+    assert!(
+        left > 0 && left <= 30_000,
+        "the next probe within TCP_KEEPIDLE (30 s): {k}"
+    );
+    if mode == "ebpf" {
+        // The iterator reads the per-socket values; sock_diag cannot.
+        assert_eq!(
+            (k["keepalive_idle_s"].as_u64(), k["keepalive_intvl_s"].as_u64()),
+            (Some(30), Some(5)),
+            "{k}"
+        );
+    }
 }
 both_modes!(keepalive_is_visible);

@@ -1,7 +1,9 @@
 //! Leaked and half-open sessions (issue 4), each in namespaces the test creates, in both modes.
 use std::time::Duration;
 
-use holdfast_tests::{Agent, Netns, Peer, both_modes, helper_bin, require_root, wait_for};
+use holdfast_tests::{
+    Agent, Netns, Peer, about_flow, about_pid, both_modes, helper_bin, outcome, require_root, wait_for,
+};
 use serde_json::Value;
 
 const LIMIT: usize = 4;
@@ -65,32 +67,44 @@ fn close_wait_leak_is_reported_and_freed(mode: &str) {
     );
     // The leak is reported per process, then holdfast aborts the dead sockets.
     // (The sockets reach the threshold at slightly different times: one or more findings.)
-    let subject = format!("pid {} (hf-leaky)", server.pid());
-    let closes = wait_for(Duration::from_secs(10), "close-wait-leak with closes", || {
-        let fs = findings(&agent, "close-wait-leak");
-        let closes: Vec<Value> = fs
-            .iter()
-            .filter(|f| f["subject"] == subject.as_str())
-            .flat_map(|f| f["actions"].as_array().cloned().unwrap_or_default())
-            .filter(|x| {
-                x["outcome"]
-                    .as_str()
-                    .unwrap_or("")
-                    .starts_with("closed via SOCK_DESTROY")
-            })
-            .collect();
-        if closes.len() >= LIMIT {
-            Ok(closes)
-        } else {
-            Err(format!("{fs:?}"))
-        }
-    });
+    // Each close is verified from the owner's side: this server closes a socket that reports an
+    // error, so every abort ends as "released".
+    let pid = server.pid();
+    let closes = wait_for(
+        Duration::from_secs(15),
+        "close-wait-leak with verified closes",
+        || {
+            let fs = findings(&agent, "close-wait-leak");
+            let closes: Vec<Value> = fs
+                .iter()
+                .filter(|f| about_pid(f, pid))
+                .flat_map(|f| f["actions"].as_array().cloned().unwrap_or_default())
+                .filter(|x| {
+                    outcome(x).starts_with("closed via SOCK_DESTROY")
+                        && outcome(x).contains(&format!("pid {pid} released fd"))
+                        && x["outcome"]["status"] == "succeeded"
+                })
+                .collect();
+            if closes.len() >= LIMIT {
+                Ok(closes)
+            } else {
+                Err(format!("{fs:?}"))
+            }
+        },
+    );
     assert_eq!(closes.len(), LIMIT, "each leaked socket closed exactly once");
     let a = &closes[0];
     assert_eq!(a["action"], "close");
     assert_eq!(
-        a["before"]["evidence"]["state"], "CLOSE-WAIT",
+        a["before"]["state"], "CLOSE-WAIT",
         "every close is logged with its evidence: {a}"
+    );
+    assert!(
+        a["before"]["evidence"]
+            .as_str()
+            .unwrap()
+            .starts_with("CLOSE-WAIT for"),
+        "{a}"
     );
     wait_for(
         Duration::from_secs(5),
@@ -157,7 +171,7 @@ fn dry_run_closes_nothing(mode: &str) {
             .as_array()
             .unwrap()
             .iter()
-            .all(|a| a["mode"] == "dry-run" && a["outcome"].as_str().unwrap().starts_with("planned: abort"))
+            .all(|a| a["mode"] == "dry-run" && outcome(a).starts_with("planned: abort"))
     );
     let leaked = agent.json(&["flows", "--json", "--leaked"]).unwrap();
     assert_eq!(
@@ -165,7 +179,7 @@ fn dry_run_closes_nothing(mode: &str) {
         LIMIT,
         "flows --leaked lists the sessions: {leaked}"
     );
-    std::thread::sleep(Duration::from_secs(1));
+    agent.wait_rounds("flows", 3);
     assert_eq!(
         server.tell("count"),
         format!("active {LIMIT}"),
@@ -220,7 +234,7 @@ fn half_open_after_the_link_is_cut(mode: &str) {
             assert_eq!(busy.tell("send"), "sent true");
             findings(&agent, "half-open")
                 .into_iter()
-                .find(|f| f["subject"].as_str().unwrap_or("").contains(&doomed_remote))
+                .find(|f| about_flow(f, &doomed_remote))
                 .ok_or_else(|| "none yet".to_string())
         },
     );
@@ -246,8 +260,7 @@ fn half_open_after_the_link_is_cut(mode: &str) {
         .collect();
     for p in [&idle, &busy] {
         assert!(
-            !all.iter()
-                .any(|f| f["subject"].as_str().unwrap_or("").contains(&p.addr())),
+            !all.iter().any(|f| about_flow(f, &p.addr())),
             "healthy flow {} flagged: {all:?}",
             p.addr()
         );

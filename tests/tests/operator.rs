@@ -133,14 +133,28 @@ fn status_check_exit_codes_and_events_follow() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The follower is subscribed once the agent counts it as a connected client.
+    wait_for(Duration::from_secs(5), "the follower to connect", || {
+        let c = agent.status()["clients"].as_u64().unwrap_or(0);
+        if c >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{c} clients"))
+        }
+    });
     let parent = Parent::spawn("blocked", 1);
-    let mut line = String::new();
-    BufReader::new(follow.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    // Read the first line on a thread, with a deadline: a broken stream fails, never hangs.
+    let out = follow.stdout.take().unwrap();
+    let (ltx, lrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = ltx.send(line);
+    });
+    let line = lrx.recv_timeout(Duration::from_secs(15));
     let _ = follow.kill();
     let _ = follow.wait();
+    let line = line.expect("a notice within 15 s");
     let n: Value = serde_json::from_str(&line).expect("one JSON notice per line");
     assert_eq!(n["kind"], "zombie");
     assert_eq!(n["transition"], "new");
@@ -195,7 +209,7 @@ fn sighup_reload_refuses_a_bad_config_and_applies_a_good_one() {
         "{err}"
     );
     assert_eq!(st["config_reloads"], 0);
-    std::thread::sleep(Duration::from_secs(1));
+    agent.wait_rounds("zombies", 5);
     assert_eq!(parent.zombies_left(), 1, "still off: nothing sent");
     // A good file through `holdfast reload`: applied; the nudge now happens.
     std::fs::write(
@@ -278,7 +292,10 @@ fn metrics_are_prometheus_text_on_loopback() {
             .map_err(|e| e.to_string())?;
         let b = String::from_utf8_lossy(&o.stdout).into_owned();
         // Two listeners in this namespace: the test peer and the agent's own metrics socket.
-        if b.contains("holdfast_flows{state=\"LISTEN\"} 2") {
+        if b.contains(&format!(
+            "holdfast_flows{{netns=\"{}\",state=\"LISTEN\"}} 2",
+            ns.name
+        )) {
             Ok(b)
         } else {
             Err(b)
@@ -316,7 +333,13 @@ fn metrics_are_prometheus_text_on_loopback() {
         }
     }
     assert!(body.contains("holdfast_mode{mode=\"poll\"} 1"), "{body}");
-    assert!(body.contains("holdfast_flows{state=\"LISTEN\"} 2"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "holdfast_flows{{netns=\"{}\",state=\"LISTEN\"}} 2",
+            ns.name
+        )),
+        "{body}"
+    );
     assert!(
         body.lines()
             .any(|l| l.starts_with("holdfast_agent_rss_bytes ") && !l.ends_with(" 0")),

@@ -64,7 +64,8 @@ fn lost_signal_is_nudged(mode: &str) {
     assert_eq!(actions.len(), 1, "one nudge was enough: {f}");
     assert_eq!(actions[0]["action"], "sigchld");
     assert_eq!(actions[0]["mode"], "enforce");
-    assert_eq!(actions[0]["outcome"], "reaped 3 of 3", "{f}");
+    assert_eq!(actions[0]["outcome"]["text"], "reaped 3 of 3", "{f}");
+    assert_eq!(actions[0]["outcome"]["status"], "succeeded", "{f}");
     assert_eq!(actions[0]["before"]["zombies"], 3);
     assert_eq!(actions[0]["after"]["zombies"], 0);
     let log = agent.stderr();
@@ -87,8 +88,8 @@ fn blocked_parent_is_not_nudged(mode: &str) {
     assert_eq!(f["details"]["diagnosis"], "sigchld-blocked", "{f}");
     assert_eq!(f["details"]["count"], 2);
     assert_eq!(f["severity"], "critical");
-    // Watch several evaluation periods: no nudge, no repeated report.
-    std::thread::sleep(Duration::from_secs(2));
+    // Watch several evaluations: no nudge, no repeated report.
+    agent.wait_rounds("zombies", 10);
     let f = finding_for(&agent, parent.pid(), false).unwrap();
     assert!(
         f["actions"].as_array().unwrap().is_empty(),
@@ -126,7 +127,7 @@ fn no_handler_is_reported_once(mode: &str) {
         finding_for(&agent, parent.pid(), false).ok_or_else(|| "none yet".to_string())
     });
     assert_eq!(f["details"]["diagnosis"], "no-handler", "{f}");
-    std::thread::sleep(Duration::from_secs(2));
+    agent.wait_rounds("zombies", 10);
     let f = finding_for(&agent, parent.pid(), false).unwrap();
     assert!(f["actions"].as_array().unwrap().is_empty(), "{f}");
     assert_eq!(
@@ -188,15 +189,10 @@ fn storm_is_one_finding(mode: &str) {
 both_modes!(storm_is_one_finding);
 
 /// Dry-run reports the planned nudge and sends nothing.
-#[test]
-fn dry_run_plans_and_leaves_the_zombies() {
+fn dry_run_plans_and_leaves_the_zombies(mode: &str) {
     require_root();
     let ns = Netns::new("zdry");
-    let agent = Agent::start(
-        &ns,
-        "ebpf",
-        &format!("{CONFIG}[remedies]\nsigchld = \"dry-run\"\n"),
-    );
+    let agent = Agent::start(&ns, mode, &format!("{CONFIG}[remedies]\nsigchld = \"dry-run\"\n"));
     let parent = Parent::spawn("lost-signal", 1);
     let f = wait_for(Duration::from_secs(10), "a planned action", || {
         let f = finding_for(&agent, parent.pid(), false).ok_or("none yet")?;
@@ -208,13 +204,13 @@ fn dry_run_plans_and_leaves_the_zombies() {
     });
     assert_eq!(f["actions"][0]["mode"], "dry-run");
     assert!(
-        f["actions"][0]["outcome"]
+        f["actions"][0]["outcome"]["text"]
             .as_str()
             .unwrap()
             .starts_with("planned: SIGCHLD"),
         "{f}"
     );
-    std::thread::sleep(Duration::from_secs(2));
+    agent.wait_rounds("zombies", 10);
     assert_eq!(parent.zombies_left(), 1, "nothing was sent");
     assert_eq!(
         finding_for(&agent, parent.pid(), false).unwrap()["actions"]
@@ -224,3 +220,4 @@ fn dry_run_plans_and_leaves_the_zombies() {
         1
     );
 }
+both_modes!(dry_run_plans_and_leaves_the_zombies);

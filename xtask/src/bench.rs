@@ -178,10 +178,10 @@ impl Agent {
     fn wait(&self, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value> {
         let t0 = Instant::now();
         loop {
-            if let Some(s) = self.status() {
-                if ok(&s) {
-                    return Ok(s);
-                }
+            if let Some(s) = self.status()
+                && ok(&s)
+            {
+                return Ok(s);
             }
             if t0.elapsed() > timeout {
                 bail!(

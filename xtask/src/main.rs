@@ -237,6 +237,51 @@ fn build() -> Result<PathBuf> {
     Ok(root().join("target/release/holdfast"))
 }
 
+/// Unit tests, then the privileged scenario tests against the release binary; skipped tests
+/// (only where the kernel lacks a feature) are counted and named at the end, pass or fail.
+fn test(bin: &Path, rest: &[String]) -> Result<()> {
+    let skips = root().join("target/test-skips.log");
+    let _ = std::fs::remove_file(&skips);
+    let unit = run(cargo()
+        .args(["test", "--release", "-p", "monitor-common", "-p", "monitor"])
+        .env("HOLDFAST_SKIPS", &skips));
+    let scenario = unit
+        .as_ref()
+        .map_err(|_| anyhow::anyhow!("unit tests failed"))
+        .and_then(|_| {
+            let mut c = cargo();
+            c.args([
+                "test",
+                "--release",
+                "--no-fail-fast",
+                "-p",
+                "holdfast-tests",
+                "--",
+            ])
+            .args(rest)
+            .env("HOLDFAST_BIN", bin)
+            .env("HOLDFAST_SKIPS", &skips);
+            if !rest.iter().any(|a| a.starts_with("--test-threads")) {
+                c.arg("--test-threads=1");
+            }
+            run(&mut c)
+        });
+    let skipped: Vec<String> = std::fs::read_to_string(&skips)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    if skipped.is_empty() {
+        println!("test: no test was skipped");
+    } else {
+        println!("test: {} skipped (the kernel lacks a feature):", skipped.len());
+        for s in &skipped {
+            println!("    {s}");
+        }
+    }
+    unit.and(scenario)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -252,25 +297,7 @@ fn main() -> ExitCode {
             println!("running {} agent {}", bin.display(), rest.join(" "));
             run(&mut c)
         }),
-        "test" => build().and_then(|bin| {
-            // Unit tests, then the privileged scenario tests against the release binary.
-            run(cargo().args(["test", "--release", "-p", "monitor-common", "-p", "monitor"]))?;
-            let mut c = cargo();
-            c.args([
-                "test",
-                "--release",
-                "--no-fail-fast",
-                "-p",
-                "holdfast-tests",
-                "--",
-            ])
-            .args(rest)
-            .env("HOLDFAST_BIN", &bin);
-            if !rest.iter().any(|a| a.starts_with("--test-threads")) {
-                c.arg("--test-threads=1");
-            }
-            run(&mut c)
-        }),
+        "test" => build().and_then(|bin| test(&bin, rest)),
         "install" => build().and_then(|bin| {
             println!("installing:");
             install::stage(&root(), &bin, Path::new("/"))?;

@@ -1,15 +1,30 @@
-//! The CLI socket: binding, peer-credential checks, and one task per connection.
-use std::path::Path;
+//! The CLI socket: created only in a directory the agent owns, shared with the read group (and
+//! the admin group through an ACL); peer credentials checked on every connection; what one
+//! client can cost is bounded (connections, idle and slow-reader timeouts, replies streamed in
+//! chunks); the socket file is watched and recreated if it disappears.
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Msg;
-use crate::ipc::{self, Reply};
-use crate::sys;
+use crate::ipc::{self, FlowFilter, Reply, Request};
+use crate::kernel::sys;
+
+/// A client has this long to send a request after connecting or after its last reply.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each chunk of a reply must be taken by the client within this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Flows per streamed chunk (about 0.5 MB of JSON).
+const PAGE: usize = 500;
+/// How often the socket file is checked.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// Who may talk to the agent.
 #[derive(Clone, Debug)]
@@ -21,57 +36,31 @@ pub struct Access {
     pub admin: Option<(String, Option<u32>)>,
 }
 
-/// The gid of `name` from /etc/group.
-pub fn group_gid(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
-}
-
-fn supplementary_groups(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-        })
-        .unwrap_or_default()
-}
-
-fn in_group(cred: sys::PeerCred, gid: u32) -> bool {
-    cred.gid == gid || supplementary_groups(cred.pid).contains(&gid)
-}
-
 impl Access {
+    fn in_group(groups: &[u32], cred: sys::PeerCred, gid: Option<u32>) -> bool {
+        gid.is_some_and(|g| cred.gid == g || groups.contains(&g))
+    }
+
     /// Root, the agent's own uid, or a member of the admin group.
-    pub fn is_admin(&self, cred: sys::PeerCred) -> bool {
+    pub fn is_admin(&self, cred: sys::PeerCred, groups: &[u32]) -> bool {
         cred.uid == 0
             || cred.uid == self.agent_uid
             || self
                 .admin
                 .as_ref()
-                .and_then(|(_, g)| *g)
-                .is_some_and(|g| in_group(cred, g))
+                .is_some_and(|(_, g)| Self::in_group(groups, cred, *g))
     }
 
     /// Ok, or the refusal to send back.
-    pub fn check(&self, cred: sys::PeerCred) -> Result<(), String> {
-        if cred.uid == 0 || cred.uid == self.agent_uid {
-            return Ok(());
-        }
+    pub fn check(&self, cred: sys::PeerCred, groups: &[u32]) -> Result<(), String> {
         let (name, gid) = &self.group;
-        if let Some(gid) = gid {
-            if in_group(cred, *gid) {
-                return Ok(());
-            }
-        }
-        if self.is_admin(cred) {
+        if Self::in_group(groups, cred, *gid) || self.is_admin(cred, groups) {
             return Ok(());
         }
+        let admin = self
+            .admin
+            .as_ref()
+            .map_or(String::new(), |(a, _)| format!(" or `{a}`"));
         let fix = match gid {
             Some(_) => format!("ask an admin to run `usermod -aG {name} <user>`"),
             None => format!(
@@ -79,74 +68,246 @@ impl Access {
             ),
         };
         Err(format!(
-            "permission denied: uid {} is neither root nor in group `{name}`; {fix}",
+            "permission denied: uid {} is neither root nor in group `{name}`{admin}; {fix}",
             cred.uid
         ))
     }
 }
 
-/// Binds the CLI socket: refuses to steal one a live agent serves, replaces a stale one.
-pub fn bind_socket(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another holdfast agent is already serving {}; stop it first or use --socket",
-                path.display()
-            );
+/// Makes sure the socket's directory is the agent's own: created 0750 owner:read-group if
+/// missing; refused if it is a symlink, owned by someone else, or writable by others.
+fn secure_dir(dir: &Path, group: Option<u32>, admin: Option<u32>) -> anyhow::Result<()> {
+    let me = sys::geteuid();
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+            if let Some(g) = group {
+                sys_chown(dir, g)?;
+            }
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        Err(e) => anyhow::bail!("cannot inspect the socket directory {}: {e}", dir.display()),
+        Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
+            "the socket directory {} is a symlink: refusing to follow it (remove it, or set agent.socket elsewhere)",
+            dir.display()
+        ),
+        Ok(m) if !m.is_dir() => anyhow::bail!("{} is not a directory", dir.display()),
+        Ok(m) if m.uid() != me && m.uid() != 0 => anyhow::bail!(
+            "the socket directory {} belongs to uid {}, not to the agent: anyone who owns it can replace the socket; use a directory of the agent's own (e.g. /run/holdfast)",
+            dir.display(),
+            m.uid()
+        ),
+        Ok(m) if m.mode() & 0o022 != 0 => anyhow::bail!(
+            "the socket directory {} is writable by others (mode {:o}): anyone could put a fake agent there; use a directory of the agent's own (e.g. /run/holdfast) or chmod go-w it",
+            dir.display(),
+            m.mode() & 0o7777
+        ),
+        Ok(_) => {
+            // Ours: shared with the read group only.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+            if let Some(g) = group {
+                sys_chown(dir, g)?;
+            } else {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
+    if let Some(a) = admin {
+        // Admin-only users must reach the socket too: search permission through an ACL entry.
+        if let Err(e) = sys::grant_group(dir, 5, a) {
+            tracing::warn!("cannot grant the admin group access to {}: {e}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn sys_chown(path: &Path, gid: u32) -> anyhow::Result<()> {
+    std::os::unix::fs::lchown(path, None, Some(gid))
+        .map_err(|e| anyhow::anyhow!("chown {} to gid {gid}: {e}", path.display()))
+}
+
+/// Binds the CLI socket: refuses to steal one a live agent serves, to follow a symlink, or to
+/// share a directory others can write; replaces a stale socket.
+pub fn bind_socket(path: &Path, group: Option<u32>, admin: Option<u32>) -> anyhow::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no directory", path.display()))?;
+    secure_dir(dir, group, admin)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
+            "{} is a symlink: refusing to follow it; remove it and start again",
+            path.display()
+        ),
+        Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => anyhow::bail!(
+            "{} exists and is not a socket: remove it or set agent.socket elsewhere",
+            path.display()
+        ),
+        Ok(_) => {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
+                let who = sys::peer_cred(s.as_fd()).map(|c| c.uid).unwrap_or(u32::MAX);
+                anyhow::bail!(
+                    "another holdfast agent (uid {who}) is already serving {}; stop it first or use --socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| anyhow::anyhow!("removing stale socket {}: {e}", path.display()))?;
+        }
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path).map_err(|e| anyhow::anyhow!("binding {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = group {
-        sys::lchown(path, None, Some(gid))
-            .with_context(|| format!("chown {} to gid {gid}", path.display()))?;
+        sys_chown(path, gid)?;
+    }
+    if let Some(a) = admin
+        && let Err(e) = sys::grant_group(path, 6, a)
+    {
+        tracing::warn!("cannot grant the admin group access to {}: {e}", path.display());
     }
     Ok(l)
 }
 
-pub async fn serve_conn(
-    stream: UnixStream,
-    tx: mpsc::Sender<Msg>,
-    access: Access,
-    notices: tokio::sync::broadcast::Sender<crate::sinks::Notice>,
+/// Connection counters shared with `status`.
+#[derive(Default)]
+pub struct ClientCounters {
+    pub connected: AtomicUsize,
+    pub refused: AtomicU64,
+}
+
+/// Everything a connection task needs.
+#[derive(Clone)]
+pub struct Ctx {
+    pub tx: mpsc::Sender<Msg>,
+    pub status: mpsc::Sender<oneshot::Sender<Reply>>,
+    pub access: Access,
+    pub notices: tokio::sync::broadcast::Sender<crate::sinks::Notice>,
+    pub counters: Arc<ClientCounters>,
+}
+
+/// Accepts CLI connections until `stop`; rebinds the socket if its file disappears.
+pub async fn accept_loop(
+    mut listener: UnixListener,
+    path: PathBuf,
+    groups: (Option<u32>, Option<u32>),
+    max_clients: usize,
+    ctx: Ctx,
+    socket_ok: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use std::os::fd::AsFd;
-    let cred = sys::peer_cred(stream.as_fd()).ok();
-    let admin = cred.is_some_and(|c| access.is_admin(c));
-    let verdict = sys::peer_cred(stream.as_fd())
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let mut bound = std::fs::metadata(&path).map(|m| m.ino()).ok();
+    let mut watch = tokio::time::interval(WATCH_EVERY);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = watch.tick() => {
+                let now = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
+                if now != bound {
+                    tracing::warn!(socket = %path.display(), "the CLI socket file disappeared or was replaced; recreating it");
+                    let _ = std::fs::remove_file(&path);
+                    match bind_socket(&path, groups.0, groups.1) {
+                        Ok(l) => {
+                            listener = l;
+                            bound = std::fs::metadata(&path).map(|m| m.ino()).ok();
+                            socket_ok.store(true, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            socket_ok.store(false, Ordering::Relaxed);
+                            tracing::error!("recreating the CLI socket failed: {e:#}");
+                        }
+                    }
+                }
+                continue;
+            }
+            _ = stop.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => {
+                failures = 0;
+                s
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; say so once per streak.
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!("accepting a CLI connection failed: {e}; backing off");
+                }
+                tokio::time::sleep(Duration::from_millis(50u64 << failures.min(6))).await;
+                continue;
+            }
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    ctx.counters.connected.fetch_add(1, Ordering::Relaxed);
+                    serve_conn(stream, &ctx).await;
+                    ctx.counters.connected.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let line = Reply::err(format!(
+                    "too many CLI connections ({max_clients} at once; agent.max_clients): try again"
+                ))
+                .to_line();
+                tokio::spawn(async move {
+                    let mut s = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(line.as_bytes())).await;
+                });
+            }
+        }
+    }
+}
+
+async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, w.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
+    let cred = sys::peer_cred(stream.as_fd());
+    let groups = sys::peer_groups(stream.as_fd()).unwrap_or_default();
+    let verdict = cred
+        .as_ref()
         .map_err(|e| format!("cannot read peer credentials: {e}"))
-        .and_then(|c| access.check(c));
+        .and_then(|c| ctx.access.check(*c, &groups));
+    let admin = cred.as_ref().is_ok_and(|c| ctx.access.is_admin(*c, &groups));
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
     if let Err(refusal) = verdict {
+        ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
         // Read the request first so that the refusal is its reply (the client may still be writing).
         let mut limited = (&mut reader).take(ipc::MAX_LINE as u64);
-        let _ = tokio::time::timeout(Duration::from_secs(2), limited.read_until(b'\n', &mut buf)).await;
-        let _ = w.write_all(Reply::err(refusal).to_line().as_bytes()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), limited.read_until(b'\n', &mut buf)).await;
+        let _ = write(&mut w, Reply::err(refusal).to_line().as_bytes()).await;
         return;
     }
     loop {
         buf.clear();
-        let n = match (&mut reader)
-            .take(ipc::MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .await
-        {
-            Ok(n) => n,
-            Err(_) => return,
+        let mut limited = (&mut reader).take(ipc::MAX_LINE as u64 + 1);
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let msg = format!("no request within {}s; closing", IDLE_TIMEOUT.as_secs());
+                let _ = write(&mut w, Reply::err(msg).to_line().as_bytes()).await;
+                return;
+            }
         };
         if n == 0 {
             return;
         }
         if buf.len() > ipc::MAX_LINE {
             let msg = format!("request line longer than {} bytes; closing", ipc::MAX_LINE);
-            let _ = w.write_all(Reply::err(msg).to_line().as_bytes()).await;
+            let _ = write(&mut w, Reply::err(msg).to_line().as_bytes()).await;
             return;
         }
         let line = String::from_utf8_lossy(&buf);
@@ -154,31 +315,35 @@ pub async fn serve_conn(
         if line.is_empty() {
             continue;
         }
-        let reply = match ipc::parse_request(line) {
-            Err(r) => r,
-            Ok(ipc::Request::Events { follow: true }) => {
-                // Stream every notice as its own reply line until the client goes away.
-                let mut rx = notices.subscribe();
-                loop {
-                    match rx.recv().await {
-                        Ok(n) => {
-                            if w.write_all(Reply::ok(&n).to_line().as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
-                            let msg = format!("{k} events were dropped: this reader is too slow");
-                            if w.write_all(Reply::err(msg).to_line().as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
+        let req = match ipc::parse_request(line) {
+            Err(r) => {
+                if !write(&mut w, r.to_line().as_bytes()).await {
+                    return;
                 }
+                continue;
             }
-            Ok(req) => {
+            Ok(req) => req,
+        };
+        let ok = match req {
+            Request::Events { follow: true } => {
+                follow(&mut w, ctx).await;
+                return;
+            }
+            Request::Status {} => {
                 let (otx, orx) = oneshot::channel();
-                if tx
+                if ctx.status.send(otx).await.is_err() {
+                    return;
+                }
+                let r = orx
+                    .await
+                    .unwrap_or_else(|_| Reply::err("the agent is shutting down"));
+                write(&mut w, r.to_line().as_bytes()).await
+            }
+            Request::Flows { filter } => stream_flows(&mut w, ctx, filter).await,
+            req => {
+                let (otx, orx) = oneshot::channel();
+                if ctx
+                    .tx
                     .send(Msg::Query {
                         req,
                         admin,
@@ -189,12 +354,151 @@ pub async fn serve_conn(
                 {
                     return;
                 }
-                orx.await
-                    .unwrap_or_else(|_| Reply::err("the agent is shutting down"))
+                let r = orx
+                    .await
+                    .unwrap_or_else(|_| Reply::err("the agent is shutting down"));
+                write(&mut w, r.to_line().as_bytes()).await
             }
         };
-        if w.write_all(reply.to_line().as_bytes()).await.is_err() {
+        if !ok {
+            // A client that does not take its reply loses the connection.
+            ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
+    }
+}
+
+/// `flows`: the state owner selects and sorts the cookies, then hands out the views in pages; the
+/// reply is written page by page, so neither side holds the whole reply.
+async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filter: FlowFilter) -> bool {
+    let (otx, orx) = oneshot::channel();
+    if ctx
+        .tx
+        .send(Msg::FlowIds {
+            filter: filter.clone(),
+            reply: otx,
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let ids = match orx.await {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(e)) => return write(w, Reply::err(e).to_line().as_bytes()).await,
+        Err(_) => return false,
+    };
+    if !write(w, ipc::STREAM_OPEN.as_bytes()).await {
+        return false;
+    }
+    let mut first = true;
+    for page in ids.chunks(PAGE) {
+        let (otx, orx) = oneshot::channel();
+        let msg = Msg::FlowPage {
+            cookies: page.to_vec(),
+            filter: filter.clone(),
+            reply: otx,
+        };
+        if ctx.tx.send(msg).await.is_err() {
+            return false;
+        }
+        let Ok(chunk) = orx.await else { return false };
+        if chunk.is_empty() {
+            continue;
+        }
+        if !first && !write(w, b",").await {
+            return false;
+        }
+        first = false;
+        if !write(w, &chunk).await {
+            return false;
+        }
+    }
+    write(w, ipc::STREAM_CLOSE.as_bytes()).await
+}
+
+/// `events --follow`: every notice as its own reply line until the client goes away.
+async fn follow(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx) {
+    let mut rx = ctx.notices.subscribe();
+    loop {
+        match rx.recv().await {
+            Ok(n) => {
+                if !write(w, Reply::ok(&n).to_line().as_bytes()).await {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                let msg = format!("{k} events were dropped: this reader is too slow");
+                if !write(w, Reply::err(msg).to_line().as_bytes()).await {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> Access {
+        Access {
+            agent_uid: 0,
+            group: ("holdfast".into(), Some(900)),
+            admin: Some(("hf-admin".into(), Some(901))),
+        }
+    }
+
+    fn cred(uid: u32, gid: u32) -> sys::PeerCred {
+        sys::PeerCred { pid: 1, uid, gid }
+    }
+
+    #[test]
+    fn read_and_admin_groups() {
+        let a = access();
+        assert!(a.check(cred(0, 0), &[]).is_ok());
+        assert!(a.check(cred(1000, 1000), &[900]).is_ok(), "read group member");
+        assert!(!a.is_admin(cred(1000, 1000), &[900]));
+        assert!(
+            a.check(cred(1001, 1001), &[901]).is_ok(),
+            "admin-only member may connect"
+        );
+        assert!(a.is_admin(cred(1001, 1001), &[901]));
+        let e = a.check(cred(1002, 1002), &[5]).unwrap_err();
+        assert!(e.contains("`holdfast` or `hf-admin`"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_world_writable_directory_and_a_symlinked_socket() {
+        let base = std::env::temp_dir().join(format!("hf-sock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let e = bind_socket(&open.join("h.sock"), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("writable by others"), "{e}");
+        let own = base.join("own");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", own.join("h.sock")).unwrap();
+        let e = bind_socket(&own.join("h.sock"), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        std::fs::remove_file(own.join("h.sock")).unwrap();
+        let fresh = base.join("fresh/sub");
+        bind_socket(&fresh.join("h.sock"), None, None).unwrap();
+        let m = std::fs::metadata(&fresh).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o750, "created 0750");
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

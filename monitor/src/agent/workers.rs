@@ -1,4 +1,6 @@
-//! Producers of observations: the ring-buffer pump, the snapshot thread, the /proc scan thread.
+//! Producers of observations: the ring-buffer pump (a task), the snapshot thread and the /proc
+//! scan thread (they block, so they run on their own threads). Each stops when told or when the
+//! state owner goes away, and is joined at shutdown.
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -6,9 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::Msg;
-use crate::ebpf;
-use crate::observe::Snapshot;
-use crate::owners::OwnerResolver;
+use crate::config::policy::Pacing;
+use crate::kernel::netns::NsHandle;
+use crate::kernel::owners::OwnerResolver;
+use crate::kernel::{ebpf, sockdiag};
+use crate::model::eviction::{KaRequest, KaResult};
+use crate::model::observe::Snapshot;
 
 /// How often the event pump drains the ring buffer (the programs never wake it per record).
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
@@ -26,8 +31,11 @@ pub enum WorkerMsg {
         pid: u32,
     },
     Soon,
-    /// Apply or read keepalive on live sockets (in the kernel, or through pidfds in poll mode).
-    Keepalive(Vec<crate::eviction::KaRequest>),
+    /// Apply or read keepalive on live sockets (in the kernel, or through pidfds).
+    Keepalive(Vec<KaRequest>),
+    /// A reload changed the pacing (or the keepalive-at-connect values).
+    Pacing(Pacing),
+    Stop,
 }
 
 pub enum Source {
@@ -35,14 +43,21 @@ pub enum Source {
     Poll,
 }
 
+fn own_ns() -> NsHandle {
+    NsHandle {
+        id: crate::kernel::netns::own_id(),
+        path: "/proc/self/ns/net".into(),
+    }
+}
+
 impl Source {
-    fn keepalive(&mut self, reqs: &[crate::eviction::KaRequest]) -> Vec<crate::eviction::KaResult> {
+    fn keepalive(&mut self, reqs: &[KaRequest]) -> Vec<KaResult> {
         match self {
-            Source::Ebpf(l) => match l.apply_keepalive(reqs) {
+            Source::Ebpf(l) => match l.apply_keepalive(reqs, &own_ns()) {
                 Ok(v) => v,
                 Err(e) => reqs
                     .iter()
-                    .map(|r| crate::eviction::KaResult {
+                    .map(|r| KaResult {
                         cookie: r.cookie,
                         before: None,
                         after: None,
@@ -51,25 +66,36 @@ impl Source {
                     })
                     .collect(),
             },
-            Source::Poll => reqs.iter().map(crate::remedy::pidfd_keepalive).collect(),
+            Source::Poll => reqs
+                .iter()
+                .map(crate::remedy::keepalive::pidfd_keepalive)
+                .collect(),
         }
     }
 
     fn snapshot(&mut self, filter_idle_ms: Option<u64>) -> Result<Snapshot, String> {
+        let ns = own_ns();
         match self {
-            Source::Ebpf(l) => l.snapshot(filter_idle_ms).map_err(|e| e.to_string()),
-            Source::Poll => crate::sockdiag::dump().map_err(|e| e.to_string()),
+            Source::Ebpf(l) => l.snapshot(filter_idle_ms, &ns).map_err(|e| e.to_string()),
+            Source::Poll => sockdiag::dump(ns.id).map_err(|e| e.to_string()),
         }
     }
 }
 
-pub fn spawn_pump(mut events: ebpf::Events, tx: mpsc::Sender<Msg>) {
+pub fn spawn_pump(
+    mut events: ebpf::Events,
+    tx: mpsc::Sender<Msg>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(DRAIN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_counters = Instant::now() - Duration::from_secs(10);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
             let mut batch = Vec::new();
             let mut procs = Vec::new();
             let undecodable = events.drain(&mut batch) + events.drain_procs(&mut procs);
@@ -80,36 +106,23 @@ pub fn spawn_pump(mut events: ebpf::Events, tx: mpsc::Sender<Msg>) {
             if batch.is_empty() && procs.is_empty() && undecodable == 0 && counters.is_none() {
                 continue;
             }
-            if tx
-                .send(Msg::Events {
-                    events: batch,
-                    procs,
-                    undecodable,
-                    counters,
-                })
-                .await
-                .is_err()
-            {
+            let msg = Msg::Events {
+                events: batch,
+                procs,
+                undecodable,
+                counters,
+            };
+            if tx.send(msg).await.is_err() {
                 return;
             }
         }
-    });
+    })
 }
 
-/// How the snapshot thread paces itself.
-#[derive(Clone, Copy, Debug)]
-pub struct Pacing {
-    /// Between two snapshots (filtered ones in eBPF mode).
-    pub interval: Duration,
-    /// eBPF mode: a complete snapshot this often heals what events and filtered snapshots missed.
-    pub full_every: Duration,
-    /// eBPF mode: the kernel leaves out ESTABLISHED sockets active within this many ms.
-    pub filter_idle_ms: Option<u64>,
-}
-
+/// The snapshot thread: reads the TCP tables, resolves owners, runs keepalive changes.
 pub fn snapshot_worker(
     mut source: Source,
-    pacing: Pacing,
+    mut pacing: Pacing,
     rx: std_mpsc::Receiver<WorkerMsg>,
     tx: mpsc::Sender<Msg>,
 ) {
@@ -137,7 +150,10 @@ pub fn snapshot_worker(
                     match &mut source {
                         Source::Ebpf(l) if resolver.missing(&snap.socks) => match l.owners() {
                             Ok(map) => resolver.resolve_from(&snap.socks, &map),
-                            Err(e) => tracing::warn!("owner iterator failed, walking /proc instead: {e}"),
+                            Err(e) => {
+                                tracing::warn!("owner iterator failed, walking /proc instead: {e}");
+                                resolver.resolve(&snap.socks, &hints, now);
+                            }
                         },
                         Source::Ebpf(_) => {}
                         Source::Poll => resolver.resolve(&snap.socks, &hints, now),
@@ -146,6 +162,8 @@ pub fn snapshot_worker(
                     if full {
                         hints.retain(|c, _| live.contains(c));
                         no_file_seen.retain(|c| live.contains(c));
+                        hints.shrink_to_fit();
+                        no_file_seen.shrink_to_fit();
                     }
                     // A socket not yet accepted has no file: look again soon, once per socket.
                     let fresh_no_file = snap
@@ -199,19 +217,34 @@ pub fn snapshot_worker(
                 let soon = (last_start + spacing).max(Instant::now() + OWNER_LOOKUP_DELAY);
                 due = due.min(soon);
             }
+            Ok(WorkerMsg::Pacing(p)) => {
+                if p.connect_values != pacing.connect_values
+                    && let Source::Ebpf(l) = &mut source
+                    && let Err(e) = l.set_connect_values(p.connect_values)
+                {
+                    tracing::warn!("updating keepalive-at-connect values failed: {e}");
+                }
+                pacing = p;
+                due = due.min(Instant::now() + pacing.interval);
+            }
+            Ok(WorkerMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
 }
 
+pub enum ProcMsg {
+    Interval(Duration),
+    Stop,
+}
+
 /// Scans /proc for zombies: the only zombie source in poll mode, a healer of lost events in eBPF
 /// mode (and the finder of zombies that predate the agent in both).
-pub fn proc_worker(interval: Duration, tx: mpsc::Sender<Msg>) {
+pub fn proc_worker(mut interval: Duration, rx: std_mpsc::Receiver<ProcMsg>, tx: mpsc::Sender<Msg>) {
     loop {
-        let started = crate::sys::monotonic_ns();
-        let scan = crate::procs::scan();
-        let finished = crate::sys::monotonic_ns();
+        let started = crate::kernel::sys::monotonic_ns();
+        let scan = crate::kernel::procfs::scan();
+        let finished = crate::kernel::sys::monotonic_ns();
         if tx
             .blocking_send(Msg::ProcScan {
                 scan,
@@ -222,6 +255,13 @@ pub fn proc_worker(interval: Duration, tx: mpsc::Sender<Msg>) {
         {
             return;
         }
-        std::thread::sleep(interval);
+        let until = Instant::now() + interval;
+        loop {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(ProcMsg::Interval(d)) => interval = d,
+                Ok(ProcMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+            }
+        }
     }
 }

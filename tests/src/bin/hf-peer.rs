@@ -2,26 +2,24 @@
 //!
 //! `hf-peer listen ADDR`  prints `listening ADDR`, accepts and holds connections; each
 //!                        connection is closed when its peer closes (EOF); `quit` exits.
-//! `hf-peer connect ADDR [USER_TIMEOUT_MS]` prints `connected LOCAL`, then obeys `send`, `close`,
-//!                        `quit`; with USER_TIMEOUT_MS, TCP_USER_TIMEOUT makes a send to an
-//!                        evicted flow fail within that time instead of minutes.
+//! `hf-peer connect ADDR [USER_TIMEOUT_MS] [ka]` prints `connected LOCAL`, then obeys `send`,
+//!                        `close`, `quit`; with USER_TIMEOUT_MS, TCP_USER_TIMEOUT makes a send to
+//!                        an evicted flow fail within that time instead of minutes; with `ka`,
+//!                        the program turns keepalive on itself (30 s / 5 s / 3 probes).
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (mode, addr, user_timeout) = match args.as_slice() {
-        [_, m, a] => (m.as_str(), a.as_str(), None),
-        [_, m, a, t] => (
-            m.as_str(),
-            a.as_str(),
-            Some(t.parse::<u32>().expect("USER_TIMEOUT_MS")),
-        ),
+    let (mode, addr, opts) = match args.as_slice() {
+        [_, m, a, rest @ ..] => (m.as_str(), a.as_str(), rest),
         _ => {
-            eprintln!("usage: hf-peer listen|connect ADDR");
+            eprintln!("usage: hf-peer listen|connect ADDR [USER_TIMEOUT_MS] [ka]");
             std::process::exit(2);
         }
     };
+    let user_timeout = opts.iter().find_map(|o| o.parse::<u32>().ok());
+    let keepalive = opts.iter().any(|o| o == "ka");
     match mode {
         "listen" => {
             let l = TcpListener::bind(addr).expect("bind");
@@ -49,7 +47,13 @@ fn main() {
         "connect" => {
             let stream = TcpStream::connect(addr).expect("connect");
             if let Some(ms) = user_timeout {
-                set_user_timeout(&stream, ms);
+                setopt(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms as i32);
+            }
+            if keepalive {
+                setopt(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+                setopt(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
+                setopt(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+                setopt(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
             }
             stream
                 .set_read_timeout(Some(std::time::Duration::from_secs(20)))
@@ -86,17 +90,16 @@ fn main() {
     }
 }
 
-fn set_user_timeout(s: &TcpStream, ms: u32) {
-    let v: libc::c_int = ms as libc::c_int;
+fn setopt(s: &TcpStream, level: i32, name: i32, v: i32) {
     // SAFETY: setsockopt reads sizeof(int) bytes from `v`, a live local.
     let rc = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
+            level,
+            name,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
+    assert_eq!(rc, 0, "setsockopt {level}/{name}");
 }

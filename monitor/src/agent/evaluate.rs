@@ -1,0 +1,225 @@
+//! One evaluation round of each kind: detectors judge the tracked state, the finding store
+//! reconciles their verdicts, remedies act on what is open. Each round returns the changes to
+//! announce (the caller hands them to the sinks) and any work for the snapshot thread.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+
+use super::state::{NetnsInfo, State};
+use crate::detect::{self, Env};
+use crate::findings::{Change, Family, Scope};
+use crate::kernel::routes::Router;
+use crate::model::eviction::{KaRequest, NetFacts, RoutePath};
+use crate::model::observe::NetnsId;
+use crate::model::time::Nanos;
+use crate::remedy::close::{Closer, Holders};
+use crate::remedy::keepalive::request;
+use crate::remedy::sigchld::Nudger;
+use crate::track::zombies::ProcView;
+
+/// The host as the detectors see it: routes, names and sysctls per namespace.
+pub struct AgentEnv<'a> {
+    pub router: &'a mut Router,
+    pub netns: &'a BTreeMap<NetnsId, NetnsInfo>,
+}
+
+impl Env for AgentEnv<'_> {
+    fn route(&mut self, netns: NetnsId, dst: IpAddr) -> RoutePath {
+        self.router.path(netns, dst)
+    }
+    fn facts(&self, netns: NetnsId) -> NetFacts {
+        self.netns
+            .get(&netns)
+            .or_else(|| self.netns.get(&crate::kernel::netns::own_id()))
+            .map_or_else(NetFacts::default, |n| n.facts)
+    }
+    fn netns_name(&self, netns: NetnsId) -> Option<String> {
+        if netns == 0 || netns == crate::kernel::netns::own_id() {
+            return None;
+        }
+        Some(
+            self.netns
+                .get(&netns)
+                .map_or_else(|| format!("net:[{netns}]"), |n| n.name.clone()),
+        )
+    }
+}
+
+/// Zombies: judge every parent, settle the nudges of parents whose zombies are gone, reconcile,
+/// then nudge where it can help.
+pub fn zombies(now: Nanos, st: &mut State, view: &dyn ProcView, nudger: &mut dyn Nudger) -> Vec<Change> {
+    let sig = &st.remedies.sigchld;
+    let pass = st
+        .detect
+        .zombies
+        .evaluate(now, &mut st.zombies, st.policy.zombies.min_age, view, &|p| {
+            sig.nudges(p)
+        });
+    let gone: Vec<(u32, Option<u64>)> = pass
+        .gone
+        .iter()
+        .map(|p| (*p, st.store.id_of(&detect::zombies::key(*p))))
+        .collect();
+    let mut out = st.remedies.sigchld.settle_gone(&gone, &mut st.store);
+    let sig = &st.remedies.sigchld;
+    out.extend(st.store.reconcile(Family::Zombie, pass.verdicts, now, |k, f| {
+        let (pid, comm) = match (&k.scope, f.process()) {
+            (Scope::Pid(p), Some(pr)) => (*p, pr.comm),
+            (Scope::Pid(p), None) => (*p, "?".into()),
+            _ => (0, "?".into()),
+        };
+        sig.resolution(pid, &comm)
+    }));
+    for p in &pass.gone {
+        st.remedies.sigchld.forget(*p);
+    }
+    for case in &pass.cases {
+        if let Some(c) = st.remedies.sigchld.step(
+            now,
+            case,
+            st.policy.zombies.sigchld,
+            view,
+            nudger,
+            &mut st.zombies,
+            &mut st.store,
+        ) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Flows: eviction forecasts and post-mortems, keepalive where it helps, half-open and stuck
+/// closing states, the close remedy and its release check. Returns the changes and the keepalive
+/// work for the snapshot thread.
+pub fn flows(
+    now: Nanos,
+    st: &mut State,
+    closer: &mut dyn Closer,
+    holders: &mut dyn Holders,
+) -> (Vec<Change>, Vec<KaRequest>) {
+    let closed = st.table.take_closed(now);
+    let mut out = Vec::new();
+    let mut requests = Vec::new();
+    let ka = &st.remedies.keepalive;
+    let mut env = AgentEnv {
+        router: &mut st.router,
+        netns: &st.netns,
+    };
+    let pass = st.detect.eviction.evaluate(
+        now,
+        st.table.iter(),
+        &closed,
+        &st.policy.eviction,
+        &mut env,
+        &|c| ka.watches(c),
+    );
+    for c in &pass.reads {
+        if let Some(f) = st.table.get(*c) {
+            requests.push(request(f, None));
+        }
+    }
+    // Verification first: a verified remedy names the resolution of its finding.
+    for c in st.remedies.keepalive.watched() {
+        if let Some(f) = st.table.get(c) {
+            let a = pass
+                .remediable
+                .iter()
+                .find(|(k, _)| k.scope == Scope::Flow(c))
+                .map(|(_, a)| a);
+            if let Some(ch) = st.remedies.keepalive.verify(f, a, &mut st.store) {
+                out.push(ch);
+            }
+        }
+    }
+    let ka = &st.remedies.keepalive;
+    let dead = &pass.closed;
+    out.extend(st.store.reconcile(Family::Eviction, pass.verdicts, now, |k, _| {
+        let Scope::Flow(c) = k.scope else {
+            return "no longer at risk".into();
+        };
+        match (dead.get(&c), ka.resolution(c)) {
+            (Some(cause), Some(_)) => {
+                format!("the connection ended ({cause}) after keepalive was applied")
+            }
+            (Some(cause), None) => format!("the connection ended ({cause}) while this finding was open"),
+            (None, Some(r)) => r,
+            (None, None) => "the flow is no longer at risk (activity or keepalive)".into(),
+        }
+    }));
+    for v in pass.postmortems {
+        let (id, t) = st.store.upsert(v, now);
+        if let Some(t) = t {
+            out.push((id, t));
+        }
+    }
+    for key in &pass.expired {
+        if let Some(c) = st
+            .store
+            .resolve(key, "post-mortem kept for an hour; expired".into(), now)
+        {
+            out.push(c);
+        }
+    }
+    let k = st.policy.eviction.keepalive.clone();
+    for (key, a) in &pass.remediable {
+        let Scope::Flow(c) = key.scope else { continue };
+        let Some(f) = st.table.get(c) else { continue };
+        let (ch, req) = st.remedies.keepalive.consider(now, key, a, f, &k, &mut st.store);
+        out.extend(ch);
+        requests.extend(req);
+    }
+    // Leaks.
+    let env = AgentEnv {
+        router: &mut st.router,
+        netns: &st.netns,
+    };
+    let lp = detect::leaks::evaluate(now, st.table.iter(), &st.policy.leaks, &env);
+    let ho_closed: HashSet<u64> = closed.iter().map(|(f, _)| f.cookie).collect();
+    let close = &st.remedies.close;
+    out.extend(
+        st.store
+            .reconcile(Family::HalfOpen, lp.half_open, now, |k, _| match k.scope {
+                Scope::Flow(c) if close.unreleased(c).is_some() || ho_closed.contains(&c) => {
+                    "the socket closed".into()
+                }
+                _ => "the peer answered again or the socket closed".into(),
+            }),
+    );
+    out.extend(st.store.reconcile(Family::Stuck, lp.stuck, now, |_, _| {
+        "no stuck sockets left".into()
+    }));
+    let table = &st.table;
+    let lookup = |c: u64| table.get(c).cloned();
+    out.extend(st.remedies.close.consider(
+        now,
+        &lp.candidates,
+        &lookup,
+        &st.policy.leaks,
+        &st.policy.services,
+        closer,
+        &mut st.store,
+    ));
+    out.extend(st.remedies.close.verify(now, holders, &mut st.store));
+    for (f, _) in &closed {
+        st.remedies.keepalive.forget(f.cookie);
+        st.remedies.close.forget(f.cookie);
+    }
+    st.pending_closed.extend(closed);
+    (out, requests)
+}
+
+/// The session ledger: counts per service (live, leaked, held), then `session-budget`.
+pub fn ledger(now: Nanos, st: &mut State, held: &HashMap<String, (u64, Vec<u32>)>) -> Vec<Change> {
+    let leaked = detect::leaks::leaked(st.table.iter(), now, &st.policy.leaks);
+    let pending = std::mem::take(&mut st.pending_closed);
+    st.detect
+        .ledger
+        .update(now, st.table.iter(), &pending, &leaked, held, &st.policy.services);
+    st.leaked = leaked;
+    let verdicts = st.detect.ledger.evaluate(&st.policy.services, &st.policy.ledger);
+    st.store
+        .reconcile(Family::Budget, verdicts, now, |_, _| "back within budget".into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+//! The state owner's loop: observations in, evaluation rounds on their cadences, queries answered,
+//! reload on SIGHUP, until SIGINT or SIGTERM.
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::workers::WorkerMsg;
+use super::{Msg, Runtime, State, evaluate, reload};
+use crate::ipc::{Reply, Request};
+use crate::kernel::{sockdiag, sys};
+use crate::model::observe::ProcEventKind;
+use crate::remedy::close::{LiveHolders, SockDiagCloser};
+use crate::remedy::sigchld::{LiveProc, PidfdNudger};
+use crate::sinks::metrics::MetricsView;
+
+/// How often the main tick runs (zombies every tick; flows and the ledger at their cadences).
+const TICK: Duration = Duration::from_millis(200);
+/// Below this many flows every walk is cheap: detectors and ledger run every 500 ms.
+const SMALL_TABLE: usize = 10_000;
+const SMALL_PERIOD: Duration = Duration::from_millis(500);
+/// How often the session ledger is recounted on large tables.
+const LEDGER_EVERY: Duration = Duration::from_secs(5);
+/// After an exit event, when to check /proc for the zombie (exit_notify has run by then).
+const ZOMBIE_CHECK_AFTER: Duration = Duration::from_millis(25);
+/// How often routes and sysctls are re-read, and memory given back after storms.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
+
+pub async fn run(
+    state: &mut State,
+    rt: &mut Runtime,
+    mut rx: mpsc::Receiver<Msg>,
+    mut status_rx: mpsc::Receiver<oneshot::Sender<Reply>>,
+) -> anyhow::Result<()> {
+    let notify = crate::sinks::notify::Notifier::from_env();
+    notify.send(&format!("READY=1\nSTATUS=mode {}: starting", state.info.mode));
+    let watchdog = crate::sinks::notify::watchdog_interval();
+    let mut last_notify = Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nudger = PidfdNudger;
+    let mut zombie_due: Option<tokio::time::Instant> = None;
+    let mut flows_evaluated = Instant::now();
+    let mut ledger_updated = Instant::now();
+    let mut refreshed = Instant::now();
+    loop {
+        tokio::select! {
+            // `status` first, whatever else is going on.
+            biased;
+            Some(reply) = status_rx.recv() => {
+                let _ = reply.send(Reply::ok(&status(state, rt)));
+            }
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                on_msg(state, rt, msg, &mut zombie_due);
+            }
+            _ = async { tokio::time::sleep_until(zombie_due.unwrap_or_else(tokio::time::Instant::now)).await }, if zombie_due.is_some() => {
+                zombie_due = None;
+                let changes = evaluate::zombies(sys::monotonic_ns(), state, &LiveProc, &mut nudger);
+                state.stats.rounds.zombies += 1;
+                rt.sinks.publish(&state.store, changes);
+            }
+            _ = tick.tick() => {
+                let now = sys::monotonic_ns();
+                if last_notify.elapsed() >= watchdog.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5)) {
+                    last_notify = Instant::now();
+                    let line = format!("STATUS={} mode: {} flows, {} active findings", state.info.mode, state.table.len(), state.store.active().count());
+                    notify.send(&if watchdog.is_some() { format!("WATCHDOG=1\n{line}") } else { line });
+                }
+                let changes = evaluate::zombies(now, state, &LiveProc, &mut nudger);
+                state.stats.rounds.zombies += 1;
+                rt.sinks.publish(&state.store, changes);
+                // The flow detectors walk every flow: small tables often, large ones at the period.
+                let period = if state.table.len() < SMALL_TABLE { SMALL_PERIOD } else { state.policy.flows_period };
+                if flows_evaluated.elapsed() < period {
+                    continue;
+                }
+                flows_evaluated = Instant::now();
+                if refreshed.elapsed() >= REFRESH_EVERY {
+                    refreshed = Instant::now();
+                    refresh(state, rt, now);
+                }
+                let mut destroy = |f: &crate::model::flow::Flow| {
+                    sockdiag::socket()
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|s| sockdiag::destroy_on(&s, f.local, f.remote, f.state, f.cookie))
+                };
+                let mut closer = SockDiagCloser { destroy: &mut destroy };
+                let (changes, mut requests) = evaluate::flows(now, state, &mut closer, &mut LiveHolders);
+                state.stats.rounds.flows += 1;
+                rt.sinks.publish(&state.store, changes);
+                if !rt.ebpf && !rt.cfg.keepalive.cgroups.is_empty() && rt.cfg.keepalive.mode == crate::config::RemedyMode::Enforce
+                    && let Some(v) = state.policy.pacing.connect_values {
+                        let cgroups = rt.cfg.keepalive.cgroups.clone();
+                        requests.extend(state.remedies.keepalive.preventive(state.table.iter(), &cgroups, v));
+                    }
+                if !requests.is_empty() {
+                    let _ = rt.workers.send(WorkerMsg::Keepalive(requests));
+                }
+                if state.table.len() < SMALL_TABLE || ledger_updated.elapsed() >= LEDGER_EVERY {
+                    ledger_updated = Instant::now();
+                    let changes = evaluate::ledger(now, state, &HashMap::new());
+                    state.stats.rounds.ledger += 1;
+                    rt.sinks.publish(&state.store, changes);
+                }
+            }
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                let _ = reload::apply(state, rt);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Routes and sysctls can change under a running agent; memory of a past storm goes back.
+fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
+    state.router.forget();
+    let own = crate::kernel::netns::own_id();
+    if let Some(n) = state.netns.get_mut(&own) {
+        n.facts = crate::kernel::netns::read_facts();
+    }
+    let ct = state.netns.values().filter_map(|n| n.facts.conntrack_s).min();
+    let before = state.policy.pacing;
+    state.policy = crate::config::policy::Policy::build(&rt.cfg, rt.ebpf, ct);
+    if state.policy.pacing != before {
+        let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
+    }
+    if state.table.maintain(now) {
+        sys::trim_heap();
+    }
+}
+
+fn status(state: &State, rt: &Runtime) -> crate::ipc::Status {
+    let mut s = state.status();
+    s.journal = rt.sinks.journal.is_some();
+    s.socket_ok = rt.socket_ok.load(Ordering::Relaxed);
+    s.clients = rt.clients.connected.load(Ordering::Relaxed);
+    s.clients_refused = rt.clients.refused.load(Ordering::Relaxed);
+    s
+}
+
+fn metrics(state: &State, rt: &Runtime) -> String {
+    let mut v = MetricsView {
+        mode: state.info.mode.into(),
+        events: state.stats.events,
+        events_lost: state.stats.kernel.lost + state.stats.kernel.proc_lost,
+        snapshot_seconds: state.stats.last_snapshot.as_secs_f64(),
+        snapshots: state.stats.snapshots,
+        snapshot_failures: state.stats.snapshot_failures,
+        ipc_refused: rt.clients.refused.load(Ordering::Relaxed),
+        rss_bytes: crate::sinks::metrics::rss_bytes(),
+        remedies: rt.sinks.remedies.clone(),
+        ..Default::default()
+    };
+    for f in state.table.iter() {
+        let ns = state
+            .netns
+            .get(&f.netns)
+            .map_or_else(|| format!("net:[{}]", f.netns), |n| n.name.clone());
+        *v.flows
+            .entry((ns, crate::model::observe::state_name(f.state).to_string()))
+            .or_default() += 1;
+    }
+    for f in state.store.active() {
+        *v.findings_active.entry(f.kind).or_default() += 1;
+    }
+    crate::sinks::metrics::render(&v)
+}
+
+fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option<tokio::time::Instant>) {
+    match msg {
+        Msg::Events {
+            events,
+            procs,
+            undecodable,
+            counters,
+        } => {
+            state.stats.undecodable += undecodable;
+            state.stats.events += (events.len() + procs.len()) as u64;
+            if let Some(c) = counters {
+                state.stats.kernel = c;
+            }
+            let mut unknown_owner = false;
+            for e in &events {
+                unknown_owner |= state.table.apply_event(e);
+                if let Some(h) = &e.pid_hint {
+                    let _ = rt.workers.send(WorkerMsg::Hint {
+                        cookie: e.cookie,
+                        pid: h.pid,
+                    });
+                }
+            }
+            if unknown_owner {
+                let _ = rt.workers.send(WorkerMsg::Soon);
+            }
+            for p in &procs {
+                state.zombies.on_event(p);
+            }
+            // An exit is checked against /proc right after exit_notify, not at the next tick.
+            if procs.iter().any(|p| p.kind == ProcEventKind::Exit) && zombie_due.is_none() {
+                *zombie_due = Some(tokio::time::Instant::now() + ZOMBIE_CHECK_AFTER);
+            }
+        }
+        Msg::Snapshot {
+            snap,
+            owners,
+            full_walks,
+            targeted_walks,
+        } => {
+            let s = &mut state.stats;
+            s.snapshots += 1;
+            s.last_snapshot = Duration::from_nanos(snap.finished.saturating_sub(snap.started));
+            s.last_snapshot_sockets = snap.socks.len();
+            s.full_walks = full_walks;
+            s.targeted_walks = targeted_walks;
+            s.last_snapshot_error = None;
+            state.table.apply_snapshot(&snap, &owners);
+        }
+        Msg::SnapshotFailed(e) => {
+            let s = &mut state.stats;
+            s.snapshot_failures += 1;
+            // Report the first failure of a streak and then every 100th, never every tick.
+            if s.last_snapshot_error.is_none() || s.snapshot_failures.is_multiple_of(100) {
+                warn!(
+                    failures = s.snapshot_failures,
+                    "reading the TCP table failed: {e}"
+                );
+            }
+            s.last_snapshot_error = Some(e);
+        }
+        Msg::ProcScan {
+            scan,
+            started,
+            finished,
+        } => {
+            state.stats.proc_scans += 1;
+            state.stats.last_proc_scan = Duration::from_nanos(finished.saturating_sub(started));
+            state.stats.processes = scan.processes;
+            state.zombies.on_scan(&scan.zombies, finished, started);
+        }
+        Msg::Query {
+            req: Request::Reload {},
+            admin,
+            reply,
+        } => {
+            let r = if !admin {
+                Reply::err(
+                    "permission denied: reloading the configuration needs root or the admin group (agent.admin_group)",
+                )
+            } else {
+                match reload::apply(state, rt) {
+                    Ok(r) => Reply::ok(&r),
+                    Err(e) => Reply::err(e),
+                }
+            };
+            let _ = reply.send(r);
+        }
+        Msg::Query {
+            req: Request::Events { .. },
+            reply,
+            ..
+        } => {
+            let _ = reply.send(Reply::ok(&rt.sinks.recent));
+        }
+        Msg::Query { req, admin, reply } => {
+            let _ = reply.send(state.answer(&req, admin));
+            if !state.outbox.is_empty() {
+                let _ = rt
+                    .workers
+                    .send(WorkerMsg::Keepalive(std::mem::take(&mut state.outbox)));
+            }
+        }
+        Msg::FlowIds { filter, reply } => {
+            let _ = reply.send(state.flow_ids(&filter));
+        }
+        Msg::FlowPage { cookies, reply, .. } => {
+            let _ = reply.send(state.flow_page(&cookies));
+        }
+        Msg::Metrics(reply) => {
+            let _ = reply.send(metrics(state, rt));
+        }
+        Msg::Keepalive(results) => {
+            let now = sys::monotonic_ns();
+            let mut changes = Vec::new();
+            for r in &results {
+                state.detect.eviction.learn(
+                    r.cookie,
+                    r.after.or(r.before).filter(|_| r.error.is_none()).map(|x| x.1),
+                );
+                match state.remedies.keepalive.on_result(r, now, &mut state.store) {
+                    Some(c) => changes.push(c),
+                    None if r.error.is_none() && r.before.is_some_and(|b| !b.0) => tracing::info!(
+                        flow = r.cookie, via = r.via, before = ?r.before, after = ?r.after,
+                        "keepalive at first sight applied (configured cgroup)"
+                    ),
+                    None => {}
+                }
+            }
+            rt.sinks.publish(&state.store, changes);
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `holdfast probe`: one full read of the kernel's views, timed as the agent does it (the bench
+//! uses it to compare with `ss` and `ps` on the same sockets and processes).
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::config::Mode;
+use crate::kernel::netns::{NsHandle, own_id};
+use crate::kernel::owners::OwnerResolver;
+use crate::kernel::{ebpf, procfs, sockdiag};
+
+#[derive(Subcommand, Debug)]
+pub enum ProbeCmd {
+    /// The whole TCP table with tcp_info (and owners with --owners).
+    Snapshot {
+        #[arg(long, value_enum, default_value = "poll")]
+        mode: Mode,
+        #[arg(long)]
+        owners: bool,
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+        /// eBPF: also time kernel-filtered reads (the steady-state at-risk read) with this idle
+        /// threshold in milliseconds.
+        #[arg(long)]
+        filtered_ms: Option<u64>,
+    },
+    /// The /proc zombie scan.
+    Procs {
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
+}
+
+fn snapshot(
+    mode: Mode,
+    owners: bool,
+    repeat: u32,
+    filtered_ms: Option<u64>,
+) -> Result<serde_json::Value, String> {
+    let ns = NsHandle {
+        id: own_id(),
+        path: "/proc/self/ns/net".into(),
+    };
+    let mut loaded = match mode {
+        Mode::Poll => None,
+        _ => Some(
+            ebpf::load(&ebpf::LoadOptions::default())
+                .map_err(|e| e.to_string())?
+                .0,
+        ),
+    };
+    let mode = if loaded.is_some() { "ebpf" } else { "poll" };
+    let mut runs = Vec::new();
+    let mut socks = 0;
+    let mut owned = 0;
+    for _ in 0..repeat.max(1) {
+        let t0 = Instant::now();
+        let snap = match loaded.as_mut() {
+            Some(l) => l.snapshot(None, &ns).map_err(|e| e.to_string())?,
+            None => sockdiag::dump(ns.id).map_err(|e| e.to_string())?,
+        };
+        let read = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        if owners {
+            // A fresh resolver each run: the cost of finding every owner from nothing.
+            let mut resolver = OwnerResolver::default();
+            match loaded.as_mut() {
+                Some(l) => resolver.resolve_from(&snap.socks, &l.owners().map_err(|e| e.to_string())?),
+                None => resolver.resolve(&snap.socks, &HashMap::new(), Instant::now()),
+            }
+            owned = snap
+                .socks
+                .iter()
+                .filter(|s| resolver.owner(s.inode).is_some())
+                .count();
+        }
+        socks = snap.socks.len();
+        runs.push(json!({ "read_s": read, "owners_s": t1.elapsed().as_secs_f64(), "total_s": t0.elapsed().as_secs_f64() }));
+    }
+    // The steady-state read: the kernel reports only new, troubled or idle sockets (after the
+    // full reads above, every socket has been seen once).
+    let mut filtered = serde_json::Value::Null;
+    if let (Some(l), Some(ms)) = (loaded.as_mut(), filtered_ms) {
+        let mut best = f64::MAX;
+        let mut reported = 0;
+        for _ in 0..repeat.max(1) {
+            let t0 = Instant::now();
+            let s = l.snapshot(Some(ms), &ns).map_err(|e| e.to_string())?;
+            best = best.min(t0.elapsed().as_secs_f64());
+            reported = s.socks.len();
+        }
+        filtered = json!({ "min_idle_ms": ms, "best_s": best, "reported": reported });
+    }
+    let best = |k: &str| runs.iter().filter_map(|r| r[k].as_f64()).fold(f64::MAX, f64::min);
+    Ok(json!({
+        "mode": mode, "sockets": socks, "owned": owned, "runs": runs, "best_read_s": best("read_s"),
+        "best_total_s": best("total_s"), "best_owners_s": best("owners_s"), "filtered": filtered
+    }))
+}
+
+/// Times `repeat` /proc zombie scans.
+fn procs(repeat: u32) -> serde_json::Value {
+    let mut best = f64::MAX;
+    let mut last = procfs::ProcScan::default();
+    for _ in 0..repeat.max(1) {
+        let t0 = Instant::now();
+        last = procfs::scan();
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    json!({ "processes": last.processes, "zombies": last.zombies.len(), "best_s": best })
+}
+
+pub fn run(what: ProbeCmd) -> Result<(), ExitCode> {
+    let r = match what {
+        ProbeCmd::Snapshot {
+            mode,
+            owners,
+            repeat,
+            filtered_ms,
+        } => snapshot(mode, owners, repeat, filtered_ms),
+        ProbeCmd::Procs { repeat } => Ok(procs(repeat)),
+    };
+    match r {
+        Ok(v) => {
+            println!("{v}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("holdfast: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! NAT / load-balancer idle eviction: per flow, whether its middlebox will forget it
+//! (`idle-near-eviction`, `keepalive-too-slow`, `likely-evicted`), and post-mortems of flows that
+//! died after idling past the timeout. Pure: the clock, the flows, the policy and an [`Env`] come
+//! in; verdicts go out. The keepalive remedy acts on them (remedy::keepalive).
+pub mod forecast;
+mod postmortem;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use super::Env;
+use crate::config::policy::EvictionPolicy;
+use crate::findings::{Family, Key, Scope, Verdict};
+use crate::model::eviction::{Assessment, Forecast, KaValues};
+use crate::model::finding::{Details, FindingKind, ProcRef, Severity, Subject};
+use crate::model::flow::Flow;
+use crate::model::time::{Nanos, SEC};
+pub use forecast::{applicable, assess, describe};
+
+/// Post-mortem findings stay active this long, then resolve.
+const POSTMORTEM_KEEP: Nanos = 3600 * SEC;
+
+/// What the detector remembers per flow (one map, one entry per cookie it has judged).
+#[derive(Clone, Debug, Default)]
+struct Memo {
+    /// The sample time the flow was last fully assessed at.
+    judged_at: Option<Nanos>,
+    /// Its at-risk assessment then (re-reported while the sample has not changed).
+    at_risk: Option<Box<Assessment>>,
+    /// Per-socket keepalive values learnt through an executor (poll mode has no other source).
+    known: Option<KaValues>,
+    /// A read of those values is in flight.
+    reading: bool,
+}
+
+/// One pass of the detector.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Live forecasts (Family::Eviction): the store reconciles them.
+    pub verdicts: Vec<Verdict>,
+    /// The flows at risk that keepalive can help, with their assessment (for the remedy).
+    pub remediable: Vec<(Key, Assessment)>,
+    /// Flows whose per-socket keepalive values must be read before judging (poll mode).
+    pub reads: Vec<u64>,
+    /// New post-mortems (Family::PostMortem).
+    pub postmortems: Vec<Verdict>,
+    /// Post-mortems past their time: resolve them.
+    pub expired: Vec<Key>,
+    /// Flows closed since the last pass, with why they died, for the findings they leave.
+    pub closed: HashMap<u64, String>,
+}
+
+#[derive(Default)]
+pub struct EvictionDetector {
+    memo: HashMap<u64, Memo>,
+    postmortems: VecDeque<(Key, Nanos)>,
+}
+
+pub fn kind_of(v: Forecast) -> Option<FindingKind> {
+    match v {
+        Forecast::NearEviction | Forecast::KeepaliveCannotHelp => Some(FindingKind::IdleNearEviction),
+        Forecast::KeepaliveTooSlow => Some(FindingKind::KeepaliveTooSlow),
+        Forecast::LikelyEvicted => Some(FindingKind::LikelyEvicted),
+        _ => None,
+    }
+}
+
+/// The subject of a flow finding.
+pub fn flow_subject(f: &Flow, netns: Option<String>) -> Subject {
+    Subject::Flow {
+        cookie: f.cookie,
+        local: f.local,
+        remote: f.remote,
+        netns,
+        owner: f.pid_comm().map(|(pid, comm)| ProcRef {
+            pid,
+            comm: comm.to_string(),
+        }),
+    }
+}
+
+fn verdict(f: &Flow, a: &Assessment, env: &dyn Env) -> Option<Verdict> {
+    let kind = kind_of(a.verdict)?;
+    Some(Verdict {
+        key: Key {
+            family: Family::Eviction,
+            kind,
+            scope: Scope::Flow(f.cookie),
+        },
+        severity: if kind == FindingKind::LikelyEvicted {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        },
+        subject: flow_subject(f, env.netns_name(f.netns)),
+        summary: describe(a),
+        details: Details::Eviction {
+            assessment: a.clone(),
+        },
+        notable: false,
+    })
+}
+
+impl EvictionDetector {
+    /// Judges every ESTABLISHED flow and the flows closed since the last pass. `watched` says
+    /// which flows the keepalive remedy is following (they are always assessed).
+    pub fn evaluate<'a>(
+        &mut self,
+        now: Nanos,
+        flows: impl Iterator<Item = &'a Flow>,
+        closed: &[(Flow, Nanos)],
+        pol: &EvictionPolicy,
+        env: &mut dyn Env,
+        watched: &dyn Fn(u64) -> bool,
+    ) -> Pass {
+        let mut pass = Pass::default();
+        let quick = pol.warn_at_ms(pol.min_timeout_ms);
+        for f in flows.filter(|f| f.state == monitor_common::tcp_state::ESTABLISHED) {
+            let Some(t) = f.tcp.as_ref() else { continue };
+            let memo = self.memo.get(&f.cookie);
+            // Quick reject (no allocation, no lookups): recently active, keepalive off or already
+            // judged on this sample, no retransmissions, and not followed by the remedy.
+            let calm = t.unacked == 0 && t.retransmits == 0;
+            let same_sample = memo.is_some_and(|m| m.judged_at == Some(f.tcp_at));
+            if calm
+                && f.idle_ms(now).is_some_and(|i| i < quick)
+                && (t.keepalive != Some(true) || same_sample)
+                && !watched(f.cookie)
+            {
+                // A finding judged on this very sample still holds (no flapping in dry-run).
+                if let Some(a) = memo.and_then(|m| m.at_risk.as_deref())
+                    && let Some(v) = verdict(f, a, env)
+                {
+                    pass.verdicts.push(v);
+                }
+                continue;
+            }
+            let memo = self.memo.entry(f.cookie).or_default();
+            memo.judged_at = Some(f.tcp_at);
+            let known = memo.known;
+            let a = assess(f, now, pol, known, env);
+            // Poll mode does not see per-socket keepalive values: read them once, then judge.
+            let memo = self.memo.entry(f.cookie).or_default();
+            if a.keepalive.on == Some(true)
+                && a.keepalive.source == crate::model::eviction::KaSource::Sysctl
+                && a.applicable.is_some()
+                && memo.known.is_none()
+            {
+                if !memo.reading {
+                    memo.reading = true;
+                    pass.reads.push(f.cookie);
+                }
+                memo.judged_at = None;
+                continue;
+            }
+            memo.at_risk = a.at_risk().then(|| Box::new(a.clone()));
+            let Some(v) = verdict(f, &a, env) else { continue };
+            if matches!(a.verdict, Forecast::NearEviction | Forecast::KeepaliveTooSlow) {
+                pass.remediable.push((v.key.clone(), a));
+            }
+            pass.verdicts.push(v);
+        }
+        for (f, at) in closed {
+            let memo = self.memo.remove(&f.cookie).unwrap_or_default();
+            let cause = postmortem::cause(f);
+            pass.closed.insert(f.cookie, cause.clone());
+            let was_evicted_live = memo
+                .at_risk
+                .as_deref()
+                .is_some_and(|a| a.verdict == Forecast::LikelyEvicted);
+            if was_evicted_live {
+                continue;
+            }
+            if let Some(v) = postmortem::judge(f, *at, &cause, pol, env) {
+                self.postmortems.push_back((v.key.clone(), *at));
+                pass.postmortems.push(v);
+            }
+        }
+        while let Some((_, at)) = self.postmortems.front() {
+            if now.saturating_sub(*at) <= POSTMORTEM_KEEP {
+                break;
+            }
+            if let Some((key, _)) = self.postmortems.pop_front() {
+                pass.expired.push(key);
+            }
+        }
+        pass
+    }
+
+    /// Per-socket values read or set by an executor.
+    pub fn learn(&mut self, cookie: u64, values: Option<KaValues>) {
+        let m = self.memo.entry(cookie).or_default();
+        m.reading = false;
+        if values.is_some() {
+            m.known = values;
+        }
+        // Judge it again with what was learnt.
+        m.judged_at = None;
+    }
+
+    /// The values learnt for a flow.
+    pub fn known(&self, cookie: u64) -> Option<KaValues> {
+        self.memo.get(&cookie).and_then(|m| m.known)
+    }
+
+    /// Forgets flows that are gone without a close record (their namespace vanished).
+    pub fn forget(&mut self, live: &HashSet<u64>) {
+        self.memo.retain(|c, _| live.contains(c));
+        self.memo.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.memo.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.memo.is_empty()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,68 @@
+//! Post-mortems: a flow that died by RST or timeout after idling past its middlebox's timeout was
+//! most likely evicted (`likely-evicted`, post-mortem).
+use super::super::Env;
+use super::{Family, Key, Scope, Verdict, applicable, flow_subject};
+use crate::config::policy::EvictionPolicy;
+use crate::model::finding::{Details, FindingKind, Severity};
+use crate::model::flow::Flow;
+use crate::model::time::{Nanos, fmt_ms, ms};
+
+pub const ETIMEDOUT: i32 = 110;
+pub const ECONNRESET: i32 = 104;
+pub const ECONNABORTED: i32 = 103;
+
+/// How a flow ended, in words.
+pub fn cause(f: &Flow) -> String {
+    match (f.resets_recv, f.last_error) {
+        (n, _) if n > 0 => "reset by the peer or a middlebox".into(),
+        (_, Some(ETIMEDOUT)) => "timed out (unanswered retransmits or keepalive probes)".into(),
+        (_, Some(ECONNRESET)) => "reset".into(),
+        (_, Some(ECONNABORTED)) => "aborted".into(),
+        (_, Some(e)) => format!("closed with error {e}"),
+        _ => "closed".into(),
+    }
+}
+
+/// The post-mortem of a closed flow, if it died badly after idling past its timeout.
+pub fn judge(
+    f: &Flow,
+    closed_at: Nanos,
+    cause: &str,
+    pol: &EvictionPolicy,
+    env: &mut dyn Env,
+) -> Option<Verdict> {
+    let died_badly = f.resets_recv > 0 || matches!(f.last_error, Some(ETIMEDOUT) | Some(ECONNRESET));
+    if !died_badly {
+        return None;
+    }
+    let app = applicable(f, pol, env).ok()?;
+    let t = f.tcp.as_ref()?;
+    let silent_ms = u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at));
+    if silent_ms < app.timeout_s.saturating_mul(1000) {
+        return None;
+    }
+    let summary = format!(
+        "connection {cause} after {} without an ACK, longer than the {} idle timeout of {}: the middlebox most likely evicted it",
+        fmt_ms(silent_ms),
+        fmt_ms(app.timeout_s * 1000),
+        app.profile
+    );
+    Some(Verdict {
+        key: Key {
+            family: Family::PostMortem,
+            kind: FindingKind::LikelyEvicted,
+            scope: Scope::Flow(f.cookie),
+        },
+        severity: Severity::Critical,
+        subject: flow_subject(f, env.netns_name(f.netns)),
+        summary,
+        details: Details::PostMortem {
+            profile: app,
+            silent_ms,
+            resets_recv: f.resets_recv,
+            error: f.last_error,
+            cause: cause.to_string(),
+        },
+        notable: false,
+    })
+}

@@ -1,0 +1,65 @@
+//! The ring buffers the tracepoints fill, and the per-CPU counters the programs keep.
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use monitor_common::stat;
+
+use super::super::decode;
+pub use crate::model::health::KernelCounters;
+use crate::model::observe::{Event, ProcEvent};
+
+/// The event ring buffers and the kernel-side counters, owned by the reader task.
+pub struct Events {
+    pub(super) ring: RingBuf<MapData>,
+    pub(super) procs: RingBuf<MapData>,
+    pub(super) stats: PerCpuArray<MapData, u64>,
+}
+
+impl Events {
+    /// Decodes every socket record waiting; returns the number of undecodable ones.
+    pub fn drain(&mut self, out: &mut Vec<Event>) -> u64 {
+        let mut bad = 0;
+        while let Some(item) = self.ring.next() {
+            match decode::event(&item) {
+                Ok(e) => out.push(e),
+                Err(_) => bad += 1,
+            }
+        }
+        bad
+    }
+
+    /// Decodes every process record waiting; returns the number of undecodable ones.
+    pub fn drain_procs(&mut self, out: &mut Vec<ProcEvent>) -> u64 {
+        let mut bad = 0;
+        while let Some(item) = self.procs.next() {
+            match decode::proc_event(&item) {
+                Ok(e) => out.push(e),
+                Err(_) => bad += 1,
+            }
+        }
+        bad
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> KernelCounters {
+        let get = |i: u32| -> u64 { self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let mut c = KernelCounters {
+            events: get(stat::EVENTS),
+            iter_sockets: get(stat::ITER_SOCKETS),
+            iter_overflow: get(stat::ITER_OVERFLOW),
+            iter_skipped: get(stat::ITER_SKIPPED),
+            proc_events: get(stat::PROC_EVENTS),
+            proc_lost: get(stat::PROC_LOST),
+            sockops_applied: get(stat::SOCKOPS_APPLIED),
+            sockops_failed: get(stat::SOCKOPS_FAILED),
+            ..Default::default()
+        };
+        for (i, name) in stat::PROGRAMS.iter().enumerate() {
+            let lost = get(stat::LOST_BASE + i as u32);
+            let err = get(stat::ERR_BASE + i as u32);
+            c.lost += lost;
+            c.errors += err;
+            c.lost_by_program.push(((*name).into(), lost));
+            c.errors_by_program.push(((*name).into(), err));
+        }
+        c
+    }
+}

@@ -1,0 +1,172 @@
+//! The iterators: a snapshot of one namespace's TCP table (complete, or only the sockets worth a
+//! look), the owners of every socket file on the host, and keepalive on targeted sockets.
+use std::collections::HashMap;
+use std::io::Read;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::programs::Iter;
+use monitor_common::{KaTarget, OwnerRecord, SnapFilter, SnapRecord};
+
+use super::{EbpfError, Loaded, merr, perr, program};
+use crate::kernel::netns::NsHandle;
+use crate::kernel::{decode, sys};
+use crate::model::eviction::{KaRequest, KaResult, KaValues};
+use crate::model::observe::Snapshot;
+
+/// Bytes read from an iterator per read(2): large reads cost fewer syscalls and copies.
+const READ_CHUNK: usize = 1 << 20;
+
+impl Loaded {
+    /// Runs iterator `name` once and returns everything it wrote. A tcp iterator walks the table
+    /// of the namespace it is created in: `ns` (the agent's own when None).
+    fn run_iter(&mut self, name: &'static str, ns: Option<&NsHandle>) -> Result<Vec<u8>, EbpfError> {
+        let iter: &mut Iter = program(&mut self.ebpf, name)?;
+        let id = iter.attach().map_err(perr(name))?;
+        let link = iter.take_link(id).map_err(perr(name))?;
+        let file = match ns {
+            Some(ns) => ns.within(|| link.into_file())?,
+            None => link.into_file(),
+        };
+        let mut file = file.map_err(|e| EbpfError::Iter(format!("{name}: {e}")))?;
+        let mut buf = Vec::with_capacity(READ_CHUNK);
+        file.read_to_end(&mut buf)
+            .map_err(|e| EbpfError::Iter(format!("{name}: read: {e}")))?;
+        Ok(buf)
+    }
+
+    /// Runs the tcp iterator in namespace `ns`. Unfiltered (`None`) it reports every socket; with
+    /// `Some(min_idle_ms)` only the sockets worth a look (see `SnapFilter`).
+    pub fn snapshot(&mut self, filter_idle_ms: Option<u64>, ns: &NsHandle) -> Result<Snapshot, EbpfError> {
+        let started = sys::monotonic_ns();
+        {
+            let mut f: Array<&mut MapData, SnapFilter> = Array::try_from(
+                self.ebpf
+                    .map_mut("SNAP_FILTER")
+                    .ok_or(EbpfError::Missing("SNAP_FILTER"))?,
+            )
+            .map_err(merr("SNAP_FILTER"))?;
+            let v = SnapFilter {
+                enabled: u32::from(filter_idle_ms.is_some()),
+                min_idle_jiffies: filter_idle_ms.map_or(0, |ms| {
+                    (ms.saturating_mul(u64::from(self.hz)) / 1000).min(u64::from(u32::MAX)) as u32
+                }),
+            };
+            f.set(0, &v, 0).map_err(merr("SNAP_FILTER"))?;
+        }
+        let buf = self.run_iter("snapshot_tcp", Some(ns))?;
+        let rec = std::mem::size_of::<SnapRecord>();
+        let mut socks = Vec::with_capacity(buf.len() / rec);
+        for chunk in buf.chunks(rec) {
+            if let Ok(s) = decode::snap(chunk, self.hz) {
+                socks.push(s);
+            }
+        }
+        Ok(Snapshot {
+            netns: ns.id,
+            started,
+            finished: sys::monotonic_ns(),
+            socks,
+            filtered_idle_ms: filter_idle_ms,
+        })
+    }
+
+    /// Every socket file on the host (all namespaces) from the kernel's task_file iterator:
+    /// (socket inode, holding tgid, fd), without a /proc/*/fd walk.
+    pub fn socket_files(&mut self) -> Result<Vec<OwnerRecord>, EbpfError> {
+        let buf = self.run_iter("owners_task_file", None)?;
+        let rec = std::mem::size_of::<OwnerRecord>();
+        Ok(buf
+            .chunks_exact(rec)
+            .map(|c| OwnerRecord {
+                inode: u64::from_ne_bytes(c[0..8].try_into().unwrap_or_default()),
+                tgid: u32::from_ne_bytes(c[8..12].try_into().unwrap_or_default()),
+                fd: u32::from_ne_bytes(c[12..16].try_into().unwrap_or_default()),
+            })
+            .collect())
+    }
+
+    /// Socket inode -> owning process (the first holder wins, as in a /proc walk).
+    pub fn owners(&mut self) -> Result<HashMap<u64, u32>, EbpfError> {
+        let files = self.socket_files()?;
+        let mut out = HashMap::with_capacity(files.len());
+        for f in files {
+            out.entry(f.inode).or_insert(f.tgid);
+        }
+        Ok(out)
+    }
+
+    /// Applies or reads keepalive on exactly the requested sockets of namespace `ns`, in the
+    /// kernel (bpf_setsockopt from the tcp iterator, under the socket lock).
+    pub fn apply_keepalive(&mut self, reqs: &[KaRequest], ns: &NsHandle) -> Result<Vec<KaResult>, EbpfError> {
+        {
+            let mut m: BpfHashMap<&mut MapData, u64, KaTarget> = BpfHashMap::try_from(
+                self.ebpf
+                    .map_mut("KA_TARGETS")
+                    .ok_or(EbpfError::Missing("KA_TARGETS"))?,
+            )
+            .map_err(merr("KA_TARGETS"))?;
+            for r in reqs {
+                let v = r.set.unwrap_or(KaValues {
+                    idle_s: 0,
+                    intvl_s: 0,
+                    cnt: 0,
+                });
+                let t = KaTarget {
+                    idle: v.idle_s as i32,
+                    intvl: v.intvl_s as i32,
+                    cnt: v.cnt as i32,
+                    set: i32::from(r.set.is_some()),
+                    ..Default::default()
+                };
+                m.insert(&r.cookie, &t, 0).map_err(merr("KA_TARGETS"))?;
+            }
+        }
+        let run = self.run_iter("apply_keepalive", Some(ns));
+        let mut m: BpfHashMap<&mut MapData, u64, KaTarget> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("KA_TARGETS")
+                .ok_or(EbpfError::Missing("KA_TARGETS"))?,
+        )
+        .map_err(merr("KA_TARGETS"))?;
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let t = m.get(&r.cookie, 0).ok();
+            let _ = m.remove(&r.cookie);
+            let vals = |on: i32, i: i32, v: i32, c: i32| {
+                (on >= 0 && i >= 0).then_some((
+                    on > 0,
+                    KaValues {
+                        idle_s: i as u32,
+                        intvl_s: v.max(0) as u32,
+                        cnt: c.max(0) as u32,
+                    },
+                ))
+            };
+            let mut res = KaResult {
+                cookie: r.cookie,
+                before: None,
+                after: None,
+                error: None,
+                via: "bpf iterator",
+            };
+            match (&run, t) {
+                (Err(e), _) => res.error = Some(e.to_string()),
+                (Ok(_), None) => res.error = Some("lost the target entry".into()),
+                (Ok(_), Some(t)) if t.done == 0 => {
+                    res.error = Some("the socket is gone (not seen by the iterator)".into())
+                }
+                (Ok(_), Some(t)) => {
+                    res.before = vals(t.before_on, t.before_idle, t.before_intvl, t.before_cnt);
+                    res.after = vals(t.after_on, t.after_idle, t.after_intvl, t.after_cnt);
+                    if t.rc == -1000 {
+                        res.error = Some("not a full TCP socket".into());
+                    } else if t.rc != 0 {
+                        res.error = Some(format!("bpf_setsockopt failed: errno {}", -t.rc));
+                    }
+                }
+            }
+            out.push(res);
+        }
+        Ok(out)
+    }
+}

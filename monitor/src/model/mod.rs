@@ -1,0 +1,10 @@
+//! The typed model: what holdfast observes and concludes. Plain data shared by the agent, the
+//! sinks, the IPC protocol and the CLI; no I/O here.
+pub mod eviction;
+pub mod finding;
+pub mod flow;
+pub mod health;
+pub mod leaks;
+pub mod observe;
+pub mod process;
+pub mod time;

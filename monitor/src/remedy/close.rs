@@ -1,0 +1,450 @@
+//! The close remedy (opt-in): aborts only sockets proven dead (half-open, or stuck closing) that
+//! carried no data recently, through SOCK_DESTROY in the socket's namespace; then checks from the
+//! owner's side whether the slot really came back (the owner released its descriptor).
+use std::collections::{HashMap, HashSet};
+
+use super::{RateLimit, record};
+use crate::config::{LeaksSection, ServiceConfig};
+use crate::detect::leaks::{Candidate, service_of};
+use crate::findings::{Change, FindingStore};
+use crate::kernel::{procfs, sys};
+use crate::model::finding::{
+    ActionRecord, ActionValues, FindingId, Outcome, OutcomeStatus, RemedyAction, RemedyMode,
+};
+use crate::model::flow::Flow;
+use crate::model::observe::state_name;
+use crate::model::time::{Nanos, SEC, fmt_ms, ms};
+
+/// Closes per minute, across all processes.
+const CLOSES_PER_MINUTE: usize = 600;
+
+/// Aborts one socket (SOCK_DESTROY over sock_diag in the agent).
+pub trait Closer {
+    fn close(&mut self, f: &Flow) -> Result<&'static str, String>;
+}
+
+/// Whether `pid` still holds socket `inode` (the owner's side of a close).
+pub trait Holders {
+    fn holds(&mut self, pid: u32, inode: u64) -> Option<bool>;
+}
+
+/// The live /proc: a process that is gone holds nothing.
+pub struct LiveHolders;
+
+impl Holders for LiveHolders {
+    fn holds(&mut self, pid: u32, inode: u64) -> Option<bool> {
+        if procfs::read_stat(pid).is_none() {
+            return Some(false);
+        }
+        Some(procfs::fd_of(pid, inode).is_some())
+    }
+}
+
+/// Aborts sockets through sock_diag SOCK_DESTROY in the flow's namespace; without
+/// CONFIG_INET_DIAG_DESTROY, shuts the socket down through a pidfd duplicate (re-checked to be
+/// the same socket) so that the owner sees EOF / EPIPE.
+pub struct SockDiagCloser<'a> {
+    /// Runs a sock_diag request in a namespace.
+    pub destroy: &'a mut dyn FnMut(&Flow) -> std::io::Result<()>,
+}
+
+impl Closer for SockDiagCloser<'_> {
+    fn close(&mut self, f: &Flow) -> Result<&'static str, String> {
+        match (self.destroy)(f) {
+            Ok(()) => Ok("SOCK_DESTROY"),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let pid = f
+                    .owner
+                    .as_ref()
+                    .map(|o| o.pid)
+                    .ok_or("no SOCK_DESTROY in this kernel and the owner is unknown")?;
+                let dup = sys::socket_of(pid, f.inode)?;
+                sys::shutdown(std::os::fd::AsFd::as_fd(&dup)).map_err(|e| format!("shutdown: {e}"))?;
+                Ok("pidfd + shutdown (no SOCK_DESTROY in this kernel)")
+            }
+            Err(e) => Err(format!("SOCK_DESTROY: {e}")),
+        }
+    }
+}
+
+/// A close whose effect on the owner is not known yet.
+#[derive(Clone, Debug)]
+struct Release {
+    finding: FindingId,
+    cookie: u64,
+    pid: u32,
+    inode: u64,
+    fd: Option<i32>,
+    via: &'static str,
+    at: Nanos,
+    deadline: Nanos,
+}
+
+#[derive(Default)]
+pub struct CloseRemedy {
+    closed: HashSet<u64>,
+    planned: HashSet<u64>,
+    waiting: Vec<Release>,
+    /// Cookie -> (pid, fd) of closes the owner never released: their slot is still taken.
+    unreleased: HashMap<u64, (u32, Option<i32>)>,
+    limit: Option<RateLimit>,
+}
+
+fn mode_for(f: &Flow, cfg: &LeaksSection, services: &[ServiceConfig]) -> RemedyMode {
+    let name = service_of(f, services);
+    services
+        .iter()
+        .find(|s| Some(&s.name) == name.as_ref())
+        .and_then(|s| s.close)
+        .unwrap_or(cfg.close)
+}
+
+fn is_close_of(cookie: u64) -> impl Fn(&ActionRecord) -> bool {
+    move |a| {
+        a.action == RemedyAction::Close
+            && matches!(a.before, Some(ActionValues::Socket { cookie: c, .. }) if c == cookie)
+    }
+}
+
+impl CloseRemedy {
+    /// Considers each candidate: only quiet ones, each once, within the rate limit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn consider(
+        &mut self,
+        now: Nanos,
+        candidates: &[Candidate],
+        flow: &dyn Fn(u64) -> Option<Flow>,
+        cfg: &LeaksSection,
+        services: &[ServiceConfig],
+        closer: &mut dyn Closer,
+        store: &mut FindingStore,
+    ) -> Vec<Change> {
+        let mut out = Vec::new();
+        for c in candidates {
+            let Some(f) = flow(c.cookie) else { continue };
+            let mode = mode_for(&f, cfg, services);
+            if mode == RemedyMode::Off || self.closed.contains(&c.cookie) {
+                continue;
+            }
+            let Some(finding) = store.id_of(&c.key) else {
+                continue;
+            };
+            let v = f.view(now, None);
+            let quiet = v
+                .last_data_sent_ms
+                .unwrap_or(u64::MAX)
+                .min(v.last_data_recv_ms.unwrap_or(u64::MAX));
+            if quiet < cfg.quiet_for.as_millis() as u64 {
+                continue;
+            }
+            let before = Some(ActionValues::Socket {
+                cookie: f.cookie,
+                local: f.local,
+                remote: f.remote,
+                state: state_name(f.state).to_string(),
+                evidence: c.evidence.clone(),
+                quiet_ms: quiet,
+            });
+            let rec = if mode == RemedyMode::DryRun {
+                if !self.planned.insert(c.cookie) {
+                    continue;
+                }
+                record(
+                    now,
+                    RemedyAction::Close,
+                    mode,
+                    OutcomeStatus::Planned,
+                    format!(
+                        "planned: abort {} → {} (dry-run, socket untouched)",
+                        f.local, f.remote
+                    ),
+                    before,
+                    None,
+                )
+            } else {
+                if !self
+                    .limit
+                    .get_or_insert_with(|| RateLimit::new(CLOSES_PER_MINUTE, 60 * SEC))
+                    .take(now)
+                {
+                    continue;
+                }
+                self.closed.insert(c.cookie);
+                match closer.close(&f) {
+                    Ok(via) => {
+                        let owner = f.owner.as_ref().map(|o| o.pid);
+                        let text = match owner {
+                            Some(pid) => {
+                                let fd = procfs::fd_of(pid, f.inode);
+                                self.waiting.push(Release {
+                                    finding,
+                                    cookie: f.cookie,
+                                    pid,
+                                    inode: f.inode,
+                                    fd,
+                                    via,
+                                    at: now,
+                                    deadline: now + cfg.release_grace.as_nanos() as u64,
+                                });
+                                format!(
+                                    "socket aborted via {via}; waiting up to {} for pid {pid} to release fd {}",
+                                    fmt_ms(cfg.release_grace.as_millis() as u64),
+                                    fd.map_or("?".into(), |d| d.to_string())
+                                )
+                            }
+                            None => format!(
+                                "socket aborted via {via}; its owner is unknown, so the release cannot be checked"
+                            ),
+                        };
+                        record(
+                            now,
+                            RemedyAction::Close,
+                            mode,
+                            OutcomeStatus::Pending,
+                            text,
+                            before,
+                            Some(ActionValues::SocketState {
+                                state: "CLOSE".into(),
+                            }),
+                        )
+                    }
+                    Err(e) => record(
+                        now,
+                        RemedyAction::Close,
+                        mode,
+                        OutcomeStatus::Failed,
+                        format!("failed: {e}; not retried"),
+                        before,
+                        None,
+                    ),
+                }
+            };
+            if let Some(ch) = store.act(finding, rec) {
+                out.push(ch);
+            }
+        }
+        out
+    }
+
+    /// Checks aborted sockets from the owner's side: released within the grace period, or still
+    /// held (the slot is not free).
+    pub fn verify(&mut self, now: Nanos, holders: &mut dyn Holders, store: &mut FindingStore) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut keep = Vec::new();
+        for r in std::mem::take(&mut self.waiting) {
+            let held = holders.holds(r.pid, r.inode);
+            let fd = r.fd.map_or("?".into(), |d| d.to_string());
+            let outcome = match held {
+                Some(false) => Outcome::new(
+                    OutcomeStatus::Succeeded,
+                    format!("closed via {}; pid {} released fd {fd}", r.via, r.pid),
+                ),
+                Some(true) | None if now >= r.deadline => {
+                    self.unreleased.insert(r.cookie, (r.pid, r.fd));
+                    Outcome::new(
+                        OutcomeStatus::Ineffective,
+                        format!(
+                            "socket aborted via {}, but pid {} still holds fd {fd} after {}: its slot is not free; the program must close it or be restarted",
+                            r.via,
+                            r.pid,
+                            fmt_ms(ms(now.saturating_sub(r.at)))
+                        ),
+                    )
+                }
+                _ => {
+                    keep.push(r);
+                    continue;
+                }
+            };
+            if let Some(c) = store.amend_where(r.finding, is_close_of(r.cookie), |a| a.outcome = outcome) {
+                out.push(c);
+            }
+        }
+        self.waiting = keep;
+        out
+    }
+
+    /// Closes still waiting for the owner's release.
+    pub fn pending(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether a close of this flow was not released by its owner.
+    pub fn unreleased(&self, cookie: u64) -> Option<(u32, Option<i32>)> {
+        self.unreleased.get(&cookie).copied()
+    }
+
+    /// Forgets closed cookies (their sockets are gone from the tables); an unreleased close is
+    /// remembered until its owner lets go of the descriptor (`release`).
+    pub fn forget(&mut self, cookie: u64) {
+        self.planned.remove(&cookie);
+        if !self.unreleased.contains_key(&cookie) && !self.waiting.iter().any(|r| r.cookie == cookie) {
+            self.closed.remove(&cookie);
+        }
+    }
+
+    /// The owner finally released an unreleased close.
+    pub fn release(&mut self, cookie: u64) {
+        self.unreleased.remove(&cookie);
+        self.closed.remove(&cookie);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::FakeEnv;
+    use crate::detect::leaks::evaluate;
+    use crate::findings::Family;
+    use crate::model::observe::TcpSample;
+    use monitor_common::tcp_state;
+
+    const S: Nanos = SEC;
+
+    fn flow(cookie: u64, state: u8, since: Nanos, quiet_ms: u32) -> Flow {
+        let mut f = Flow::new(
+            cookie,
+            0,
+            "10.0.0.1:7000".parse().unwrap(),
+            format!("10.0.0.2:{}", 40000 + cookie).parse().unwrap(),
+            state,
+            0,
+        );
+        f.state_since = Some(since);
+        f.inode = cookie;
+        f.owner = Some(std::sync::Arc::new(crate::model::observe::Owner {
+            pid: 50,
+            comm: "bridge".into(),
+            cgroup: None,
+            unit: None,
+        }));
+        f.tcp = Some(TcpSample {
+            last_data_sent_ms: quiet_ms,
+            last_data_recv_ms: quiet_ms,
+            last_ack_recv_ms: quiet_ms,
+            ..Default::default()
+        });
+        f.tcp_at = 100 * S;
+        f
+    }
+
+    struct FakeCloser(Vec<u64>);
+    impl Closer for FakeCloser {
+        fn close(&mut self, f: &Flow) -> Result<&'static str, String> {
+            self.0.push(f.cookie);
+            Ok("fake")
+        }
+    }
+
+    struct FakeHolders(HashSet<u64>);
+    impl Holders for FakeHolders {
+        fn holds(&mut self, _: u32, inode: u64) -> Option<bool> {
+            Some(self.0.contains(&inode))
+        }
+    }
+
+    fn cfg(close: RemedyMode) -> LeaksSection {
+        LeaksSection {
+            close_wait_after: std::time::Duration::from_secs(60),
+            quiet_for: std::time::Duration::from_secs(30),
+            close,
+            ..Default::default()
+        }
+    }
+
+    fn run(
+        mode: RemedyMode,
+        flows: &[Flow],
+        store: &mut FindingStore,
+        r: &mut CloseRemedy,
+        closer: &mut FakeCloser,
+        now: Nanos,
+    ) {
+        let c = cfg(mode);
+        let p = evaluate(now, flows.iter(), &c, &FakeEnv::default());
+        store.reconcile(Family::Stuck, p.stuck, now, |_, _| "gone".into());
+        store.reconcile(Family::HalfOpen, p.half_open, now, |_, _| "gone".into());
+        let lookup = |ck: u64| flows.iter().find(|f| f.cookie == ck).cloned();
+        r.consider(now, &p.candidates, &lookup, &c, &[], closer, store);
+    }
+
+    #[test]
+    fn closes_only_quiet_dead_sockets_once_and_checks_the_owner_released_them() {
+        let mut store = FindingStore::default();
+        let mut r = CloseRemedy::default();
+        let mut closer = FakeCloser(Vec::new());
+        let flows = vec![
+            flow(1, tcp_state::CLOSE_WAIT, 10 * S, 90_000),
+            flow(2, tcp_state::CLOSE_WAIT, 20 * S, 80_000),
+            flow(4, tcp_state::CLOSE_WAIT, 10 * S, 1_000), // carried data 1 s ago
+        ];
+        run(
+            RemedyMode::Enforce,
+            &flows,
+            &mut store,
+            &mut r,
+            &mut closer,
+            100 * S,
+        );
+        assert_eq!(closer.0, vec![1, 2], "never the recently active one");
+        run(
+            RemedyMode::Enforce,
+            &flows,
+            &mut store,
+            &mut r,
+            &mut closer,
+            101 * S,
+        );
+        assert_eq!(closer.0.len(), 2, "closed sockets are not closed again");
+        let f = &store.all()[0];
+        assert_eq!(f.actions.len(), 2);
+        assert!(
+            f.actions
+                .iter()
+                .all(|a| a.outcome.status == OutcomeStatus::Pending)
+        );
+        // The owner released inode 1 but still holds inode 2 past the grace period.
+        let mut holders = FakeHolders(HashSet::from([2]));
+        let ch = r.verify(102 * S, &mut holders, &mut store);
+        assert_eq!(ch.len(), 1);
+        let ch = r.verify(120 * S, &mut holders, &mut store);
+        assert_eq!(ch.len(), 1);
+        let acts = &store.all()[0].actions;
+        let of = |c: u64| acts.iter().find(|a| is_close_of(c)(a)).unwrap();
+        assert_eq!(of(1).outcome.status, OutcomeStatus::Succeeded);
+        assert!(
+            of(1).outcome.text.contains("released fd"),
+            "{}",
+            of(1).outcome.text
+        );
+        assert_eq!(of(2).outcome.status, OutcomeStatus::Ineffective);
+        assert!(
+            of(2).outcome.text.contains("still holds fd"),
+            "{}",
+            of(2).outcome.text
+        );
+        assert_eq!(r.unreleased(2).map(|u| u.0), Some(50));
+    }
+
+    #[test]
+    fn dry_run_plans_each_close_once() {
+        let mut store = FindingStore::default();
+        let mut r = CloseRemedy::default();
+        let mut closer = FakeCloser(Vec::new());
+        let flows = vec![flow(1, tcp_state::CLOSE_WAIT, 0, 90_000)];
+        for i in 0..5 {
+            run(
+                RemedyMode::DryRun,
+                &flows,
+                &mut store,
+                &mut r,
+                &mut closer,
+                (100 + i) * S,
+            );
+        }
+        assert!(closer.0.is_empty());
+        let acts = &store.all()[0].actions;
+        assert_eq!(acts.len(), 1);
+        assert!(acts[0].outcome.text.starts_with("planned: abort"));
+    }
+}

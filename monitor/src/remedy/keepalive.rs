@@ -1,0 +1,621 @@
+//! The keepalive remedy: turns on TCP keepalive, with values below the flow's idle timeout, on the
+//! live socket of a running program (in the kernel through the tcp iterator, or through a pidfd
+//! duplicate of the owner's descriptor), and follows it until its effect is seen.
+use std::collections::HashMap;
+
+use super::{RateLimit, record};
+use crate::config::KeepaliveSection;
+pub use crate::config::policy::plan;
+use crate::findings::{Change, FindingStore, Key};
+use crate::kernel::sys;
+use crate::model::eviction::{Assessment, KaRequest, KaResult, KaValues};
+use crate::model::finding::{ActionValues, FindingId, OutcomeStatus, RemedyAction, RemedyMode};
+use crate::model::flow::Flow;
+use crate::model::time::{Nanos, SEC, fmt_ms};
+
+/// Keepalive changes per minute, across all flows.
+const CHANGES_PER_MINUTE: usize = 600;
+
+fn values(x: Option<(bool, KaValues)>) -> Option<ActionValues> {
+    x.map(|(on, v)| ActionValues::Keepalive {
+        so_keepalive: on,
+        idle_s: v.idle_s,
+        intvl_s: v.intvl_s,
+        cnt: v.cnt,
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Dry-run: the plan was reported.
+    Planned,
+    /// Not possible (values cannot refresh in time): reported once.
+    Impossible,
+    /// Sent to the executor, no result yet.
+    Sent,
+    /// Set on the socket; its effect not yet seen.
+    Applied,
+    /// The effect was seen.
+    Verified,
+    /// The executor failed or was refused: reported once, never retried.
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+struct Job {
+    finding: FindingId,
+    values: KaValues,
+    at: Nanos,
+    stage: Stage,
+    /// Idle and timeout when it was applied (the margin achieved).
+    idle_ms: u64,
+    timeout_ms: u64,
+}
+
+/// What the keepalive remedy is doing, per flow cookie.
+#[derive(Default)]
+pub struct KeepaliveRemedy {
+    jobs: HashMap<u64, Job>,
+    /// Poll mode's keepalive-at-first-sight for the configured cgroups (cookies already done).
+    prevented: std::collections::HashSet<u64>,
+    limit: Option<RateLimit>,
+}
+
+impl KeepaliveRemedy {
+    /// Whether the remedy follows this flow (the detector then always assesses it).
+    pub fn watches(&self, cookie: u64) -> bool {
+        self.jobs
+            .get(&cookie)
+            .is_some_and(|j| matches!(j.stage, Stage::Sent | Stage::Applied))
+    }
+
+    /// The flows whose keepalive was set and not yet seen armed.
+    pub fn watched(&self) -> Vec<u64> {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| matches!(j.stage, Stage::Sent | Stage::Applied))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// Acts on flows at risk: plans (dry-run), or asks the executor to set keepalive (enforce).
+    pub fn consider(
+        &mut self,
+        now: Nanos,
+        key: &Key,
+        a: &Assessment,
+        f: &Flow,
+        k: &KeepaliveSection,
+        store: &mut FindingStore,
+    ) -> (Option<Change>, Option<KaRequest>) {
+        let Some(app) = a.applicable.as_ref() else {
+            return (None, None);
+        };
+        let Some(finding) = store.id_of(key) else {
+            return (None, None);
+        };
+        if app.keepalive_mode == RemedyMode::Off || self.jobs.contains_key(&f.cookie) {
+            return (None, None);
+        }
+        let before = Some(ActionValues::Keepalive {
+            so_keepalive: a.keepalive.on == Some(true),
+            idle_s: a.keepalive.values.idle_s,
+            intvl_s: a.keepalive.values.intvl_s,
+            cnt: a.keepalive.values.cnt,
+        });
+        let job = |stage, values| Job {
+            finding,
+            values,
+            at: now,
+            stage,
+            idle_ms: a.idle_ms,
+            timeout_ms: app.timeout_s * 1000,
+        };
+        let v = match plan(app.timeout_s, k) {
+            Ok(v) => v,
+            Err(e) => {
+                self.jobs.insert(
+                    f.cookie,
+                    job(
+                        Stage::Impossible,
+                        KaValues {
+                            idle_s: 0,
+                            intvl_s: 0,
+                            cnt: 0,
+                        },
+                    ),
+                );
+                let r = record(
+                    now,
+                    RemedyAction::Keepalive,
+                    app.keepalive_mode,
+                    OutcomeStatus::Failed,
+                    format!("not possible: {e}"),
+                    before,
+                    None,
+                );
+                return (store.act(finding, r), None);
+            }
+        };
+        let after = Some(ActionValues::Keepalive {
+            so_keepalive: true,
+            idle_s: v.idle_s,
+            intvl_s: v.intvl_s,
+            cnt: v.cnt,
+        });
+        if app.keepalive_mode == RemedyMode::DryRun {
+            self.jobs.insert(f.cookie, job(Stage::Planned, v));
+            let r = record(
+                now,
+                RemedyAction::Keepalive,
+                RemedyMode::DryRun,
+                OutcomeStatus::Planned,
+                format!(
+                    "planned: SO_KEEPALIVE=1 TCP_KEEPIDLE={} TCP_KEEPINTVL={} TCP_KEEPCNT={} (dry-run, socket untouched)",
+                    v.idle_s, v.intvl_s, v.cnt
+                ),
+                before,
+                after,
+            );
+            return (store.act(finding, r), None);
+        }
+        if !self
+            .limit
+            .get_or_insert_with(|| RateLimit::new(CHANGES_PER_MINUTE, 60 * SEC))
+            .take(now)
+        {
+            return (None, None);
+        }
+        self.jobs.insert(f.cookie, job(Stage::Sent, v));
+        (None, Some(request(f, Some(v))))
+    }
+
+    /// A manual `holdfast remedy keepalive`: always sent (an operator asked), recorded on `finding`.
+    pub fn manual(
+        &mut self,
+        now: Nanos,
+        f: &Flow,
+        v: KaValues,
+        finding: FindingId,
+        a: &Assessment,
+    ) -> KaRequest {
+        let timeout_ms = a.applicable.as_ref().map_or(0, |x| x.timeout_s * 1000);
+        self.jobs.insert(
+            f.cookie,
+            Job {
+                finding,
+                values: v,
+                at: now,
+                stage: Stage::Sent,
+                idle_ms: a.idle_ms,
+                timeout_ms,
+            },
+        );
+        request(f, Some(v))
+    }
+
+    /// Records what an executor did.
+    pub fn on_result(&mut self, r: &KaResult, now: Nanos, store: &mut FindingStore) -> Option<Change> {
+        let job = self.jobs.get_mut(&r.cookie)?;
+        if job.stage != Stage::Sent {
+            return None;
+        }
+        let (status, text) = match &r.error {
+            Some(e) => {
+                job.stage = Stage::Failed;
+                (
+                    OutcomeStatus::Failed,
+                    format!("failed via {}: {e}; not retried", r.via),
+                )
+            }
+            None => {
+                job.stage = Stage::Applied;
+                job.at = now;
+                let margin = job.timeout_ms.saturating_sub(job.idle_ms);
+                (
+                    OutcomeStatus::Pending,
+                    format!(
+                        "applied via {}: TCP_KEEPIDLE={} TCP_KEEPINTVL={} TCP_KEEPCNT={} at idle {} of the {} timeout ({} before eviction); waiting to see it armed",
+                        r.via,
+                        job.values.idle_s,
+                        job.values.intvl_s,
+                        job.values.cnt,
+                        fmt_ms(job.idle_ms),
+                        fmt_ms(job.timeout_ms),
+                        fmt_ms(margin)
+                    ),
+                )
+            }
+        };
+        store.act(
+            job.finding,
+            record(
+                now,
+                RemedyAction::Keepalive,
+                RemedyMode::Enforce,
+                status,
+                text,
+                values(r.before),
+                values(r.after),
+            ),
+        )
+    }
+
+    /// After an apply, a newer sample must show keepalive on and its timer (or a probe) armed.
+    pub fn verify(&mut self, f: &Flow, a: Option<&Assessment>, store: &mut FindingStore) -> Option<Change> {
+        let job = self.jobs.get_mut(&f.cookie)?;
+        if job.stage != Stage::Applied || f.tcp_at <= job.at {
+            return None;
+        }
+        let t = f.tcp.as_ref()?;
+        let on = a.is_some_and(|a| a.keepalive.on == Some(true)) || t.keepalive == Some(true);
+        let armed = on
+            && matches!(
+                t.timer,
+                crate::model::observe::Timer::Keepalive | crate::model::observe::Timer::None
+            );
+        job.stage = Stage::Verified;
+        let refresh = job.values.refresh_s();
+        store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
+            let base = act
+                .outcome
+                .text
+                .split("; waiting")
+                .next()
+                .unwrap_or("")
+                .to_string();
+            act.outcome = if armed {
+                crate::model::finding::Outcome::new(
+                    OutcomeStatus::Succeeded,
+                    format!(
+                        "{base}; verified: keepalive on, refresh every {}",
+                        fmt_ms(u64::from(refresh) * 1000)
+                    ),
+                )
+            } else {
+                crate::model::finding::Outcome::new(
+                    OutcomeStatus::Ineffective,
+                    format!("{base}; NOT verified: the next sample shows keepalive off"),
+                )
+            };
+        })
+    }
+
+    /// Why a finding on this flow no longer holds, if the remedy is the reason.
+    pub fn resolution(&self, cookie: u64) -> Option<String> {
+        let j = self.jobs.get(&cookie)?;
+        match j.stage {
+            Stage::Verified => Some(format!(
+                "keepalive applied and seen armed: the flow is refreshed every {}",
+                fmt_ms(u64::from(j.values.refresh_s()) * 1000)
+            )),
+            Stage::Applied | Stage::Sent => {
+                Some("keepalive applied: the flow is now refreshed in time".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// Poll mode's stand-in for keepalive-at-connect: flows of the configured cgroups get
+    /// keepalive through a pidfd the first time they are seen established without it.
+    pub fn preventive<'a>(
+        &mut self,
+        flows: impl Iterator<Item = &'a Flow>,
+        cgroups: &[String],
+        values: KaValues,
+    ) -> Vec<KaRequest> {
+        let mut out = Vec::new();
+        for f in flows.filter(|f| f.state == monitor_common::tcp_state::ESTABLISHED) {
+            let Some(cg) = f.owner.as_ref().and_then(|o| o.cgroup.as_ref()) else {
+                continue;
+            };
+            let inside = cgroups.iter().any(|c| {
+                let c = format!("/{}", c.trim_matches('/'));
+                cg == &c || cg.starts_with(&format!("{c}/"))
+            });
+            if !inside
+                || f.tcp.as_ref().and_then(|t| t.keepalive) != Some(false)
+                || !self.prevented.insert(f.cookie)
+            {
+                continue;
+            }
+            out.push(request(f, Some(values)));
+        }
+        out
+    }
+
+    /// Forgets closed flows.
+    pub fn forget(&mut self, cookie: u64) {
+        self.jobs.remove(&cookie);
+        self.prevented.remove(&cookie);
+    }
+
+    /// Forgets everything not in `live` (flows that vanished with their namespace).
+    pub fn retain(&mut self, live: &std::collections::HashSet<u64>) {
+        self.jobs.retain(|c, _| live.contains(c));
+        self.prevented.retain(|c| live.contains(c));
+    }
+}
+
+/// The executor request for a flow.
+pub fn request(f: &Flow, set: Option<KaValues>) -> KaRequest {
+    KaRequest {
+        cookie: f.cookie,
+        netns: f.netns,
+        inode: f.inode,
+        pid: f.pid_comm().map(|(p, _)| p),
+        set,
+    }
+}
+
+fn read_ka(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<(bool, KaValues)> {
+    let (on, idle, intvl, cnt) = sys::keepalive_opts(fd)?;
+    Ok((
+        on,
+        KaValues {
+            idle_s: idle,
+            intvl_s: intvl,
+            cnt,
+        },
+    ))
+}
+
+/// Keepalive on a live socket of another process: pidfd_open + pidfd_getfd + setsockopt. The
+/// duplicate shares the socket, so the owner sees the new options; it is closed at once. Works in
+/// every network namespace (no setns needed).
+pub fn pidfd_keepalive(req: &KaRequest) -> KaResult {
+    let mut res = KaResult {
+        cookie: req.cookie,
+        before: None,
+        after: None,
+        error: None,
+        via: "pidfd",
+    };
+    let run = |res: &mut KaResult| -> Result<(), String> {
+        let pid = req.pid.ok_or("the socket's owner is not known yet")?;
+        let dup = sys::socket_of(pid, req.inode)?;
+        res.before = Some(read_ka(dup.as_fd()).map_err(|e| format!("getsockopt: {e}"))?);
+        if let Some(v) = req.set {
+            sys::set_keepalive(dup.as_fd(), v.idle_s, v.intvl_s, v.cnt)
+                .map_err(|e| format!("setsockopt: {e}"))?;
+        }
+        res.after = Some(read_ka(dup.as_fd()).map_err(|e| format!("getsockopt: {e}"))?);
+        Ok(())
+    };
+    if let Err(e) = run(&mut res) {
+        res.error = Some(e);
+    }
+    res
+}
+
+use std::os::fd::AsFd;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::FakeEnv;
+    use crate::detect::eviction::tests::{flow, policy};
+    use crate::detect::eviction::{EvictionDetector, Pass};
+    use crate::findings::Family;
+    use crate::model::finding::Transition;
+    use std::time::Duration;
+
+    const S: Nanos = SEC;
+
+    fn pass(d: &mut EvictionDetector, now: Nanos, f: &Flow, r: &KeepaliveRemedy) -> Pass {
+        let pol = policy();
+        d.evaluate(now, [f].into_iter(), &[], &pol, &mut FakeEnv::default(), &|c| {
+            r.watches(c)
+        })
+    }
+
+    #[test]
+    fn plans_keepalive_below_the_timeout() {
+        let k = KeepaliveSection::default();
+        let v = |i, n, c| KaValues {
+            idle_s: i,
+            intvl_s: n,
+            cnt: c,
+        };
+        assert_eq!(plan(350, &k).unwrap(), v(175, 43, 4));
+        let x = plan(240, &k).unwrap();
+        assert!(x.refresh_s() < 240 && x.detection_s() <= 240);
+        assert!(plan(20, &k).unwrap_err().contains("keepalive.floor"));
+        let lab = KeepaliveSection {
+            floor: Duration::from_secs(2),
+            ..Default::default()
+        };
+        assert_eq!(plan(10, &lab).unwrap(), v(5, 1, 4));
+    }
+
+    #[test]
+    fn finding_then_remedy_then_verified_resolution() {
+        let pol = policy();
+        let mut d = EvictionDetector::default();
+        let mut r = KeepaliveRemedy::default();
+        let mut store = FindingStore::default();
+        let f = flow("10.77.2.2:80", 16_000, Some(false));
+        let p = pass(&mut d, 100 * S, &f, &r);
+        let changes = store.reconcile(Family::Eviction, p.verdicts, 100 * S, |_, _| "gone".into());
+        assert_eq!(changes, vec![(1, Transition::New)]);
+        let (key, a) = &p.remediable[0];
+        let (c, req) = r.consider(100 * S, key, a, &f, &pol.keepalive, &mut store);
+        assert!(c.is_none());
+        let req = req.expect("a request");
+        assert_eq!(
+            (req.cookie, req.pid, req.set.map(|v| v.idle_s)),
+            (9, Some(77), Some(10))
+        );
+        // Re-considering while the request is in flight sends nothing more.
+        assert_eq!(
+            r.consider(100 * S, key, a, &f, &pol.keepalive, &mut store),
+            (None, None)
+        );
+        let before = KaValues {
+            idle_s: 7200,
+            intvl_s: 75,
+            cnt: 9,
+        };
+        let after = KaValues {
+            idle_s: 10,
+            intvl_s: 2,
+            cnt: 4,
+        };
+        let res = KaResult {
+            cookie: 9,
+            before: Some((false, before)),
+            after: Some((true, after)),
+            error: None,
+            via: "test",
+        };
+        assert_eq!(
+            r.on_result(&res, 101 * S, &mut store),
+            Some((1, Transition::Action))
+        );
+        d.learn(9, Some(after));
+        let act = &store.get(1).unwrap().actions[0];
+        assert!(
+            act.outcome.text.starts_with("applied via test"),
+            "{}",
+            act.outcome.text
+        );
+        assert!(
+            act.outcome.text.contains("before eviction"),
+            "the margin is reported"
+        );
+        assert_eq!(act.outcome.status, OutcomeStatus::Pending);
+        // The next sample shows keepalive on: verified, and the finding resolves.
+        let mut f2 = flow("10.77.2.2:80", 100, Some(true));
+        f2.tcp_at = 102 * S;
+        f2.tcp.as_mut().unwrap().timer = crate::model::observe::Timer::Keepalive;
+        let p = pass(&mut d, 102 * S, &f2, &r);
+        assert!(p.verdicts.is_empty());
+        assert_eq!(r.verify(&f2, None, &mut store), Some((1, Transition::Action)));
+        let changes = store.reconcile(Family::Eviction, p.verdicts, 102 * S, |k, _| {
+            r.resolution(match k.scope {
+                crate::findings::Scope::Flow(c) => c,
+                _ => 0,
+            })
+            .unwrap_or_default()
+        });
+        assert_eq!(changes, vec![(1, Transition::Resolved)]);
+        let fd = store.get(1).unwrap();
+        assert!(fd.actions[0].outcome.text.contains("verified: keepalive on"));
+        assert_eq!(fd.actions[0].outcome.status, OutcomeStatus::Succeeded);
+        assert!(fd.resolution.as_deref().unwrap().contains("seen armed"));
+    }
+
+    #[test]
+    fn dry_run_plans_once_and_the_finding_stays_open() {
+        let mut pol = policy();
+        pol.keepalive.mode = RemedyMode::DryRun;
+        let mut d = EvictionDetector::default();
+        let mut r = KeepaliveRemedy::default();
+        let mut store = FindingStore::default();
+        let f = flow("10.77.2.2:80", 17_000, Some(false));
+        for i in 0..10 {
+            let p = d.evaluate(
+                100 * S + i,
+                [&f].into_iter(),
+                &[],
+                &pol,
+                &mut FakeEnv::default(),
+                &|c| r.watches(c),
+            );
+            let changes = store.reconcile(Family::Eviction, p.verdicts, 100 * S + i, |_, _| "gone".into());
+            assert!(
+                changes.iter().all(|c| c.1 != Transition::Resolved),
+                "never resolved by a plan"
+            );
+            for (key, a) in &p.remediable {
+                let (_, req) = r.consider(100 * S + i, key, a, &f, &pol.keepalive, &mut store);
+                assert!(req.is_none());
+            }
+        }
+        let fd = store.get(1).unwrap();
+        assert!(fd.active);
+        assert_eq!(fd.actions.len(), 1);
+        assert!(
+            fd.actions[0]
+                .outcome
+                .text
+                .starts_with("planned: SO_KEEPALIVE=1 TCP_KEEPIDLE=10")
+        );
+    }
+
+    #[test]
+    fn a_failure_is_reported_once_and_not_retried() {
+        let pol = policy();
+        let mut d = EvictionDetector::default();
+        let mut r = KeepaliveRemedy::default();
+        let mut store = FindingStore::default();
+        let f = flow("10.77.2.2:80", 16_000, Some(false));
+        let p = pass(&mut d, 100 * S, &f, &r);
+        store.reconcile(Family::Eviction, p.verdicts, 100 * S, |_, _| "gone".into());
+        let (key, a) = &p.remediable[0];
+        r.consider(100 * S, key, a, &f, &pol.keepalive, &mut store)
+            .1
+            .unwrap();
+        let res = KaResult {
+            cookie: 9,
+            before: None,
+            after: None,
+            error: Some("EPERM".into()),
+            via: "pidfd",
+        };
+        r.on_result(&res, 101 * S, &mut store);
+        assert_eq!(
+            store.get(1).unwrap().actions[0].outcome.status,
+            OutcomeStatus::Failed
+        );
+        assert_eq!(
+            r.consider(102 * S, key, a, &f, &pol.keepalive, &mut store),
+            (None, None)
+        );
+        assert_eq!(store.get(1).unwrap().actions.len(), 1);
+    }
+
+    #[test]
+    fn sets_keepalive_on_a_socket_of_this_process_through_a_pidfd() {
+        use std::os::unix::fs::MetadataExt;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&c);
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let v = KaValues {
+            idle_s: 33,
+            intvl_s: 7,
+            cnt: 3,
+        };
+        let req = |inode, set| KaRequest {
+            cookie: 1,
+            netns: 0,
+            inode,
+            pid: Some(std::process::id()),
+            set,
+        };
+        let r = pidfd_keepalive(&req(inode, Some(v)));
+        if r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("Operation not permitted"))
+        {
+            // Not a skip of the feature: without ptrace rights pidfd_getfd cannot work anywhere.
+            assert_ne!(
+                sys::geteuid(),
+                0,
+                "root must be able to pidfd_getfd its own fds: {r:?}"
+            );
+            return;
+        }
+        assert_eq!(r.error, None);
+        assert!(!r.before.unwrap().0);
+        assert_eq!(r.after, Some((true, v)));
+        assert_eq!(
+            sys::keepalive_opts(c.as_fd()).unwrap().1,
+            33,
+            "the owner's socket changed"
+        );
+        let missing = pidfd_keepalive(&req(inode + 999_999, None));
+        assert!(missing.error.unwrap().contains("no longer holds"));
+    }
+}

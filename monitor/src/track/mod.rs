@@ -1,0 +1,3 @@
+//! State fed by observations: the flow table and the zombie tracker. The detectors judge it.
+pub mod flows;
+pub mod zombies;
