@@ -11,6 +11,7 @@ mod publish;
 mod queries;
 mod reload;
 mod server;
+mod socket;
 pub mod state;
 mod workers;
 
@@ -148,7 +149,7 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
             .as_ref()
             .map(|g| (g.clone(), sys::group_gid(g))),
     };
-    let listener = server::bind_socket(&cfg.agent.socket, gid, admin_gid)?;
+    let listener = socket::bind_socket(&cfg.agent.socket, gid, admin_gid)?;
     let (tx, rx) = mpsc::channel::<Msg>(256);
     let (status_tx, status_rx) = mpsc::channel::<oneshot::Sender<Reply>>(64);
     let (wtx, wrx) = std_mpsc::channel::<workers::WorkerMsg>();

@@ -24,6 +24,8 @@ const SOON_DUTY: u32 = 10;
 const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(100);
 /// After a new flow of unknown owner appears, wait this long (accept() usually follows) and look.
 const OWNER_LOOKUP_DELAY: Duration = Duration::from_millis(50);
+/// /proc zombie scans take at most 1/PROC_DUTY of wall time (2 %).
+const PROC_DUTY: u32 = 50;
 
 pub enum WorkerMsg {
     Hint {
@@ -255,7 +257,9 @@ pub fn proc_worker(mut interval: Duration, rx: std_mpsc::Receiver<ProcMsg>, tx: 
         {
             return;
         }
-        let until = Instant::now() + interval;
+        // Never more than 1/PROC_DUTY of the time scanning, however many processes there are.
+        let cost = Duration::from_nanos(finished.saturating_sub(started));
+        let until = Instant::now() + interval.max(cost * PROC_DUTY);
         loop {
             match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
                 Ok(ProcMsg::Interval(d)) => interval = d,

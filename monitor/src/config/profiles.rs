@@ -1,6 +1,6 @@
 //! Middlebox idle-timeout profiles: the built-in table (with sources) plus config additions.
 //!
-//! Sources are in shared/research/nat-timeouts-and-kernel-facilities.md; each row names its own.
+//! Each row names its source (vendor documentation, kernel docs, issue trackers).
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,156 @@
+use std::time::Duration;
+
+use super::super::{Mode, RemedyMode};
+use super::*;
+
+fn err(text: &str) -> String {
+    Config::parse(text, "f").unwrap_err().to_string()
+}
+
+#[test]
+fn defaults_and_a_full_file() {
+    assert_eq!(Config::parse("", "x").unwrap(), Config::default());
+    let c = Config::parse(
+        "[agent]\nmode = \"poll\"\nsocket = \"/tmp/h/h.sock\"\n[snapshot]\npoll_interval = \"250ms\"\n",
+        "x",
+    )
+    .unwrap();
+    assert_eq!(c.agent.mode, Mode::Poll);
+    assert_eq!(c.snapshot.poll_interval, Duration::from_millis(250));
+    assert_eq!(c.snapshot.ebpf_interval, Duration::from_secs(10));
+    let c = Config::parse(
+        "[zombies]\nmin_age = \"0s\"\n[remedies]\nsigchld = \"dry-run\"\n",
+        "x",
+    )
+    .unwrap();
+    assert_eq!(c.zombies.min_age, Duration::ZERO);
+    assert_eq!(c.remedies.sigchld, RemedyMode::DryRun);
+    let e = err("[remedies]\nsigchld = \"yes\"\n");
+    assert!(
+        e.contains("f:2: key `remedies.sigchld`") && e.contains("dry-run"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_shipped_example_is_valid_and_shows_back_as_the_same_config() {
+    let text = include_str!("../../../../packaging/holdfast.toml.example");
+    let c = Config::parse(text, "example").unwrap();
+    let shown = c.to_toml();
+    assert_eq!(Config::parse(&shown, "shown").unwrap(), c, "{shown}");
+}
+
+#[test]
+fn errors_name_file_line_key_and_expectation() {
+    let e = Config::parse("[agent]\nmode = \"fast\"\n", "/etc/h.toml").unwrap_err();
+    let ConfigError::Invalid {
+        path,
+        line,
+        key,
+        message,
+    } = e
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (path.as_str(), line, key.as_str()),
+        ("/etc/h.toml", 2, "agent.mode")
+    );
+    assert!(message.contains("auto") && message.contains("poll"), "{message}");
+    let e = err("[snapshot]\n\npoll_interval = \"10\"\n");
+    assert!(
+        e.starts_with("f:3: key `snapshot.poll_interval`") && e.contains("needs a unit"),
+        "{e}"
+    );
+    let e = err("[agent]\nsokcet = \"/x\"\n");
+    assert!(
+        e.contains("f:2") && e.contains("sokcet") && e.contains("expected one of"),
+        "{e}"
+    );
+    assert!(err("[agent\n").starts_with("f:1"));
+    let e = err("[snapshot]\npoll_interval = \"1ms\"\n");
+    assert!(e.contains("f:2") && e.contains("between 100ms and 1d"), "{e}");
+    assert!(err("[agent]\nsocket = \"rel/x\"\n").contains("absolute"));
+}
+
+#[test]
+fn nonsense_is_refused_with_the_key_that_holds_it() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[zombies]\nheal_interval = \"0s\"\n",
+            "f:2: key `zombies.heal_interval`",
+        ),
+        (
+            "[zombies]\nscan_interval = \"0s\"\n",
+            "f:2: key `zombies.scan_interval`",
+        ),
+        (
+            "[snapshot]\nfull_interval = \"0s\"\n",
+            "f:2: key `snapshot.full_interval`",
+        ),
+        ("[keepalive]\nprobes = 0\n", "f:2: key `keepalive.probes`"),
+        (
+            "[keepalive]\nprobes = 4294967295\n",
+            "f:2: key `keepalive.probes`",
+        ),
+        (
+            "[eviction]\ndefault_profile = \"nope\"\n",
+            "f:2: key `eviction.default_profile`: unknown profile `nope`",
+        ),
+        (
+            "[[rules]]\ncidr = \"10.0.0.0/8\"\nprofile = \"nope\"\n",
+            "f:3: key `rules[0].profile`: unknown profile `nope`",
+        ),
+        (
+            "[[rules]]\nport = 22\nprofile = \"azure-lb\"\n[[rules]]\nport = 23\nprofile = \"azure-lb\"\ntimeout = \"5s\"\n",
+            "f:7: key `rules[1].timeout`: give either",
+        ),
+        ("[[rules]]\nport = 22\n", "f:1: key `rules[0]`: a rule needs"),
+        (
+            "[[profiles]]\nname = \"a\"\nidle_timeout = \"1m\"\n[[profiles]]\nname = \"a\"\nidle_timeout = \"2m\"\n",
+            "f:5: key `profiles[1].name`: profile `a` is defined twice",
+        ),
+        (
+            "[[profiles]]\nname = \"\"\nidle_timeout = \"1m\"\n",
+            "f:2: key `profiles[0].name`",
+        ),
+        (
+            "[[profiles]]\nname = \"x\"\nidle_timeout = \"0s\"\n",
+            "f:3: key `profiles[0].idle_timeout`",
+        ),
+        (
+            "[[rules]]\nport = 1\ntimeout = \"0s\"\n",
+            "f:3: key `rules[0].timeout`",
+        ),
+        (
+            "[agent]\nsocket = \"/run/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock\"\n",
+            "at most 107",
+        ),
+        ("[agent]\nsocket = \"/tmp\"\n", "names a directory"),
+        (
+            "[snapshot]\nfull_interval = \"18446744073709551615s18446744073709551615s\"\n",
+            "f:2: key `snapshot.full_interval`",
+        ),
+        (
+            "[[services]]\nname = \"a\"\ncomm = \"a\"\nrestart = \"enforce\"\n",
+            "needs the service's systemd `unit`",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = err(text);
+        assert!(e.contains(want), "{text:?}\n got: {e}\nwant: {want}");
+    }
+}
+
+#[test]
+fn load_refuses_what_is_not_a_config_file() {
+    let p = Path::new("/nonexistent/holdfast.toml");
+    assert_eq!(Config::load(p, false).unwrap(), (Config::default(), false));
+    assert!(matches!(Config::load(p, true), Err(ConfigError::Read { .. })));
+    let e = Config::load(Path::new("/dev/zero"), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let e = Config::load(Path::new("/tmp"), true).unwrap_err().to_string();
+    assert!(e.contains("/tmp"), "{e}");
+}

@@ -1,0 +1,262 @@
+use super::*;
+use crate::model::flow::TableCounters;
+use crate::model::observe::{PidHint, SockSample, TcpSample};
+
+const S: Nanos = 1_000_000_000;
+
+fn ev(cookie: u64, state: u8, ts: Nanos) -> Event {
+    Event {
+        kind: EventKind::State,
+        cookie,
+        netns: 0,
+        ts,
+        old_state: 0,
+        state,
+        local: "10.0.0.1:4000".parse().unwrap(),
+        remote: "10.0.0.2:22".parse().unwrap(),
+        pid_hint: None,
+        err: 0,
+    }
+}
+
+fn sock(cookie: u64, state: u8, inode: u64) -> SockSample {
+    SockSample {
+        cookie,
+        state,
+        local: "10.0.0.1:4000".parse().unwrap(),
+        remote: "10.0.0.2:22".parse().unwrap(),
+        inode,
+        uid: 0,
+        tcp: Some(TcpSample {
+            last_data_sent_ms: 500,
+            last_data_recv_ms: 700,
+            last_ack_recv_ms: 600,
+            ..Default::default()
+        }),
+    }
+}
+
+fn snap(started: Nanos, finished: Nanos, socks: Vec<SockSample>) -> Snapshot {
+    Snapshot {
+        netns: 0,
+        started,
+        finished,
+        socks,
+        filtered_idle_ms: None,
+    }
+}
+
+#[test]
+fn filtered_snapshots_keep_absent_flows_and_bound_their_idle() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(
+        &snap(S, S, vec![sock(1, tcp_state::ESTABLISHED, 5)]),
+        &HashMap::new(),
+    );
+    // 100 s later the kernel leaves flow 1 out: it was active within 2 s.
+    let filtered = Snapshot {
+        netns: 0,
+        started: 101 * S,
+        finished: 101 * S,
+        socks: vec![],
+        filtered_idle_ms: Some(2_000),
+    };
+    t.apply_snapshot(&filtered, &HashMap::new());
+    let v = t.get(1).expect("kept").view(101 * S, None);
+    assert_eq!(v.idle_ms, Some(2_000), "bounded by the filter, not 100 s");
+}
+
+#[test]
+fn events_open_and_close_flows() {
+    let mut t = FlowTable::default();
+    let mut e = ev(1, tcp_state::SYN_SENT, S);
+    e.local.set_port(0);
+    e.pid_hint = Some(PidHint {
+        pid: 9,
+        comm: "ssh".into(),
+    });
+    assert!(t.apply_event(&e));
+    assert!(!t.apply_event(&ev(1, tcp_state::ESTABLISHED, 2 * S)));
+    let f = t.get(1).unwrap();
+    assert_eq!(f.state, tcp_state::ESTABLISHED);
+    assert_eq!(f.local.port(), 4000, "the tuple is completed by later events");
+    assert_eq!(f.state_since, Some(2 * S));
+    assert_eq!(f.view(5 * S, None).pid, Some(9));
+    t.apply_event(&ev(1, tcp_state::CLOSE, 3 * S));
+    assert!(t.get(1).is_none());
+    assert_eq!(
+        t.counters,
+        TableCounters {
+            opened: 1,
+            closed: 1,
+            time_wait_now: 0,
+            time_wait_total: 0,
+        }
+    );
+}
+
+#[test]
+fn snapshot_adds_preexisting_flows_with_unknown_state_age() {
+    let mut t = FlowTable::default();
+    let owners = HashMap::from([(
+        50u64,
+        std::sync::Arc::new(Owner {
+            pid: 3,
+            comm: "sshd".into(),
+            cgroup: None,
+            unit: None,
+        }),
+    )]);
+    t.apply_snapshot(
+        &snap(10 * S, 11 * S, vec![sock(7, tcp_state::ESTABLISHED, 50)]),
+        &owners,
+    );
+    let v = t.get(7).unwrap().view(13 * S, None);
+    assert_eq!(v.state_age_ms, None);
+    assert_eq!(v.pid, Some(3));
+    assert_eq!(
+        v.last_data_sent_ms,
+        Some(2500),
+        "ages advance from the sample time"
+    );
+    assert_eq!(v.idle_ms, Some(2500));
+}
+
+#[test]
+fn snapshot_drops_flows_closed_unseen_but_not_newer_ones() {
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
+    t.apply_event(&ev(2, tcp_state::ESTABLISHED, 5 * S)); // born while the snapshot ran
+    t.apply_snapshot(&snap(4 * S, 6 * S, vec![]), &HashMap::new());
+    assert!(t.get(1).is_none(), "closed without an event (lost or poll mode)");
+    assert!(t.get(2).is_some(), "newer than the snapshot's start");
+}
+
+#[test]
+fn stale_snapshot_cannot_resurrect_a_closed_flow() {
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
+    t.apply_event(&ev(1, tcp_state::CLOSE, 3 * S));
+    t.apply_snapshot(
+        &snap(2 * S, 4 * S, vec![sock(1, tcp_state::ESTABLISHED, 0)]),
+        &HashMap::new(),
+    );
+    assert!(t.get(1).is_none());
+    // Tombstones expire.
+    t.apply_snapshot(&snap(100 * S, 100 * S, vec![]), &HashMap::new());
+    assert!(t.tombstones.is_empty());
+}
+
+#[test]
+fn time_wait_is_counted_not_tracked() {
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
+    t.apply_event(&ev(1, tcp_state::TIME_WAIT, 2 * S));
+    assert!(t.is_empty());
+    t.apply_snapshot(
+        &snap(3 * S, 3 * S, vec![sock(1, tcp_state::TIME_WAIT, 0)]),
+        &HashMap::new(),
+    );
+    assert!(t.is_empty());
+    assert_eq!((t.counters.time_wait_now, t.counters.time_wait_total), (1, 1));
+}
+
+#[test]
+fn poll_mode_state_changes_are_dated_by_the_snapshot() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(
+        &snap(S, S, vec![sock(4, tcp_state::ESTABLISHED, 1)]),
+        &HashMap::new(),
+    );
+    t.apply_snapshot(
+        &snap(2 * S, 2 * S, vec![sock(4, tcp_state::CLOSE_WAIT, 1)]),
+        &HashMap::new(),
+    );
+    let f = t.get(4).unwrap();
+    assert_eq!(f.state, tcp_state::CLOSE_WAIT);
+    assert_eq!(f.state_since, Some(2 * S));
+}
+
+#[test]
+fn resets_and_errors_are_counted() {
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
+    let mut r = ev(1, tcp_state::ESTABLISHED, 2 * S);
+    r.kind = EventKind::RecvRst;
+    t.apply_event(&r);
+    r.kind = EventKind::Error;
+    r.err = 104;
+    t.apply_event(&r);
+    let f = t.get(1).unwrap();
+    assert_eq!((f.resets_recv, f.last_error), (1, Some(104)));
+}
+
+#[test]
+fn a_snapshot_of_one_namespace_never_drops_another_namespaces_flows() {
+    let mut t = FlowTable::default();
+    let mut a = ev(1, tcp_state::ESTABLISHED, S);
+    a.netns = 10;
+    let mut b = ev(2, tcp_state::ESTABLISHED, S);
+    b.netns = 20;
+    t.apply_event(&a);
+    t.apply_event(&b);
+    let mut s = snap(4 * S, 5 * S, vec![]);
+    s.netns = 10;
+    t.apply_snapshot(&s, &HashMap::new());
+    assert!(t.get(1).is_none(), "closed unseen in its own namespace");
+    assert!(t.get(2).is_some(), "another namespace's flow stays");
+    assert_eq!(t.drop_netns(20, 6 * S), 1);
+    assert!(t.is_empty());
+}
+
+#[test]
+fn an_error_after_the_close_event_joins_the_closed_record() {
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
+    t.apply_event(&ev(1, tcp_state::CLOSE, 2 * S));
+    let mut err = ev(1, tcp_state::CLOSE, 2 * S + 40_000);
+    err.kind = EventKind::Error;
+    err.err = 110;
+    t.apply_event(&err);
+    assert!(t.take_closed(2 * S + 1_000_000).is_empty(), "settling");
+    let closed = t.take_closed(3 * S);
+    assert_eq!(closed.len(), 1);
+    assert_eq!(
+        closed[0].0.last_error,
+        Some(110),
+        "ETIMEDOUT after the close is kept"
+    );
+}
+
+#[test]
+fn tombstones_expire_and_storm_memory_comes_back() {
+    let mut t = FlowTable::default();
+    for c in 0..50_000u64 {
+        t.apply_event(&ev(c, tcp_state::ESTABLISHED, S));
+        t.apply_event(&ev(c, tcp_state::CLOSE, S));
+    }
+    assert_eq!(t.tombstones(), 50_000);
+    t.take_closed(10 * S);
+    assert!(t.maintain(100 * S), "shrinks after the storm");
+    assert_eq!(t.tombstones(), 0);
+    assert!(t.flows.capacity() < 8192 && t.tombstones.capacity() < 8192);
+}
+
+#[test]
+fn find_by_cookie_or_unique_local_address() {
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
+    assert_eq!(t.find("cookie:1").unwrap().cookie, 1);
+    assert_eq!(t.find("1").unwrap().cookie, 1);
+    assert_eq!(t.find("10.0.0.1:4000").unwrap().cookie, 1);
+    let mut other = ev(2, tcp_state::ESTABLISHED, S);
+    other.netns = 7;
+    t.apply_event(&other);
+    assert!(t.find("10.0.0.1:4000").unwrap_err().contains("2 flows"));
+    assert!(t.find("nonsense").unwrap_err().contains("neither cookie:N"));
+    assert!(
+        t.find("cookie:99")
+            .unwrap_err()
+            .contains("no flow with cookie 99")
+    );
+}
