@@ -21,6 +21,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext},
 };
+use aya_log_ebpf::warn;
 use monitor_common::{
     AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, OwnerRecord, ProcRecord, SNAP_FULL,
     SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapFilter, SnapRecord, kind, proc_kind, sockopt, stat, tcp_state,
@@ -151,7 +152,7 @@ fn netns_of(sk: *const u8) -> u32 {
 
 /// Emits one event record for `sk` (a BTF `struct sock *` from a tp_btf argument).
 #[inline(always)]
-fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
+fn emit(ctx: &BtfTracePointContext, prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
     if sk.is_null() {
         return;
     }
@@ -162,6 +163,11 @@ fn emit(prog: u32, kind: u8, sk: *const c_void, old: u8, new: Option<u8>) {
         Err(()) => return bump(stat::ERR_BASE + prog),
     }
     let Ok(t) = tuple(base) else {
+        // Rare (an IPv6 address the probe read could not reach): say so once per occurrence.
+        warn!(
+            ctx,
+            "holdfast: cannot read the addresses of a socket (program {})", prog
+        );
         return bump(stat::ERR_BASE + prog);
     };
     let state = match new {
@@ -206,31 +212,31 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    emit(0, kind::STATE, sk, old as u8, Some(new as u8));
+    emit(&ctx, 0, kind::STATE, sk, old as u8, Some(new as u8));
     0
 }
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    emit(1, kind::RECV_RST, ctx.arg(0), 0, None);
+    emit(&ctx, 1, kind::RECV_RST, ctx.arg(0), 0, None);
     0
 }
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    emit(2, kind::SEND_RST, ctx.arg(0), 0, None);
+    emit(&ctx, 2, kind::SEND_RST, ctx.arg(0), 0, None);
     0
 }
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
-    emit(3, kind::ERROR_REPORT, ctx.arg(0), 0, None);
+    emit(&ctx, 3, kind::ERROR_REPORT, ctx.arg(0), 0, None);
     0
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    emit(4, kind::RETRANSMIT, ctx.arg(0), 0, None);
+    emit(&ctx, 4, kind::RETRANSMIT, ctx.arg(0), 0, None);
     0
 }
 
@@ -592,9 +598,14 @@ pub fn keepalive_at_connect(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let t = *t;
-    if set_keepalive(ctx.ops as *mut c_void, &t) == 0 {
+    let rc = set_keepalive(ctx.ops as *mut c_void, &t);
+    if rc == 0 {
         bump(stat::SOCKOPS_APPLIED);
     } else {
+        warn!(
+            &ctx,
+            "holdfast: keepalive at connect failed: bpf_setsockopt returned {}", rc
+        );
         bump(stat::SOCKOPS_FAILED);
     }
     1

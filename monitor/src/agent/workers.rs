@@ -98,6 +98,7 @@ pub fn spawn_pump(
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
+            events.drain_log();
             let mut batch = Vec::new();
             let mut procs = Vec::new();
             let undecodable = events.drain(&mut batch) + events.drain_procs(&mut procs);

@@ -128,3 +128,29 @@ mod tests {
         assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 5000, .. ProptestConfig::default() })]
+
+        /// Any text: a duration no longer than the maximum, or an error that says what is wrong.
+        #[test]
+        fn any_text_is_a_bounded_duration_or_an_error(s in "[0-9a-z ]{0,40}") {
+            match parse_duration(&s) {
+                Ok(d) => prop_assert!(d <= MAX_DURATION),
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+
+        /// Formatting and parsing agree.
+        #[test]
+        fn exact_formatting_round_trips(ms in 0u64..=315_360_000_000) {
+            let d = Duration::from_millis(ms);
+            prop_assert_eq!(parse_duration(&fmt_exact(d)).unwrap(), d);
+        }
+    }
+}

@@ -154,3 +154,44 @@ fn load_refuses_what_is_not_a_config_file() {
     let e = Config::load(Path::new("/tmp"), true).unwrap_err().to_string();
     assert!(e.contains("/tmp"), "{e}");
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, .. ProptestConfig::default() })]
+
+        /// Any text: a configuration or an error naming a line, never a panic.
+        #[test]
+        fn any_text_is_a_config_or_a_located_error(text in "(?s).{0,300}") {
+            if let Err(e) = Config::parse(&text, "f") {
+                prop_assert!(e.to_string().starts_with("f:"), "{e}");
+            }
+        }
+
+        /// Known keys with random values: valid, or an error naming that key.
+        #[test]
+        fn known_keys_with_any_value(
+            (table, key) in prop::sample::select(vec![
+                ("snapshot", "poll_interval"), ("snapshot", "ebpf_interval"), ("snapshot", "full_interval"),
+                ("zombies", "min_age"), ("zombies", "heal_interval"), ("zombies", "scan_interval"),
+                ("keepalive", "probes"), ("keepalive", "floor"), ("keepalive", "refresh_ratio"),
+                ("eviction", "warn_ratio"), ("eviction", "default_profile"), ("leaks", "half_open_probes"),
+                ("agent", "socket"), ("agent", "max_clients"), ("ledger", "horizon"),
+            ]),
+            value in prop_oneof![
+                "[0-9]{1,25}".prop_map(|d| d),
+                "[0-9]{1,22}(ms|s|m|h|d){1,3}".prop_map(|d| format!("\"{d}\"")),
+                Just("\"\"".to_string()), Just("-1".to_string()), Just("1.5".to_string()),
+                Just("\"/x\"".to_string()), Just("true".to_string()), Just("[]".to_string()),
+            ],
+        ) {
+            let text = format!("[{table}]\n{key} = {value}\n");
+            if let Err(e) = Config::parse(&text, "f") {
+                let e = e.to_string();
+                prop_assert!(e.starts_with("f:") && e.contains(key), "{text:?} -> {e}");
+            }
+        }
+    }
+}

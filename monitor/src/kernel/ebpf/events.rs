@@ -6,11 +6,30 @@ use super::super::decode;
 pub use crate::model::health::KernelCounters;
 use crate::model::observe::{Event, ProcEvent};
 
+/// Forwards the programs' aya-log records (rare error paths only) to the agent's tracing log.
+pub struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        match r.level() {
+            log::Level::Error => tracing::error!(source = "ebpf", "{}", r.args()),
+            log::Level::Warn => tracing::warn!(source = "ebpf", "{}", r.args()),
+            log::Level::Info => tracing::info!(source = "ebpf", "{}", r.args()),
+            _ => tracing::debug!(source = "ebpf", "{}", r.args()),
+        }
+    }
+    fn flush(&self) {}
+}
+
 /// The event ring buffers and the kernel-side counters, owned by the reader task.
 pub struct Events {
     pub(super) ring: RingBuf<MapData>,
     pub(super) procs: RingBuf<MapData>,
     pub(super) stats: PerCpuArray<MapData, u64>,
+    pub(super) log: Option<aya_log::EbpfLogger<ToTracing>>,
 }
 
 impl Events {
@@ -36,6 +55,13 @@ impl Events {
             }
         }
         bad
+    }
+
+    /// Forwards the programs' log records (if any) to tracing.
+    pub fn drain_log(&mut self) {
+        if let Some(l) = &mut self.log {
+            l.flush();
+        }
     }
 
     /// Sums the per-CPU counters.

@@ -177,6 +177,14 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
     let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(merr("EVENTS"))?;
     let procs = RingBuf::try_from(take(&mut ebpf, "PROCS")?).map_err(merr("PROCS"))?;
     let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?).map_err(merr("STATS"))?;
+    // The programs log only on rare error paths; their records go to the agent's log.
+    let log = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, events::ToTracing) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!("no eBPF log records to forward: {e}");
+            None
+        }
+    };
     let hz = sys::kernel_hz();
     Ok((
         Loaded {
@@ -185,7 +193,12 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
             sockops,
             features,
         },
-        Events { ring, procs, stats },
+        Events {
+            ring,
+            procs,
+            stats,
+            log,
+        },
     ))
 }
 
