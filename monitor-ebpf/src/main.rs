@@ -329,6 +329,13 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     }
     bump(stat::ITER_SOCKETS);
     let base = sk as *const u8;
+    // TIME_WAIT and request sockets are not sessions: the agent counts TIME_WAIT from the
+    // namespace's sockstat. Leaving them out keeps a read small after a connection storm
+    // (hundreds of thousands of TIME_WAIT sockets for a minute).
+    let state: u8 = ld(base, off!(skc_state)).unwrap_or(0);
+    if state == tcp_state::TIME_WAIT || state == tcp_state::NEW_SYN_RECV {
+        return 0;
+    }
     // SAFETY: helper calls on the verifier-typed sock_common pointer.
     let (cookie, now) = unsafe { (bpf_get_socket_cookie(sk), bpf_jiffies64()) };
     let filter = SNAP_FILTER.get(0).map_or(0, |f| {
@@ -347,7 +354,6 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     let Ok(t) = tuple(base) else {
         return 0;
     };
-    let state: u8 = ld(base, off!(skc_state)).unwrap_or(0);
     let mut r = SnapRecord {
         cookie,
         inode: 0,

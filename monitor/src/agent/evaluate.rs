@@ -204,17 +204,15 @@ pub fn flows(
         st.remedies.keepalive.forget(f.cookie);
         st.remedies.close.forget(f.cookie);
     }
-    st.pending_closed.extend(closed);
     (out, requests)
 }
 
 /// The session ledger: counts per service (live, leaked, held), then `session-budget`.
 pub fn ledger(now: Nanos, st: &mut State, held: &HashMap<String, (u64, Vec<u32>)>) -> Vec<Change> {
     let leaked = detect::leaks::leaked(st.table.iter(), now, &st.policy.leaks);
-    let pending = std::mem::take(&mut st.pending_closed);
     st.detect
         .ledger
-        .update(now, st.table.iter(), &pending, &leaked, held, &st.policy.services);
+        .update(now, st.table.iter(), &leaked, held, &st.policy.services);
     st.leaked = leaked;
     let verdicts = st.detect.ledger.evaluate(&st.policy.services, &st.policy.ledger);
     st.store

@@ -49,23 +49,33 @@ pub async fn run(
     let mut ledger_updated = Instant::now();
     let mut refreshed = Instant::now();
     loop {
+        let mut step: &str;
+        let t0: Instant;
         tokio::select! {
             // `status` first, whatever else is going on.
             biased;
             Some(reply) = status_rx.recv() => {
+                t0 = Instant::now();
+                step = "status";
                 let _ = reply.send(Reply::ok(&status(state, rt)));
             }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
+                t0 = Instant::now();
+                step = msg_name(&msg);
                 on_msg(state, rt, msg, &mut zombie_due);
             }
             _ = async { tokio::time::sleep_until(zombie_due.unwrap_or_else(tokio::time::Instant::now)).await }, if zombie_due.is_some() => {
+                t0 = Instant::now();
+                step = "zombie round";
                 zombie_due = None;
                 let changes = evaluate::zombies(sys::monotonic_ns(), state, &LiveProc, &mut nudger);
                 state.stats.rounds.zombies += 1;
                 rt.sinks.publish(&state.store, changes);
             }
             _ = tick.tick() => {
+                t0 = Instant::now();
+                step = "tick";
                 let now = sys::monotonic_ns();
                 if last_notify.elapsed() >= watchdog.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5)) {
                     last_notify = Instant::now();
@@ -78,8 +88,10 @@ pub async fn run(
                 // The flow detectors walk every flow: small tables often, large ones at the period.
                 let period = if state.table.len() < SMALL_TABLE { SMALL_PERIOD } else { state.policy.flows_period };
                 if flows_evaluated.elapsed() < period {
+                    state.stats.note_step(step, t0.elapsed());
                     continue;
                 }
+                step = "flows round";
                 flows_evaluated = Instant::now();
                 if refreshed.elapsed() >= REFRESH_EVERY {
                     refreshed = Instant::now();
@@ -103,6 +115,7 @@ pub async fn run(
                     let _ = rt.workers.send(WorkerMsg::Keepalive(requests));
                 }
                 if state.table.len() < SMALL_TABLE || ledger_updated.elapsed() >= LEDGER_EVERY {
+                    step = "flows and ledger round";
                     ledger_updated = Instant::now();
                     let changes = evaluate::ledger(now, state, &HashMap::new());
                     state.stats.rounds.ledger += 1;
@@ -112,9 +125,12 @@ pub async fn run(
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
+                t0 = Instant::now();
+                step = "reload";
                 let _ = reload::apply(state, rt);
             }
         }
+        state.stats.note_step(step, t0.elapsed());
     }
     Ok(())
 }
@@ -132,9 +148,10 @@ fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
     if state.policy.pacing != before {
         let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
     }
-    if state.table.maintain(now) {
-        sys::trim_heap();
-    }
+    state.prune();
+    state.table.maintain(now);
+    // glibc keeps freed pages (in every thread's arena) until asked: after a storm, give them back.
+    sys::trim_heap();
 }
 
 fn status(state: &State, rt: &Runtime) -> crate::ipc::Status {
@@ -174,6 +191,20 @@ fn metrics(state: &State, rt: &Runtime) -> String {
     crate::sinks::metrics::render(&v)
 }
 
+fn msg_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Events { .. } => "events",
+        Msg::Snapshot { .. } => "snapshot",
+        Msg::SnapshotFailed(_) => "snapshot failed",
+        Msg::ProcScan { .. } => "proc scan",
+        Msg::Query { .. } => "query",
+        Msg::FlowIds { .. } => "flows query (select)",
+        Msg::FlowPage { .. } => "flows query (page)",
+        Msg::Keepalive(_) => "keepalive results",
+        Msg::Metrics(_) => "metrics",
+    }
+}
+
 fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option<tokio::time::Instant>) {
     match msg {
         Msg::Events {
@@ -190,12 +221,6 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             let mut unknown_owner = false;
             for e in &events {
                 unknown_owner |= state.table.apply_event(e);
-                if let Some(h) = &e.pid_hint {
-                    let _ = rt.workers.send(WorkerMsg::Hint {
-                        cookie: e.cookie,
-                        pid: h.pid,
-                    });
-                }
             }
             if unknown_owner {
                 let _ = rt.workers.send(WorkerMsg::Soon);

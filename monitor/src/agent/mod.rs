@@ -92,7 +92,11 @@ pub struct Runtime {
 
 /// Runs the agent in the foreground until SIGINT or SIGTERM.
 pub fn run(cfg: Config, config_desc: String, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: the state owner is one task; CLI connections, the accept loop and the event
+    // pump run beside it, so a request waits for at most the state owner's current step.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("holdfast-rt")
         .enable_all()
         .build()
         .context("tokio runtime")?;
@@ -129,6 +133,8 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
         connect_values: policy.pacing.connect_values,
     };
     let chosen = mode::select(cfg.agent.mode, &load_opts)?;
+    // Loading parsed the kernel's BTF (megabytes, now freed): give the pages back.
+    sys::trim_heap();
     let ebpf_mode = chosen.loaded.is_some();
     // The policy of the mode that runs (auto may have fallen back to poll).
     let policy = Policy::build(&cfg, ebpf_mode, own_facts.conntrack_s);

@@ -103,6 +103,7 @@ pub async fn accept_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let per_uid_count: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>> = Default::default();
     let mut bound = std::fs::metadata(&path).map(|m| m.ino()).ok();
     let mut watch = tokio::time::interval(WATCH_EVERY);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -146,20 +147,49 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
+        // Root (and the agent's own uid) is never capped: its `status` must always be answered.
+        // Everyone else shares `max_clients`, and one uid may hold at most a quarter of them.
+        let uid = sys::peer_cred(stream.as_fd()).map(|c| c.uid).unwrap_or(u32::MAX);
+        let privileged = uid == 0 || uid == ctx.access.agent_uid;
+        let per_uid = (max_clients / 4).max(4);
+        let admitted = if privileged {
+            Some(None)
+        } else {
+            let mine = per_uid_count
+                .lock()
+                .map_or(usize::MAX, |m| m.get(&uid).copied().unwrap_or(0));
+            if mine >= per_uid {
+                None
+            } else {
+                slots.clone().try_acquire_owned().ok().map(Some)
+            }
+        };
+        match admitted {
+            Some(permit) => {
                 let ctx = ctx.clone();
+                let per = per_uid_count.clone();
+                if let Ok(mut m) = per.lock() {
+                    *m.entry(uid).or_default() += 1;
+                }
                 tokio::spawn(async move {
                     ctx.counters.connected.fetch_add(1, Ordering::Relaxed);
                     serve_conn(stream, &ctx).await;
                     ctx.counters.connected.fetch_sub(1, Ordering::Relaxed);
+                    if let Ok(mut m) = per.lock() {
+                        if let Some(n) = m.get_mut(&uid) {
+                            *n = n.saturating_sub(1);
+                            if *n == 0 {
+                                m.remove(&uid);
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
-            Err(_) => {
+            None => {
                 ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
                 let line = Reply::err(format!(
-                    "too many CLI connections ({max_clients} at once; agent.max_clients): try again"
+                    "too many CLI connections (at most {per_uid} per user and {max_clients} in all; agent.max_clients): try again"
                 ))
                 .to_line();
                 tokio::spawn(async move {

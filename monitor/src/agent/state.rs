@@ -10,10 +10,8 @@ use crate::detect::zombies::ZombieDetector;
 use crate::findings::FindingStore;
 use crate::kernel::routes::Router;
 use crate::model::eviction::{KaRequest, NetFacts};
-use crate::model::flow::Flow;
 use crate::model::health::{Feature, KernelCounters};
 use crate::model::observe::NetnsId;
-use crate::model::time::Nanos;
 use crate::remedy::close::CloseRemedy;
 use crate::remedy::keepalive::KeepaliveRemedy;
 use crate::remedy::sigchld::SigchldRemedy;
@@ -78,6 +76,21 @@ pub struct Stats {
     pub clients: usize,
     pub clients_refused: u64,
     pub rounds: crate::ipc::Rounds,
+    /// The longest the state owner was busy with one step, and with what, over the last
+    /// minute (a step delays everything queued behind it, `status` included).
+    pub slowest: (Duration, &'static str, Option<Instant>),
+}
+
+impl Stats {
+    pub fn note_step(&mut self, step: &'static str, took: Duration) {
+        let stale = self
+            .slowest
+            .2
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60));
+        if stale || took > self.slowest.0 {
+            self.slowest = (took, step, Some(Instant::now()));
+        }
+    }
 }
 
 /// Everything the state owner keeps.
@@ -96,8 +109,6 @@ pub struct State {
     pub outbox: Vec<KaRequest>,
     /// Cookies counted as leaked at the last ledger count.
     pub leaked: HashSet<u64>,
-    /// Flows closed since the ledger last counted.
-    pub pending_closed: Vec<(Flow, Nanos)>,
 }
 
 impl State {
@@ -118,8 +129,17 @@ impl State {
             },
             outbox: Vec::new(),
             leaked: HashSet::new(),
-            pending_closed: Vec::new(),
         }
+    }
+
+    /// Forgets what detectors and remedies remember about flows that are gone without a close
+    /// record reaching them (a connection storm overflows the closed-flow queue): their memory
+    /// is bounded by the live table.
+    pub fn prune(&mut self) {
+        let live: HashSet<u64> = self.table.iter().map(|f| f.cookie).collect();
+        self.detect.eviction.forget(&live);
+        self.remedies.keepalive.retain(&live);
+        self.remedies.close.retain(&live);
     }
 
     /// The namespace in words: its name, or net:[inode]; None for the agent's own.

@@ -28,10 +28,7 @@ const OWNER_LOOKUP_DELAY: Duration = Duration::from_millis(50);
 const PROC_DUTY: u32 = 50;
 
 pub enum WorkerMsg {
-    Hint {
-        cookie: u64,
-        pid: u32,
-    },
+    /// A flow of unknown owner appeared: read soon (its owner comes with the next read).
     Soon,
     /// Apply or read keepalive on live sockets (in the kernel, or through pidfds).
     Keepalive(Vec<KaRequest>),
@@ -130,7 +127,9 @@ pub fn snapshot_worker(
     tx: mpsc::Sender<Msg>,
 ) {
     let mut resolver = OwnerResolver::default();
-    let mut hints: HashMap<u64, u32> = HashMap::new();
+    // Owners come from the task_file iterator (eBPF) or /proc walks (poll); no pid hints: in
+    // eBPF mode they would cost one message per connect under a storm for nothing.
+    let hints: HashMap<u64, u32> = HashMap::new();
     let mut no_file_seen: HashSet<u64> = HashSet::new();
     let mut due = Instant::now();
     let mut spacing = MIN_SNAPSHOT_SPACING;
@@ -163,9 +162,7 @@ pub fn snapshot_worker(
                     }
                     let live: HashSet<u64> = snap.socks.iter().map(|s| s.cookie).collect();
                     if full {
-                        hints.retain(|c, _| live.contains(c));
                         no_file_seen.retain(|c| live.contains(c));
-                        hints.shrink_to_fit();
                         no_file_seen.shrink_to_fit();
                     }
                     // A socket not yet accepted has no file: look again soon, once per socket.
@@ -204,9 +201,6 @@ pub fn snapshot_worker(
             }
         }
         match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-            Ok(WorkerMsg::Hint { cookie, pid }) => {
-                hints.insert(cookie, pid);
-            }
             Ok(WorkerMsg::Keepalive(reqs)) => {
                 let results = source.keepalive(&reqs);
                 if tx.blocking_send(Msg::Keepalive(results)).is_err() {

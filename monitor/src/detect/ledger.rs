@@ -29,7 +29,10 @@ struct Acc {
 
 #[derive(Default)]
 pub struct Ledger {
-    counted: HashMap<u64, String>,
+    /// Flows counted as opened, with their service (an index into `names`).
+    counted: HashMap<u64, u32>,
+    names: Vec<String>,
+    ids: HashMap<String, u32>,
     acc: BTreeMap<String, Acc>,
     last_sample: Option<Nanos>,
 }
@@ -43,12 +46,23 @@ pub fn key(service: &str) -> Key {
 }
 
 impl Ledger {
-    /// Accounts the current flows and those closed since the last call.
+    fn intern(&mut self, svc: String) -> u32 {
+        if let Some(id) = self.ids.get(&svc) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(svc.clone());
+        self.ids.insert(svc, id);
+        id
+    }
+
+    /// Accounts the current flows. A flow counted before and absent now has closed, whether or
+    /// not its close was seen (under a connection storm closes are sampled, never lost from
+    /// the count).
     pub fn update<'a>(
         &mut self,
         now: Nanos,
         flows: impl Iterator<Item = &'a Flow>,
-        closed: &[(Flow, Nanos)],
         leaked: &HashSet<u64>,
         held: &HashMap<String, (u64, Vec<u32>)>,
         services: &[ServiceConfig],
@@ -71,15 +85,18 @@ impl Ledger {
                 }
             }
         }
+        let mut seen = HashSet::with_capacity(self.counted.len());
         for f in flows.filter(|f| f.state != tcp_state::LISTEN) {
             let Some(svc) = service_of(f, services) else {
                 continue;
             };
-            let a = self.acc.entry(svc.clone()).or_default();
-            if let std::collections::hash_map::Entry::Vacant(e) = self.counted.entry(f.cookie) {
-                e.insert(svc);
-                a.opened += 1;
+            seen.insert(f.cookie);
+            if !self.counted.contains_key(&f.cookie) {
+                let id = self.intern(svc.clone());
+                self.counted.insert(f.cookie, id);
+                self.acc.entry(svc.clone()).or_default().opened += 1;
             }
+            let a = self.acc.entry(svc).or_default();
             a.live += 1;
             a.leaked += u64::from(leaked.contains(&f.cookie));
             if let Some(o) = &f.owner
@@ -88,10 +105,18 @@ impl Ledger {
                 a.pids.push(o.pid);
             }
         }
-        for (f, _) in closed {
-            if let Some(svc) = self.counted.remove(&f.cookie) {
-                self.acc.entry(svc).or_default().closed += 1;
+        let (names, acc) = (&self.names, &mut self.acc);
+        self.counted.retain(|c, id| {
+            if seen.contains(c) {
+                return true;
             }
+            if let Some(name) = names.get(*id as usize) {
+                acc.entry(name.clone()).or_default().closed += 1;
+            }
+            false
+        });
+        if self.counted.capacity() > 4 * self.counted.len() + 4096 {
+            self.counted.shrink_to_fit();
         }
         if self
             .last_sample
@@ -251,7 +276,7 @@ mod tests {
         for i in 0..8u64 {
             flows.push(flow(i, tcp_state::CLOSE_WAIT));
             let leaked: HashSet<u64> = flows.iter().map(|f| f.cookie).collect();
-            l.update(i * 10 * SEC, flows.iter(), &[], &leaked, &none, &svc);
+            l.update(i * 10 * SEC, flows.iter(), &leaked, &none, &svc);
             let c = store.reconcile(Family::Budget, l.evaluate(&svc, &cfg), i * 10 * SEC, |_, _| {
                 "back".into()
             });
@@ -279,16 +304,9 @@ mod tests {
             store.all()[0].summary
         );
         // Sessions close: counted, and the budget resolves once the trend stops.
-        let closed: Vec<(Flow, Nanos)> = flows.drain(..6).map(|f| (f, 80 * SEC)).collect();
+        flows.drain(..6);
         for k in 0..200u64 {
-            l.update(
-                (80 + k * 2) * SEC,
-                flows.iter(),
-                if k == 0 { &closed } else { &[] },
-                &HashSet::new(),
-                &none,
-                &svc,
-            );
+            l.update((80 + k * 2) * SEC, flows.iter(), &HashSet::new(), &none, &svc);
         }
         let r = &l.rows(&svc)[0];
         assert_eq!((r.closed, r.live), (6, 2));
@@ -308,7 +326,7 @@ mod tests {
         }];
         let mut l = Ledger::default();
         let held = HashMap::from([("bridge".to_string(), (4u64, vec![7u32]))]);
-        l.update(SEC, std::iter::empty(), &[], &HashSet::new(), &held, &svc);
+        l.update(SEC, std::iter::empty(), &HashSet::new(), &held, &svc);
         let r = &l.rows(&svc)[0];
         assert_eq!(
             (r.live, r.leaked, r.held, r.pids.as_slice()),

@@ -144,6 +144,8 @@ pub struct Status {
     pub features: Vec<Feature>,
     pub netns: Vec<NetnsStatus>,
     pub flows: usize,
+    /// Closed flows remembered so that a snapshot taken before the close cannot bring them back.
+    pub tombstones: usize,
     pub table: TableCounters,
     /// Kernel events decoded by the agent (eBPF mode).
     pub events: u64,
@@ -166,6 +168,9 @@ pub struct Status {
     pub zombies_tracked: usize,
     pub findings_active: usize,
     pub rounds: Rounds,
+    /// The longest single step of the state owner in the last minute (ms), and what it was.
+    pub slowest_step_ms: f64,
+    pub slowest_step: String,
     pub keepalive_at_connect: String,
     pub config: String,
     pub config_reloads: u64,

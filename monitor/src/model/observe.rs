@@ -128,6 +128,8 @@ pub struct Snapshot {
     /// ESTABLISHED and active within this many milliseconds (and is not gone: closes come as
     /// events). None: a complete table.
     pub filtered_idle_ms: Option<u64>,
+    /// TIME_WAIT sockets in the namespace (left out of `socks`; counted from sockstat).
+    pub time_wait: Option<u64>,
 }
 
 /// The owner of a socket: the process holding its file.

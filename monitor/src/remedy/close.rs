@@ -283,6 +283,16 @@ impl CloseRemedy {
         }
     }
 
+    /// Forgets closes of flows no longer tracked, except those still waiting for their owner or
+    /// unreleased.
+    pub fn retain(&mut self, live: &HashSet<u64>) {
+        let waiting: HashSet<u64> = self.waiting.iter().map(|r| r.cookie).collect();
+        let unreleased = &self.unreleased;
+        self.closed
+            .retain(|c| live.contains(c) || waiting.contains(c) || unreleased.contains_key(c));
+        self.planned.retain(|c| live.contains(c));
+    }
+
     /// The owner finally released an unreleased close.
     pub fn release(&mut self, cookie: u64) {
         self.unreleased.remove(&cookie);

@@ -226,6 +226,11 @@ impl FlowTable {
             }
             flow.last_seen = flow.last_seen.max(at);
         }
+        if let Some(tw) = snap.time_wait {
+            time_wait = tw;
+            self.time_wait.insert(snap.netns, tw);
+            self.counters.time_wait_now = self.time_wait.values().sum();
+        }
         if let Some(min_idle) = snap.filtered_idle_ms {
             // Left out by the kernel: active within `min_idle` of the snapshot. Age the sample
             // no further than that, and keep the flow (its close will come as an event).

@@ -7,8 +7,18 @@
 //! - `hf-load get ADDR`      HTTP GET /metrics, prints the body.
 //! - `hf-load procs N Z`     N sleeping children of which Z exit at once and stay zombies; prints
 //!   `ready`; on stdin close kills and reaps them all.
+//! - `hf-load churn-for ADDR SECONDS`  connect/accept/close cycles for that long; prints
+//!   `churn N SECONDS`.
+//! - `hf-load ipc-idle SOCKET N`   opens N connections to the agent's CLI socket and sends
+//!   nothing; prints `ready K` (K connections still open after a moment), holds them until stdin
+//!   closes.
+//! - `hf-load ipc-flows SOCKET N`  N connections that each ask for every flow and never read the
+//!   reply; prints `ready`; holds them until stdin closes.
+//! - `hf-load squat PATH`    a fake agent: listens on the unix socket PATH and answers every
+//!   request with "no findings"; prints `listening`; runs until stdin closes.
 use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command};
 use std::time::Instant;
 
@@ -86,6 +96,71 @@ fn main() {
                 let _ = k.wait();
             }
         }
+        Some("churn-for") => {
+            let secs: f64 = args[3].parse().expect("SECONDS");
+            let l = TcpListener::bind(&args[2]).expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while t0.elapsed().as_secs_f64() < secs {
+                let c = TcpStream::connect(addr).expect("connect");
+                let (s, _) = l.accept().expect("accept");
+                drop(c);
+                drop(s);
+                n += 1;
+            }
+            println!("churn {n} {:.6}", t0.elapsed().as_secs_f64());
+        }
+        Some("ipc-idle") => {
+            raise_nofile();
+            let n: usize = args[3].parse().expect("N");
+            let conns: Vec<UnixStream> = (0..n)
+                .filter_map(|_| UnixStream::connect(&args[2]).ok())
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            // Connections the agent refused are closed by now: a non-blocking peek sees EOF.
+            // (A refusal arrives as an error line and EOF; an open connection has nothing to read.)
+            let open = conns
+                .iter()
+                .filter(|c| {
+                    c.set_nonblocking(true).ok();
+                    let mut b = [0u8; 256];
+                    matches!(std::io::Read::read(&mut &**c, &mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                })
+                .count();
+            println!("ready {open}");
+            std::io::stdout().flush().ok();
+            wait_stdin();
+        }
+        Some("ipc-flows") => {
+            raise_nofile();
+            let n: usize = args[3].parse().expect("N");
+            let mut conns = Vec::new();
+            for _ in 0..n {
+                if let Ok(mut c) = UnixStream::connect(&args[2]) {
+                    let _ = c.write_all(b"{\"v\":1,\"op\":\"flows\",\"filter\":{\"all\":true}}\n");
+                    conns.push(c);
+                }
+            }
+            println!("ready");
+            std::io::stdout().flush().ok();
+            wait_stdin();
+        }
+        Some("squat") => {
+            let l = UnixListener::bind(&args[2]).expect("bind");
+            std::thread::spawn(move || {
+                for c in l.incoming().flatten() {
+                    let mut line = String::new();
+                    let mut r = std::io::BufReader::new(&c);
+                    if r.read_line(&mut line).is_ok() {
+                        let _ = (&c).write_all(b"{\"ok\":true,\"data\":[]}\n");
+                    }
+                }
+            });
+            println!("listening");
+            std::io::stdout().flush().ok();
+            wait_stdin();
+        }
         Some("get") => {
             // A minimal HTTP GET (for the metrics test): prints the response body.
             use std::io::Read;
@@ -97,7 +172,9 @@ fn main() {
             print!("{body}");
         }
         _ => {
-            eprintln!("usage: hf-load conns ADDR N | churn ADDR N | procs N Z | get ADDR");
+            eprintln!(
+                "usage: hf-load conns ADDR N | churn ADDR N | churn-for ADDR SECONDS | procs N Z | get ADDR | ipc-idle SOCKET N | ipc-flows SOCKET N | squat PATH"
+            );
             std::process::exit(2);
         }
     }

@@ -43,6 +43,7 @@ fn snap(started: Nanos, finished: Nanos, socks: Vec<SockSample>) -> Snapshot {
         finished,
         socks,
         filtered_idle_ms: None,
+        time_wait: None,
     }
 }
 
@@ -60,6 +61,7 @@ fn filtered_snapshots_keep_absent_flows_and_bound_their_idle() {
         finished: 101 * S,
         socks: vec![],
         filtered_idle_ms: Some(2_000),
+        time_wait: None,
     };
     t.apply_snapshot(&filtered, &HashMap::new());
     let v = t.get(1).expect("kept").view(101 * S, None);
