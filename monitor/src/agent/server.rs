@@ -175,12 +175,12 @@ pub async fn accept_loop(
                     ctx.counters.connected.fetch_add(1, Ordering::Relaxed);
                     serve_conn(stream, &ctx).await;
                     ctx.counters.connected.fetch_sub(1, Ordering::Relaxed);
-                    if let Ok(mut m) = per.lock() {
-                        if let Some(n) = m.get_mut(&uid) {
-                            *n = n.saturating_sub(1);
-                            if *n == 0 {
-                                m.remove(&uid);
-                            }
+                    if let Ok(mut m) = per.lock()
+                        && let Some(n) = m.get_mut(&uid)
+                    {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            m.remove(&uid);
                         }
                     }
                     drop(permit);

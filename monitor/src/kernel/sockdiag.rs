@@ -50,7 +50,7 @@ pub fn request(family: u8, seq: u32) -> [u8; NLMSG_HDR + 56] {
     // Every state but TIME_WAIT (6), CLOSE (7) and NEW_SYN_RECV (12): not sessions, and after a
     // connection storm TIME_WAIT alone can be hundreds of thousands of sockets for a minute.
     // TIME_WAIT is counted from the namespace's sockstat instead.
-    let states = u32::MAX & !(1 << 6) & !(1 << 7) & !(1 << 12);
+    let states = !((1u32 << 6) | (1 << 7) | (1 << 12));
     b[20..24].copy_from_slice(&states.to_ne_bytes());
     b
 }
