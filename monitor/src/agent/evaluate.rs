@@ -24,7 +24,11 @@ pub struct AgentEnv<'a> {
 
 impl Env for AgentEnv<'_> {
     fn route(&mut self, netns: NetnsId, dst: IpAddr) -> RoutePath {
-        self.router.path(netns, dst)
+        let own = crate::kernel::netns::own_id();
+        match self.netns.get(&netns).or_else(|| self.netns.get(&own)) {
+            Some(n) => self.router.path(&n.handle, dst),
+            None => RoutePath::Unknown,
+        }
     }
     fn facts(&self, netns: NetnsId) -> NetFacts {
         self.netns

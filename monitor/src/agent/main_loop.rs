@@ -97,10 +97,18 @@ pub async fn run(
                     refreshed = Instant::now();
                     refresh(state, rt, now);
                 }
+                // SOCK_DESTROY goes through a sock_diag socket opened in the flow's namespace.
+                let handles: HashMap<_, _> = state.netns.iter().map(|(id, n)| (*id, n.handle.clone())).collect();
                 let mut destroy = |f: &crate::model::flow::Flow| {
-                    sockdiag::socket()
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                        .and_then(|s| sockdiag::destroy_on(&s, f.local, f.remote, f.state, f.cookie))
+                    let h = handles
+                        .get(&f.netns)
+                        .or_else(|| handles.get(&crate::kernel::netns::own_id()))
+                        .ok_or_else(|| std::io::Error::other("the flow's namespace is not known"))?;
+                    let sock = h
+                        .within(sockdiag::socket)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    sockdiag::destroy_on(&sock, f.local, f.remote, f.state, f.cookie)
                 };
                 let mut closer = SockDiagCloser { destroy: &mut destroy };
                 let (changes, mut requests) = evaluate::flows(now, state, &mut closer, &mut LiveHolders);
@@ -195,7 +203,8 @@ fn msg_name(m: &Msg) -> &'static str {
     match m {
         Msg::Events { .. } => "events",
         Msg::Snapshot { .. } => "snapshot",
-        Msg::SnapshotFailed(_) => "snapshot failed",
+        Msg::SnapshotFailed { .. } => "snapshot failed",
+        Msg::Namespaces { .. } => "namespaces",
         Msg::ProcScan { .. } => "proc scan",
         Msg::Query { .. } => "query",
         Msg::FlowIds { .. } => "flows query (select)",
@@ -219,11 +228,21 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                 state.stats.kernel = c;
             }
             let mut unknown_owner = false;
+            let mut unknown_netns = false;
+            let (all, own) = (state.policy.pacing.all_netns, crate::kernel::netns::own_id());
             for e in &events {
+                if !all && e.netns != 0 && e.netns != own {
+                    continue;
+                }
                 unknown_owner |= state.table.apply_event(e);
+                unknown_netns |= e.netns != 0 && !state.netns.contains_key(&e.netns);
             }
             if unknown_owner {
                 let _ = rt.workers.send(WorkerMsg::Soon);
+            }
+            if unknown_netns {
+                // A namespace the agent does not know yet (a container just started).
+                let _ = rt.workers.send(WorkerMsg::Discover);
             }
             for p in &procs {
                 state.zombies.on_event(p);
@@ -248,17 +267,40 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             s.last_snapshot_error = None;
             state.table.apply_snapshot(&snap, &owners);
         }
-        Msg::SnapshotFailed(e) => {
+        Msg::SnapshotFailed { netns, error } => {
             let s = &mut state.stats;
             s.snapshot_failures += 1;
-            // Report the first failure of a streak and then every 100th, never every tick.
-            if s.last_snapshot_error.is_none() || s.snapshot_failures.is_multiple_of(100) {
-                warn!(
-                    failures = s.snapshot_failures,
-                    "reading the TCP table failed: {e}"
-                );
+            // The worker reports a namespace's failure once per streak: log each report.
+            warn!(failures = s.snapshot_failures, netns = ?netns, "reading a TCP table failed: {error}");
+            s.last_snapshot_error = Some(error);
+        }
+        Msg::Namespaces { scope, spaces, gone } => {
+            let now = sys::monotonic_ns();
+            if scope != state.netns_scope {
+                tracing::info!(scope = %scope, "network namespaces watched");
+                state.netns_scope = scope;
             }
-            s.last_snapshot_error = Some(e);
+            for id in gone {
+                if let Some(n) = state.netns.remove(&id) {
+                    let flows = state.table.drop_netns(id, now);
+                    state.router.forget_netns(id);
+                    tracing::info!(netns = %n.name, flows, "network namespace gone");
+                }
+            }
+            for e in spaces {
+                let id = e.found.handle.id;
+                let name = e.found.name.clone();
+                let info = crate::agent::state::NetnsInfo {
+                    id,
+                    name: e.found.name,
+                    facts: e.facts,
+                    error: e.error,
+                    handle: e.found.handle,
+                };
+                if state.netns.insert(id, info).is_none() {
+                    tracing::info!(netns = %name, id, "watching network namespace");
+                }
+            }
         }
         Msg::ProcScan {
             scan,

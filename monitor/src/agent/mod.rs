@@ -50,7 +50,17 @@ pub enum Msg {
         full_walks: u64,
         targeted_walks: u64,
     },
-    SnapshotFailed(String),
+    SnapshotFailed {
+        netns: Option<crate::model::observe::NetnsId>,
+        error: String,
+    },
+    /// The namespaces found (with their sysctls and last errors), and those that are gone.
+    Namespaces {
+        /// Which namespaces are watched, in words.
+        scope: String,
+        spaces: Vec<workers::snapshot::NsEntry>,
+        gone: Vec<crate::model::observe::NetnsId>,
+    },
     ProcScan {
         scan: ProcScan,
         started: Nanos,
@@ -208,6 +218,10 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
             name: netns::name_of(own),
             facts: own_facts,
             error: None,
+            handle: netns::NsHandle {
+                id: own,
+                path: "/proc/self/ns/net".into(),
+            },
         },
     );
     let journal = if cfg.agent.journal {

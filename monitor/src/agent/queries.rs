@@ -52,6 +52,7 @@ impl State {
             pid: std::process::id(),
             uptime_ms: self.info.started.elapsed().as_millis() as u64,
             features: self.info.features.clone(),
+            netns_scope: self.netns_scope.clone(),
             netns,
             flows: self.table.len(),
             tombstones: self.table.tombstones(),
@@ -105,11 +106,8 @@ impl State {
     }
 
     fn netns_matches(&self, f: &Flow, want: &str) -> bool {
-        let name = self.netns.get(&f.netns).map(|n| n.name.clone());
-        name.as_deref()
-            .is_some_and(|n| n == want || n.split(" (").next() == Some(want))
-            || want == format!("net:[{}]", f.netns)
-            || want == f.netns.to_string()
+        let name = self.netns.get(&f.netns).map_or("", |n| n.name.as_str());
+        crate::model::observe::netns_matches(name, f.netns, want)
     }
 
     /// `flows`, first stage: the selected cookies, in display order (state, local, remote).

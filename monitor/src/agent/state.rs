@@ -41,6 +41,8 @@ pub struct NetnsInfo {
     pub name: String,
     pub facts: NetFacts,
     pub error: Option<String>,
+    /// How to enter it (no descriptor is held).
+    pub handle: crate::kernel::netns::NsHandle,
 }
 
 /// Facts that do not change while the agent runs.
@@ -102,6 +104,8 @@ pub struct State {
     pub store: FindingStore,
     pub router: Router,
     pub netns: std::collections::BTreeMap<NetnsId, NetnsInfo>,
+    /// Which namespaces are watched, in words.
+    pub netns_scope: String,
     pub policy: Policy,
     pub info: Info,
     pub stats: Stats,
@@ -121,6 +125,7 @@ impl State {
             store: FindingStore::default(),
             router: Router::default(),
             netns: Default::default(),
+            netns_scope: String::new(),
             policy,
             info,
             stats: Stats {

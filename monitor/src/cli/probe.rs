@@ -67,9 +67,10 @@ fn snapshot(
         if owners {
             // A fresh resolver each run: the cost of finding every owner from nothing.
             let mut resolver = OwnerResolver::default();
+            let socks: Vec<_> = snap.socks.iter().collect();
             match loaded.as_mut() {
-                Some(l) => resolver.resolve_from(&snap.socks, &l.owners().map_err(|e| e.to_string())?),
-                None => resolver.resolve(&snap.socks, &HashMap::new(), Instant::now()),
+                Some(l) => resolver.resolve_from(&socks, &l.owners().map_err(|e| e.to_string())?),
+                None => resolver.resolve(&socks, &HashMap::new(), Instant::now()),
             }
             owned = snap
                 .socks

@@ -68,7 +68,16 @@ pub fn render(s: &Status) -> String {
             format!("{} {}{err}", n.name, n.flows)
         })
         .collect();
-    line("netns:", format!("{} watched: {}", s.netns.len(), ns.join("; ")));
+    const SHOWN: usize = 12;
+    let more = ns.len().saturating_sub(SHOWN);
+    let mut listed = ns.into_iter().take(SHOWN).collect::<Vec<_>>().join("; ");
+    if more > 0 {
+        listed.push_str(&format!("; and {more} more (holdfast status --json lists all)"));
+    }
+    line(
+        "netns:",
+        format!("{} watched ({}): {listed}", s.netns.len(), s.netns_scope),
+    );
     line(
         "events:",
         format!(

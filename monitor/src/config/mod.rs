@@ -78,6 +78,20 @@ pub struct AgentSection {
     pub metrics: Option<std::net::SocketAddr>,
     /// CLI connections served at once; more are refused with an error reply.
     pub max_clients: usize,
+    /// Which network namespaces the agent watches: every one on the host, or only its own.
+    pub namespaces: NamespaceScope,
+}
+
+/// The network namespaces an agent watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NamespaceScope {
+    /// Every namespace with a process or a bind mount (`ip netns`, containers, pods): what an
+    /// agent installed on a host should see. Entering them needs CAP_SYS_ADMIN.
+    #[default]
+    All,
+    /// Only the namespace the agent runs in (an agent inside one container).
+    Own,
 }
 
 impl Default for AgentSection {
@@ -90,6 +104,7 @@ impl Default for AgentSection {
             journal: true,
             metrics: None,
             max_clients: 64,
+            namespaces: NamespaceScope::All,
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Pacing {
     pub filter_idle_ms: Option<u64>,
     /// Keepalive values the sock_ops program gives the configured cgroups' new connections.
     pub connect_values: Option<KaValues>,
+    /// Watch every network namespace (else only the agent's own).
+    pub all_netns: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +178,7 @@ impl Policy {
                 full_every: cfg.snapshot.full_interval,
                 filter_idle_ms,
                 connect_values,
+                all_netns: cfg.agent.namespaces == crate::config::NamespaceScope::All,
             },
             flows_period: period,
             proc_interval: if ebpf {

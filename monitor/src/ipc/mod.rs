@@ -142,6 +142,8 @@ pub struct Status {
     pub pid: u32,
     pub uptime_ms: u64,
     pub features: Vec<Feature>,
+    /// Which namespaces are watched, in words (every one, or only the agent's and why).
+    pub netns_scope: String,
     pub netns: Vec<NetnsStatus>,
     pub flows: usize,
     /// Closed flows remembered so that a snapshot taken before the close cannot bring them back.

@@ -51,14 +51,14 @@ impl OwnerResolver {
     }
 
     /// Socket inodes still without an owner (nothing to do when empty).
-    pub fn missing(&self, socks: &[SockSample]) -> bool {
+    pub fn missing(&self, socks: &[&SockSample]) -> bool {
         socks.iter().any(|s| {
             s.inode != 0 && !self.cache.contains_key(&s.inode) && !self.unfindable.contains(&s.inode)
         })
     }
 
     /// Resolves owners from a complete inode -> pid map (eBPF mode's task_file iterator).
-    pub fn resolve_from(&mut self, socks: &[SockSample], map: &HashMap<u64, u32>) {
+    pub fn resolve_from(&mut self, socks: &[&SockSample], map: &HashMap<u64, u32>) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
         let mut described: HashMap<u32, Option<Arc<Owner>>> = HashMap::new();
         for i in live {
@@ -83,14 +83,14 @@ impl OwnerResolver {
     }
 
     /// Drops what no longer exists (called with complete snapshots only).
-    pub fn prune(&mut self, socks: &[SockSample]) {
+    pub fn prune(&mut self, socks: &[&SockSample]) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
         self.cache.retain(|i, _| live.contains(i));
         self.unfindable.retain(|i| live.contains(i));
     }
 
     /// Resolves the owners of `socks`. `hints` maps cookie -> pid seen at connect()/listen().
-    pub fn resolve(&mut self, socks: &[SockSample], hints: &HashMap<u64, u32>, now: Instant) {
+    pub fn resolve(&mut self, socks: &[&SockSample], hints: &HashMap<u64, u32>, now: Instant) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
         self.cache.retain(|i, _| live.contains(i));
         self.unfindable.retain(|i| live.contains(i));
@@ -170,7 +170,7 @@ mod tests {
         };
         let mut r = OwnerResolver::default();
         let hints = HashMap::from([(1u64, std::process::id())]);
-        r.resolve(std::slice::from_ref(&sock), &hints, Instant::now());
+        r.resolve(&[&sock], &hints, Instant::now());
         assert_eq!(r.owner(inode).map(|o| o.pid), Some(std::process::id()));
         assert_eq!(r.full_walks, 0, "the hint made a full walk unnecessary");
     }

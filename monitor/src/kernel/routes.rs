@@ -8,6 +8,7 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, Ro
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
+use super::netns::NsHandle;
 use crate::model::eviction::RoutePath;
 use crate::model::observe::NetnsId;
 
@@ -66,41 +67,26 @@ pub fn query(s: &Socket, dst: IpAddr, seq: u32) -> std::io::Result<RoutePath> {
     Ok(parse(&buf[..n.min(buf.len())]))
 }
 
-/// Opens an rtnetlink socket in a namespace (the agent's own when the namespace is not known).
-pub type Opener = Box<dyn Fn(NetnsId) -> std::io::Result<Socket> + Send>;
-
 /// A socket in the calling thread's namespace.
 pub fn own_socket() -> std::io::Result<Socket> {
     Socket::new(NETLINK_ROUTE)
 }
 
 /// Route lookups per namespace, with a cache (routes change rarely; the cache is dropped on a
-/// timer and when it grows too large).
+/// timer and when it grows too large). A lookup in another namespace opens its rtnetlink socket
+/// there (entering the namespace for a moment).
+#[derive(Default)]
 pub struct Router {
     cache: HashMap<(NetnsId, IpAddr), RoutePath>,
     seq: u32,
-    open: Opener,
-}
-
-impl Default for Router {
-    fn default() -> Self {
-        Router::new(Box::new(|_| own_socket()))
-    }
 }
 
 /// Cached lookups at most (about 100 bytes each).
 const CACHE_MAX: usize = 100_000;
 
 impl Router {
-    pub fn new(open: Opener) -> Self {
-        Router {
-            cache: HashMap::new(),
-            seq: 0,
-            open,
-        }
-    }
-
-    pub fn path(&mut self, netns: NetnsId, dst: IpAddr) -> RoutePath {
+    pub fn path(&mut self, ns: &NsHandle, dst: IpAddr) -> RoutePath {
+        let netns = ns.id;
         if dst.is_loopback() {
             return RoutePath::Local;
         }
@@ -109,8 +95,11 @@ impl Router {
         }
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let path = (self.open)(netns)
-            .and_then(|s| query(&s, dst, seq))
+        let path = ns
+            .within(own_socket)
+            .ok()
+            .and_then(|s| s.ok())
+            .and_then(|s| query(&s, dst, seq).ok())
             .unwrap_or(RoutePath::Unknown);
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
@@ -179,8 +168,12 @@ mod tests {
     #[test]
     fn loopback_is_local_without_asking_and_real_routes_answer() {
         let mut r = Router::default();
-        assert_eq!(r.path(0, "127.0.0.1".parse().unwrap()), RoutePath::Local);
-        assert_eq!(r.path(0, "::1".parse().unwrap()), RoutePath::Local);
+        let own = NsHandle {
+            id: super::super::netns::own_id(),
+            path: "/proc/self/ns/net".into(),
+        };
+        assert_eq!(r.path(&own, "127.0.0.1".parse().unwrap()), RoutePath::Local);
+        assert_eq!(r.path(&own, "::1".parse().unwrap()), RoutePath::Local);
         // The real kernel, through netlink-packet-route: 127.0.0.1 is a local route.
         let s = own_socket().expect("rtnetlink socket");
         assert_eq!(

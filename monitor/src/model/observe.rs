@@ -209,3 +209,12 @@ pub struct ProcEvent {
     pub ts: Nanos,
     pub comm: String,
 }
+
+/// Whether `want` (from a rule or `flows --netns`) names the namespace called `name` with id
+/// `id`: the whole name, the part after a `kind:` prefix, `net:[inode]`, or the bare inode.
+pub fn netns_matches(name: &str, id: NetnsId, want: &str) -> bool {
+    name == want
+        || name.split_once(':').is_some_and(|(_, n)| n == want)
+        || want == format!("net:[{id}]")
+        || want == id.to_string()
+}

@@ -23,12 +23,8 @@ fn rule_matches(r: &Rule, f: &Flow, netns_name: &dyn Fn() -> Option<String>) -> 
                 .is_some_and(|g| g.starts_with(c.as_str()))
         })
         && r.netns.as_ref().is_none_or(|want| {
-            let name = netns_name();
-            let inode = format!("net:[{}]", f.netns);
-            name.as_deref()
-                .is_some_and(|n| n == want || n.split(" (").next() == Some(want.as_str()))
-                || *want == inode
-                || *want == f.netns.to_string()
+            let name = netns_name().unwrap_or_default();
+            crate::model::observe::netns_matches(&name, f.netns, want)
         })
 }
 

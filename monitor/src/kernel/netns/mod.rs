@@ -7,6 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+pub mod discover;
+
 use super::sys;
 use crate::model::eviction::{KaValues, NetFacts};
 use crate::model::observe::NetnsId;

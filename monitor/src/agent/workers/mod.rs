@@ -1,0 +1,106 @@
+//! Producers of observations: the ring-buffer pump (a task), the snapshot thread (`snapshot`)
+//! and the /proc scan thread (they block, so they run on their own threads). Each stops when told
+//! or when the state owner goes away, and is joined at shutdown.
+pub mod snapshot;
+
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+pub use snapshot::{Source, snapshot_worker};
+
+use super::Msg;
+use crate::config::policy::Pacing;
+use crate::kernel::ebpf;
+use crate::model::eviction::KaRequest;
+
+/// How often the event pump drains the ring buffer (the programs never wake it per record).
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// /proc zombie scans take at most 1/PROC_DUTY of wall time (2 %).
+const PROC_DUTY: u32 = 50;
+
+pub enum WorkerMsg {
+    /// A flow of unknown owner appeared: read soon (its owner comes with the next read).
+    Soon,
+    /// An event came from a namespace the agent does not know yet: look for namespaces now.
+    Discover,
+    /// Apply or read keepalive on live sockets (in the kernel, or through pidfds).
+    Keepalive(Vec<KaRequest>),
+    /// A reload changed the pacing (or the keepalive-at-connect values).
+    Pacing(Pacing),
+    Stop,
+}
+
+pub fn spawn_pump(
+    mut events: ebpf::Events,
+    tx: mpsc::Sender<Msg>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DRAIN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_counters = Instant::now() - Duration::from_secs(10);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            events.drain_log();
+            let mut batch = Vec::new();
+            let mut procs = Vec::new();
+            let undecodable = events.drain(&mut batch) + events.drain_procs(&mut procs);
+            let counters = (last_counters.elapsed() >= Duration::from_millis(500)).then(|| {
+                last_counters = Instant::now();
+                events.counters()
+            });
+            if batch.is_empty() && procs.is_empty() && undecodable == 0 && counters.is_none() {
+                continue;
+            }
+            let msg = Msg::Events {
+                events: batch,
+                procs,
+                undecodable,
+                counters,
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+pub enum ProcMsg {
+    Interval(Duration),
+    Stop,
+}
+
+/// Scans /proc for zombies: the only zombie source in poll mode, a healer of lost events in eBPF
+/// mode (and the finder of zombies that predate the agent in both).
+pub fn proc_worker(mut interval: Duration, rx: std_mpsc::Receiver<ProcMsg>, tx: mpsc::Sender<Msg>) {
+    loop {
+        let started = crate::kernel::sys::monotonic_ns();
+        let scan = crate::kernel::procfs::scan();
+        let finished = crate::kernel::sys::monotonic_ns();
+        if tx
+            .blocking_send(Msg::ProcScan {
+                scan,
+                started,
+                finished,
+            })
+            .is_err()
+        {
+            return;
+        }
+        // Never more than 1/PROC_DUTY of the time scanning, however many processes there are.
+        let cost = Duration::from_nanos(finished.saturating_sub(started));
+        let until = Instant::now() + interval.max(cost * PROC_DUTY);
+        loop {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(ProcMsg::Interval(d)) => interval = d,
+                Ok(ProcMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+            }
+        }
+    }
+}

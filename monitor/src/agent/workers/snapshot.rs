@@ -1,0 +1,405 @@
+//! The snapshot thread: finds the network namespaces, reads each one's TCP table (the tcp iterator
+//! or sock_diag, created inside the namespace by entering it for a moment), resolves owners across
+//! all of them, reads each namespace's sysctls, and runs keepalive changes in the right namespace.
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::WorkerMsg;
+use crate::agent::Msg;
+use crate::config::policy::Pacing;
+use crate::kernel::netns::discover::{Discovery, Found};
+use crate::kernel::netns::{self, NsHandle};
+use crate::kernel::owners::OwnerResolver;
+use crate::kernel::{ebpf, sockdiag};
+use crate::model::eviction::{KaRequest, KaResult, NetFacts};
+use crate::model::observe::{NetnsId, Snapshot};
+
+/// Periodic snapshots take at most 1/SNAPSHOT_DUTY of wall time (1 %), whatever the interval.
+const SNAPSHOT_DUTY: u32 = 100;
+/// Snapshots asked for soon (a new flow of unknown owner) take at most 1/SOON_DUTY of wall time.
+const SOON_DUTY: u32 = 10;
+const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(100);
+/// After a new flow of unknown owner appears, wait this long (accept() usually follows) and look.
+const OWNER_LOOKUP_DELAY: Duration = Duration::from_millis(50);
+/// eBPF mode: how often namespaces are looked for at most (sooner when an event names an unknown
+/// one, and every snapshot interval when that is shorter). Poll mode: every snapshot interval.
+const DISCOVER_EVERY: Duration = Duration::from_secs(5);
+/// Discoveries at most this often (one is a /proc listing plus a stat per new process).
+const DISCOVER_SPACING: Duration = Duration::from_millis(500);
+
+/// How often namespaces are looked for: a namespace created after the agent started is read
+/// within one snapshot interval (eBPF mode: sooner, on its first socket event).
+fn discover_every(pacing: &Pacing, ebpf: bool) -> Duration {
+    let every = if ebpf {
+        pacing.interval.min(DISCOVER_EVERY)
+    } else {
+        pacing.interval
+    };
+    every.max(DISCOVER_SPACING)
+}
+/// How often each namespace's sysctls are read.
+const FACTS_EVERY: Duration = Duration::from_secs(10);
+
+/// A namespace as the snapshot thread keeps it.
+#[derive(Clone, Debug)]
+pub struct NsEntry {
+    pub found: Found,
+    pub facts: NetFacts,
+    facts_at: Option<Instant>,
+    /// The last error reading it (reported once per streak).
+    pub error: Option<String>,
+}
+
+pub enum Source {
+    Ebpf(ebpf::Loaded),
+    Poll,
+}
+
+impl Source {
+    /// Keepalive changes, each in its socket's namespace (the bpf iterator) or through a pidfd
+    /// (which reaches every namespace without entering it).
+    fn keepalive(&mut self, reqs: &[KaRequest], spaces: &[NsEntry]) -> Vec<KaResult> {
+        match self {
+            Source::Poll => reqs
+                .iter()
+                .map(crate::remedy::keepalive::pidfd_keepalive)
+                .collect(),
+            Source::Ebpf(l) => {
+                let mut by_ns: HashMap<NetnsId, Vec<KaRequest>> = HashMap::new();
+                for r in reqs {
+                    by_ns.entry(r.netns).or_default().push(r.clone());
+                }
+                let mut out = Vec::new();
+                for (ns, reqs) in by_ns {
+                    let handle = handle_of(spaces, ns);
+                    match handle.map(|h| l.apply_keepalive(&reqs, &h)) {
+                        Some(Ok(v)) => out.extend(v),
+                        // Not enterable (gone, or no CAP_SYS_ADMIN): the owner's pidfd still works.
+                        Some(Err(_)) | None => {
+                            out.extend(reqs.iter().map(crate::remedy::keepalive::pidfd_keepalive))
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn snapshot(&mut self, filter_idle_ms: Option<u64>, ns: &NsHandle) -> Result<Snapshot, String> {
+        match self {
+            Source::Ebpf(l) => l.snapshot(filter_idle_ms, ns).map_err(|e| e.to_string()),
+            Source::Poll => {
+                let (sock, tw) = ns
+                    .within(|| (sockdiag::socket(), netns::time_wait_count()))
+                    .map_err(|e| e.to_string())?;
+                let mut snap =
+                    sockdiag::dump_on(&sock.map_err(|e| e.to_string())?, ns.id).map_err(|e| e.to_string())?;
+                snap.time_wait = tw;
+                Ok(snap)
+            }
+        }
+    }
+}
+
+fn own_handle() -> NsHandle {
+    NsHandle {
+        id: netns::own_id(),
+        path: "/proc/self/ns/net".into(),
+    }
+}
+
+/// The handle of namespace `ns` (0 or the agent's own: the agent's).
+fn handle_of(spaces: &[NsEntry], ns: NetnsId) -> Option<NsHandle> {
+    if ns == 0 || ns == netns::own_id() {
+        return Some(own_handle());
+    }
+    spaces
+        .iter()
+        .find(|e| e.found.handle.id == ns)
+        .map(|e| e.found.handle.clone())
+}
+
+/// Which namespaces are watched: every one when the configuration asks and the agent may enter
+/// them (setns needs CAP_SYS_ADMIN), else the agent's own.
+struct Scope {
+    all: bool,
+    words: String,
+    /// Not yet reported.
+    changed: bool,
+}
+
+impl Scope {
+    fn new(want_all: bool, can_enter: &Result<(), String>) -> Self {
+        let (all, words) = match (want_all, can_enter) {
+            (true, Ok(())) => (true, "every network namespace on the host".to_string()),
+            (true, Err(why)) => (false, format!("only the agent's own: {why}")),
+            (false, _) => (false, "only the agent's own (namespaces = \"own\")".to_string()),
+        };
+        Scope {
+            all,
+            words,
+            changed: true,
+        }
+    }
+}
+
+/// Finds namespaces and reports what changed (names, facts, errors, new and gone ones). Returns
+/// whether a new one was found, or None when the agent is shutting down.
+fn rediscover(
+    discovery: &mut Discovery,
+    scope: &Scope,
+    spaces: &mut Vec<NsEntry>,
+    tx: &mpsc::Sender<Msg>,
+) -> Option<bool> {
+    let found = if scope.all {
+        discovery.run(netns::own_id())
+    } else {
+        vec![Found {
+            handle: own_handle(),
+            name: netns::name_of(netns::own_id()),
+        }]
+    };
+    let before: Vec<(Found, NetFacts, Option<String>)> = spaces
+        .iter()
+        .map(|e| (e.found.clone(), e.facts, e.error.clone()))
+        .collect();
+    let now_ids: HashSet<NetnsId> = found.iter().map(|f| f.handle.id).collect();
+    let gone: Vec<NetnsId> = spaces
+        .iter()
+        .map(|e| e.found.handle.id)
+        .filter(|id| !now_ids.contains(id))
+        .collect();
+    let mut next = Vec::with_capacity(found.len());
+    let mut new = false;
+    for f in found {
+        match spaces.iter().position(|e| e.found.handle.id == f.handle.id) {
+            Some(i) => {
+                let mut e = spaces.swap_remove(i);
+                e.found = f;
+                next.push(e);
+            }
+            None => {
+                new = true;
+                next.push(NsEntry {
+                    found: f,
+                    facts: NetFacts::default(),
+                    facts_at: None,
+                    error: None,
+                })
+            }
+        }
+    }
+    *spaces = next;
+    refresh_facts(spaces);
+    let after: Vec<(Found, NetFacts, Option<String>)> = spaces
+        .iter()
+        .map(|e| (e.found.clone(), e.facts, e.error.clone()))
+        .collect();
+    if before == after && gone.is_empty() && !scope.changed {
+        return Some(false);
+    }
+    tx.blocking_send(Msg::Namespaces {
+        scope: scope.words.clone(),
+        spaces: spaces.clone(),
+        gone,
+    })
+    .ok()
+    .map(|_| new)
+}
+
+/// Reads the sysctls of namespaces whose facts are old, each inside its namespace.
+fn refresh_facts(spaces: &mut [NsEntry]) {
+    for e in spaces.iter_mut() {
+        if e.facts_at.is_some_and(|t| t.elapsed() < FACTS_EVERY) {
+            continue;
+        }
+        match e.found.handle.within(netns::read_facts) {
+            Ok(f) => {
+                e.facts = f;
+                e.facts_at = Some(Instant::now());
+            }
+            Err(err) => e.error = Some(err.to_string()),
+        }
+    }
+}
+
+/// The snapshot thread: reads the TCP tables, resolves owners, runs keepalive changes.
+pub fn snapshot_worker(
+    mut source: Source,
+    mut pacing: Pacing,
+    rx: std_mpsc::Receiver<WorkerMsg>,
+    tx: mpsc::Sender<Msg>,
+) {
+    let mut resolver = OwnerResolver::default();
+    // Owners come from the task_file iterator (eBPF) or /proc walks (poll); no pid hints: in
+    // eBPF mode they would cost one message per connect under a storm for nothing.
+    let hints: HashMap<u64, u32> = HashMap::new();
+    let mut no_file_seen: HashSet<u64> = HashSet::new();
+    let mut due = Instant::now();
+    let mut spacing = MIN_SNAPSHOT_SPACING;
+    let mut last_start = Instant::now();
+    let mut last_full: Option<Instant> = None;
+    let mut discovery = Discovery::default();
+    let probe = crate::kernel::probes::setns();
+    let can_enter = if probe.available {
+        Ok(())
+    } else {
+        Err(probe.detail)
+    };
+    let mut scope = Scope::new(pacing.all_netns, &can_enter);
+    let mut spaces: Vec<NsEntry> = Vec::new();
+    let mut discovered: Option<Instant> = None;
+    let mut discover_asked = false;
+    let ebpf = matches!(source, Source::Ebpf(_));
+    loop {
+        let now = Instant::now();
+        let discover_due = discovered.is_none_or(|t| {
+            t.elapsed() >= discover_every(&pacing, ebpf)
+                || (discover_asked && t.elapsed() >= DISCOVER_SPACING)
+        });
+        if discover_due {
+            discover_asked = false;
+            discovered = Some(now);
+            let found = rediscover(&mut discovery, &scope, &mut spaces, &tx);
+            scope.changed = false;
+            match found {
+                None => return,
+                // A namespace found now is read at once.
+                Some(true) => due = due.min(now),
+                Some(false) => {}
+            }
+        }
+        if now >= due {
+            last_start = now;
+            let full = !ebpf
+                || pacing.filter_idle_ms.is_none()
+                || last_full.is_none_or(|t| t.elapsed() >= pacing.full_every);
+            let filter = if full { None } else { pacing.filter_idle_ms };
+            let mut snaps = Vec::with_capacity(spaces.len());
+            let mut cost = Duration::ZERO;
+            let mut errors_changed = false;
+            for e in spaces.iter_mut() {
+                match source.snapshot(filter, &e.found.handle) {
+                    Ok(s) => {
+                        cost += Duration::from_nanos(s.finished.saturating_sub(s.started));
+                        if e.error.take().is_some() {
+                            errors_changed = true;
+                        }
+                        snaps.push(s);
+                    }
+                    Err(err) => {
+                        if e.error.as_ref() != Some(&err) {
+                            errors_changed = true;
+                            let _ = tx.blocking_send(Msg::SnapshotFailed {
+                                netns: Some(e.found.handle.id),
+                                error: format!("{}: {err}", e.found.name),
+                            });
+                        }
+                        e.error = Some(err);
+                    }
+                }
+            }
+            if errors_changed
+                && tx
+                    .blocking_send(Msg::Namespaces {
+                        scope: scope.words.clone(),
+                        spaces: spaces.clone(),
+                        gone: vec![],
+                    })
+                    .is_err()
+            {
+                return;
+            }
+            let all_socks: Vec<&crate::model::observe::SockSample> =
+                snaps.iter().flat_map(|s| s.socks.iter()).collect();
+            if full && !snaps.is_empty() {
+                last_full = Some(now);
+                resolver.prune(&all_socks);
+            }
+            match &mut source {
+                Source::Ebpf(l) if resolver.missing(&all_socks) => match l.owners() {
+                    Ok(map) => resolver.resolve_from(&all_socks, &map),
+                    Err(e) => {
+                        tracing::warn!("owner iterator failed, walking /proc instead: {e}");
+                        resolver.resolve(&all_socks, &hints, now);
+                    }
+                },
+                Source::Ebpf(_) => {}
+                Source::Poll => resolver.resolve(&all_socks, &hints, now),
+            }
+            if full {
+                let live: HashSet<u64> = all_socks.iter().map(|s| s.cookie).collect();
+                no_file_seen.retain(|c| live.contains(c));
+                no_file_seen.shrink_to_fit();
+            }
+            // A socket not yet accepted has no file: look again soon, once per socket.
+            let fresh_no_file = all_socks
+                .iter()
+                .filter(|s| s.inode == 0 && s.tcp.is_some() && s.state != monitor_common::tcp_state::LISTEN)
+                .filter(|s| no_file_seen.insert(s.cookie))
+                .count();
+            // Pace by the cost of reading every table; owner walks have their own budget.
+            spacing = (cost * SOON_DUTY).max(MIN_SNAPSHOT_SPACING);
+            let periodic = (cost * SNAPSHOT_DUTY).max(pacing.interval);
+            due = Instant::now() + if fresh_no_file > 0 { spacing } else { periodic };
+            if snaps.is_empty() {
+                due = Instant::now() + pacing.interval.max(spacing);
+            }
+            for snap in snaps {
+                let owners = snap
+                    .socks
+                    .iter()
+                    .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
+                    .collect();
+                let msg = Msg::Snapshot {
+                    snap,
+                    owners,
+                    full_walks: resolver.full_walks,
+                    targeted_walks: resolver.targeted_walks,
+                };
+                if tx.blocking_send(msg).is_err() {
+                    return;
+                }
+            }
+        }
+        let next_discovery = discovered.map_or(Duration::ZERO, |t| {
+            discover_every(&pacing, ebpf).saturating_sub(t.elapsed())
+        });
+        let wait = due.saturating_duration_since(Instant::now()).min(next_discovery);
+        match rx.recv_timeout(wait) {
+            Ok(WorkerMsg::Keepalive(reqs)) => {
+                let results = source.keepalive(&reqs, &spaces);
+                if tx.blocking_send(Msg::Keepalive(results)).is_err() {
+                    return;
+                }
+                // Verify soon with a complete snapshot (a filtered one may leave an active flow out).
+                last_full = None;
+                due = due.min(Instant::now() + OWNER_LOOKUP_DELAY);
+            }
+            Ok(WorkerMsg::Soon) => {
+                let soon = (last_start + spacing).max(Instant::now() + OWNER_LOOKUP_DELAY);
+                due = due.min(soon);
+            }
+            Ok(WorkerMsg::Discover) => discover_asked = true,
+            Ok(WorkerMsg::Pacing(p)) => {
+                if p.connect_values != pacing.connect_values
+                    && let Source::Ebpf(l) = &mut source
+                    && let Err(e) = l.set_connect_values(p.connect_values)
+                {
+                    tracing::warn!("updating keepalive-at-connect values failed: {e}");
+                }
+                if p.all_netns != pacing.all_netns {
+                    scope = Scope::new(p.all_netns, &can_enter);
+                    discovered = None;
+                }
+                pacing = p;
+                due = due.min(Instant::now() + pacing.interval);
+            }
+            Ok(WorkerMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
