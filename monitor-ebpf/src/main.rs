@@ -213,6 +213,15 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     emit(&ctx, 0, kind::STATE, sk, old as u8, Some(new as u8));
+    if new as u8 == tcp_state::CLOSE && !sk.is_null() {
+        // The filtered iterator's memory of this socket ends with it (a lookup first: most
+        // sockets of a connection storm were never remembered).
+        // SAFETY: helper call on the BTF socket pointer of the tracepoint.
+        let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+        if SEEN.get_ptr(&cookie).is_some() {
+            let _ = SEEN.remove(&cookie);
+        }
+    }
     0
 }
 

@@ -169,9 +169,12 @@ fn sh(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// A network namespace with loopback up, deleted on drop.
+/// A network namespace with loopback up, deleted on drop; or the test's own namespace
+/// ([`Netns::host`]), where an installed agent runs, left alone on drop.
 pub struct Netns {
     pub name: String,
+    /// The test's own namespace (not created, not deleted).
+    pub host: bool,
 }
 
 impl Netns {
@@ -183,12 +186,35 @@ impl Netns {
         );
         sh(&["ip", "netns", "add", &name]).expect("ip netns add");
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).expect("lo up");
-        Netns { name }
+        Netns { name, host: false }
+    }
+
+    /// The namespace the test itself runs in: the host's, as far as the agent can tell.
+    pub fn host() -> Self {
+        let name = format!(
+            "hf-host-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        Netns { name, host: true }
+    }
+
+    /// The namespace's inode (what the agent calls `net:[inode]` when it has no other name).
+    pub fn inode(&self) -> u64 {
+        let path = if self.host {
+            "/proc/self/ns/net".to_string()
+        } else {
+            format!("/run/netns/{}", self.name)
+        };
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).expect("namespace file"))
     }
 
     /// A command that runs inside the namespace. `nsenter` joins only the network namespace (unlike
     /// `ip netns exec`, which also remounts /sys and hides the cgroup mounts).
     pub fn cmd(&self, program: &std::path::Path) -> Command {
+        if self.host {
+            return Command::new(program);
+        }
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.name))
             .arg("--")
@@ -198,6 +224,7 @@ impl Netns {
 
     /// Runs `ip`/`sysctl`/`nft` style commands in the namespace; panics with the error.
     pub fn run(&self, args: &[&str]) {
+        assert!(!self.host, "tests never change the host's network");
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).args(args);
         let o = c.output().expect("spawn");
@@ -300,6 +327,9 @@ impl NatBed {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.host {
+            return;
+        }
         let _ = sh(&["ip", "netns", "del", &self.name]);
     }
 }
@@ -331,6 +361,7 @@ impl Peer {
     ) -> Self {
         let mut cmd = match cgroup {
             None => ns.cmd(bin),
+            Some(_) if ns.host => panic!("cgroup peers run in a test namespace"),
             Some(dir) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
@@ -424,8 +455,12 @@ impl Agent {
         .expect("write config");
         let stderr_path = dir.join("agent.stderr");
         let err = std::fs::File::create(&stderr_path).expect("stderr file");
+        // The agent runs with the capabilities the shipped unit grants, not as full root.
         let child = ns
-            .cmd(&holdfast_bin())
+            .cmd(std::path::Path::new("setpriv"))
+            .arg(format!("--bounding-set=-all,{}", unit_capabilities()))
+            .arg("--")
+            .arg(holdfast_bin())
             .arg("agent")
             .arg("--config")
             .arg(&config)
@@ -511,6 +546,136 @@ impl Agent {
             .ok()
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
+    }
+}
+
+/// The capabilities of packaging/holdfast.service (its CapabilityBoundingSet), as setpriv's
+/// list (`+bpf,+perfmon,...`).
+pub fn unit_capabilities() -> String {
+    let unit = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/holdfast.service");
+    let text = std::fs::read_to_string(&unit).expect("packaging/holdfast.service");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit names its capabilities");
+    line.split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's open descriptors (the fewest of three looks: a CLI connection that is closing
+    /// may still be counted once).
+    pub fn fd_count(&self) -> usize {
+        (0..3)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Entries in each BPF map the agent holds (by map name), counted with the bpf syscall.
+    pub fn map_entries(&self) -> std::collections::BTreeMap<String, usize> {
+        bpf_map_entries(self.pid())
+    }
+}
+
+/// Entries in each BPF map process `pid` holds a descriptor of, by map name: the maps are found
+/// through /proc/PID/fdinfo (`map_id:`), opened by id and walked with BPF_MAP_GET_NEXT_KEY.
+pub fn bpf_map_entries(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    let mut ids = std::collections::BTreeSet::new();
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        if let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        {
+            ids.insert(id);
+        }
+    }
+    for id in ids {
+        if let Some((name, n)) = bpf::count_entries(id) {
+            out.insert(name, n);
+        }
+    }
+    out
+}
+
+mod bpf {
+    //! The three bpf() commands the map count needs, by hand (the tests do not link aya).
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+        // SAFETY: attr is a zero-initialised 128-byte union as the kernel expects; pointers in it
+        // refer to live buffers of the caller.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128usize) }
+    }
+
+    /// (name, entries) of map `id`; None when it cannot be opened.
+    pub fn count_entries(id: u32) -> Option<(String, usize)> {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id);
+        let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr);
+        if fd < 0 {
+            return None;
+        }
+        let fd = fd as i32;
+        // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name[16].
+        let mut info = [0u8; 128];
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64 | ((info.len() as u64) << 32);
+        attr[1] = info.as_mut_ptr() as u64;
+        let name = if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) == 0 {
+            let raw = &info[24..40];
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(16);
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        } else {
+            format!("map{id}")
+        };
+        let key_size = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes")) as usize;
+        let map_type = u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes"));
+        // Only hash-like maps have a meaningful entry count (arrays are always full, ring buffers
+        // have no keys): hash 1, percpu hash 5, lru hash 9, lru percpu hash 10.
+        let n = if matches!(map_type, 1 | 5 | 9 | 10) && key_size > 0 && key_size <= 64 {
+            let mut key = vec![0u8; key_size];
+            let mut next = vec![0u8; key_size];
+            let mut n = 0usize;
+            let mut first = true;
+            loop {
+                let mut attr = [0u64; 16];
+                attr[0] = fd as u64;
+                attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+                attr[2] = next.as_mut_ptr() as u64;
+                if bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) != 0 {
+                    break;
+                }
+                first = false;
+                n += 1;
+                std::mem::swap(&mut key, &mut next);
+            }
+            n
+        } else {
+            0
+        };
+        // SAFETY: closing the descriptor this function opened.
+        unsafe { libc::close(fd) };
+        Some((name, n))
     }
 }
 

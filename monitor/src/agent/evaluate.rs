@@ -37,14 +37,7 @@ impl Env for AgentEnv<'_> {
             .map_or_else(NetFacts::default, |n| n.facts)
     }
     fn netns_name(&self, netns: NetnsId) -> Option<String> {
-        if netns == 0 || netns == crate::kernel::netns::own_id() {
-            return None;
-        }
-        Some(
-            self.netns
-                .get(&netns)
-                .map_or_else(|| format!("net:[{netns}]"), |n| n.name.clone()),
-        )
+        super::state::netns_name(self.netns, netns)
     }
 }
 

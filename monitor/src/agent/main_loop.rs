@@ -184,14 +184,17 @@ fn metrics(state: &State, rt: &Runtime) -> String {
         remedies: rt.sinks.remedies.clone(),
         ..Default::default()
     };
+    // Counted by (namespace id, state) first: one name per namespace, not one per flow.
+    let mut counts: std::collections::HashMap<(crate::model::observe::NetnsId, u8), usize> =
+        std::collections::HashMap::new();
     for f in state.table.iter() {
-        let ns = state
-            .netns
-            .get(&f.netns)
-            .map_or_else(|| format!("net:[{}]", f.netns), |n| n.name.clone());
+        *counts.entry((f.netns, f.state)).or_default() += 1;
+    }
+    for ((ns, st), n) in counts {
+        let name = state.netns_name(ns).unwrap_or_else(|| "unknown".into());
         *v.flows
-            .entry((ns, crate::model::observe::state_name(f.state).to_string()))
-            .or_default() += 1;
+            .entry((name, crate::model::observe::state_name(st).to_string()))
+            .or_default() += n as u64;
     }
     for f in state.store.active() {
         *v.findings_active.entry(f.kind).or_default() += 1;
@@ -257,11 +260,19 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             owners,
             full_walks,
             targeted_walks,
+            first_of_round,
         } => {
             let s = &mut state.stats;
-            s.snapshots += 1;
-            s.last_snapshot = Duration::from_nanos(snap.finished.saturating_sub(snap.started));
-            s.last_snapshot_sockets = snap.socks.len();
+            let took = Duration::from_nanos(snap.finished.saturating_sub(snap.started));
+            // A round's figures: every namespace's read summed.
+            if first_of_round {
+                s.snapshots += 1;
+                s.last_snapshot = took;
+                s.last_snapshot_sockets = snap.socks.len();
+            } else {
+                s.last_snapshot += took;
+                s.last_snapshot_sockets += snap.socks.len();
+            }
             s.full_walks = full_walks;
             s.targeted_walks = targeted_walks;
             s.last_snapshot_error = None;

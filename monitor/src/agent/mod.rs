@@ -49,6 +49,8 @@ pub enum Msg {
         owners: HashMap<u64, Arc<Owner>>,
         full_walks: u64,
         targeted_walks: u64,
+        /// The first namespace's table of a snapshot round (each round reads every namespace).
+        first_of_round: bool,
     },
     SnapshotFailed {
         netns: Option<crate::model::observe::NetnsId>,

@@ -147,15 +147,14 @@ impl State {
         self.remedies.close.retain(&live);
     }
 
-    /// The namespace in words: its name, or net:[inode]; None for the agent's own.
+    /// The namespace in words (see [`netns_name`]).
     pub fn netns_name(&self, id: NetnsId) -> Option<String> {
-        if id == 0 || id == crate::kernel::netns::own_id() {
-            return None;
-        }
-        Some(
-            self.netns
-                .get(&id)
-                .map_or_else(|| format!("net:[{id}]"), |n| n.name.clone()),
-        )
+        netns_name(&self.netns, id)
     }
+}
+
+/// A namespace in words: its `ip netns`/container/pod name, else `net:[inode]`; None only when
+/// the kernel did not say (id 0). The agent's own namespace is named like any other.
+pub fn netns_name(known: &std::collections::BTreeMap<NetnsId, NetnsInfo>, id: NetnsId) -> Option<String> {
+    (id != 0).then(|| known.get(&id).map_or_else(|| format!("net:[{id}]"), |n| n.name.clone()))
 }

@@ -59,7 +59,11 @@ pub fn run(socket: &Path, a: Args) -> Result<(), ExitCode> {
     if a.json {
         json_out(&v);
     } else {
-        print!("{}", render(&v));
+        // The NETNS column appears when the host has flows in more than one namespace, even if
+        // the rows shown are all from one (a port or pid filter).
+        let st: Result<crate::ipc::Status, _> = query(socket, Request::Status {});
+        let spread = st.is_ok_and(|s| s.netns.iter().filter(|n| n.flows > 0).count() > 1);
+        print!("{}", render(&v, spread));
     }
     Ok(())
 }
@@ -85,19 +89,20 @@ fn eta(f: &FlowView) -> String {
     }
 }
 
-pub fn render(v: &[FlowView]) -> String {
+/// The flows table; a NETNS column when the rows span namespaces or `spread` (the host has flows
+/// in more than one).
+pub fn render(v: &[FlowView], spread: bool) -> String {
     if v.is_empty() {
         return "no flows\n".into();
     }
-    // A NETNS column only when more than one namespace has flows.
     let namespaces: std::collections::BTreeSet<Option<&str>> = v.iter().map(|f| f.netns.as_deref()).collect();
-    let with_ns = namespaces.len() > 1;
+    let with_ns = spread || namespaces.len() > 1;
     let rows: Vec<Vec<String>> = v
         .iter()
         .map(|f| {
             let mut r = vec![f.state.clone()];
             if with_ns {
-                r.push(f.netns.clone().unwrap_or_else(|| "(agent's)".into()));
+                r.push(f.netns.clone().unwrap_or_else(|| "-".into()));
             }
             r.extend([
                 f.local.to_string(),
@@ -174,9 +179,11 @@ mod tests {
 
     #[test]
     fn renders_flows_with_a_forecast_and_a_netns_column_only_when_needed() {
-        let out = render(&[view(None)]);
+        let out = render(&[view(Some("blue"))], false);
         assert!(out.contains("1s (lab-nat)") && !out.contains("NETNS"), "{out}");
-        let out = render(&[view(None), view(Some("blue"))]);
+        let out = render(&[view(Some("red")), view(Some("blue"))], false);
+        assert!(out.contains("NETNS") && out.contains("blue"), "{out}");
+        let out = render(&[view(Some("blue"))], true);
         assert!(out.contains("NETNS") && out.contains("blue"), "{out}");
     }
 }

@@ -88,11 +88,12 @@ pub fn render(s: &Status) -> String {
     line(
         "snapshots:",
         format!(
-            "{} every {}, last took {:.2} ms for {} sockets ({} left out by the kernel filter){}",
+            "{} every {}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
             s.snapshots,
             fmt_ms(s.snapshot_interval_ms),
             s.last_snapshot_ms,
             s.last_snapshot_sockets,
+            s.netns.len(),
             s.kernel_counters.iter_skipped,
             match &s.last_snapshot_error {
                 Some(e) => format!("; FAILING ({} failures): {e}", s.snapshot_failures),

@@ -189,6 +189,10 @@ pub fn evaluate<'a>(
             .collect();
         list.sort_by_key(|s| std::cmp::Reverse(s.age_ms));
         let oldest = list.first().map_or(0, |s| s.age_ms);
+        // The namespace(s) of these sockets, in words.
+        let spaces: std::collections::BTreeSet<String> =
+            socks.iter().filter_map(|f| env.netns_name(f.netns)).collect();
+        let netns = (!spaces.is_empty()).then(|| spaces.into_iter().collect::<Vec<_>>().join(", "));
         for s in &list {
             pass.candidates.push(Candidate {
                 cookie: s.cookie,
@@ -210,7 +214,7 @@ pub fn evaluate<'a>(
         pass.stuck.push(Verdict {
             key,
             severity: Severity::Warning,
-            subject: Subject::Process { pid, comm },
+            subject: Subject::Process { pid, comm, netns },
             summary,
             details: Details::Stuck {
                 count: socks.len(),

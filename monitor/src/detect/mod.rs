@@ -17,7 +17,7 @@ pub trait Env {
     fn route(&mut self, netns: NetnsId, dst: IpAddr) -> RoutePath;
     /// The namespace's sysctls that forecasts depend on.
     fn facts(&self, netns: NetnsId) -> NetFacts;
-    /// The namespace in words (`ip netns` name, container, `net:[inode]`); None for the agent's own.
+    /// The namespace in words (`ip netns` name, container, pod, `net:[inode]`); None if unknown (0).
     fn netns_name(&self, netns: NetnsId) -> Option<String>;
 }
 

@@ -171,6 +171,7 @@ impl ZombieDetector {
                 subject: Subject::Process {
                     pid: ppid,
                     comm: parent.comm.clone(),
+                    netns: None,
                 },
                 summary,
                 details: Details::Zombie(case),

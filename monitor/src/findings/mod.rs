@@ -267,6 +267,7 @@ mod tests {
             subject: Subject::Process {
                 pid,
                 comm: "p".into(),
+                netns: None,
             },
             summary: format!("{count} zombies"),
             details: Details::Zombie(ZombieCase {

@@ -113,6 +113,9 @@ pub enum Subject {
     Process {
         pid: u32,
         comm: String,
+        /// The network namespace of the sockets the finding is about (leaks), in words.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
     },
     Service {
         name: String,
@@ -124,7 +127,7 @@ impl Subject {
     pub fn process(&self) -> Option<ProcRef> {
         match self {
             Subject::Flow { owner, .. } => owner.clone(),
-            Subject::Process { pid, comm } => Some(ProcRef {
+            Subject::Process { pid, comm, .. } => Some(ProcRef {
                 pid: *pid,
                 comm: comm.clone(),
             }),
@@ -141,8 +144,8 @@ impl Subject {
 
     pub fn netns(&self) -> Option<&str> {
         match self {
-            Subject::Flow { netns, .. } => netns.as_deref(),
-            _ => None,
+            Subject::Flow { netns, .. } | Subject::Process { netns, .. } => netns.as_deref(),
+            Subject::Service { .. } => None,
         }
     }
 }
@@ -166,7 +169,13 @@ impl fmt::Display for Subject {
                 }
                 Ok(())
             }
-            Subject::Process { pid, comm } => write!(f, "pid {pid} ({comm})"),
+            Subject::Process { pid, comm, netns } => {
+                write!(f, "pid {pid} ({comm})")?;
+                if let Some(n) = netns {
+                    write!(f, " in {n}")?;
+                }
+                Ok(())
+            }
             Subject::Service { name } => write!(f, "service {name}"),
         }
     }

@@ -151,6 +151,7 @@ mod tests {
             subject: Subject::Process {
                 pid: 42,
                 comm: "rdpsessmgr".into(),
+                netns: None,
             },
             summary: "3 zombies".into(),
             details: Details::Zombie(ZombieCase {

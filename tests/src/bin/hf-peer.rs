@@ -2,10 +2,12 @@
 //!
 //! `hf-peer listen ADDR`  prints `listening ADDR`, accepts and holds connections; each
 //!                        connection is closed when its peer closes (EOF); `quit` exits.
-//! `hf-peer connect ADDR [USER_TIMEOUT_MS] [ka]` prints `connected LOCAL`, then obeys `send`,
-//!                        `close`, `quit`; with USER_TIMEOUT_MS, TCP_USER_TIMEOUT makes a send to
-//!                        an evicted flow fail within that time instead of minutes; with `ka`,
-//!                        the program turns keepalive on itself (30 s / 5 s / 3 probes).
+//! `hf-peer connect ADDR [USER_TIMEOUT_MS] [ka] [from=LOCAL]` prints `connected LOCAL`, then
+//!                        obeys `send`, `close`, `keepalive` (prints `keepalive 0|1`: what the
+//!                        program itself sees of SO_KEEPALIVE), `quit`; with USER_TIMEOUT_MS,
+//!                        TCP_USER_TIMEOUT makes a send to an evicted flow fail within that time
+//!                        instead of minutes; with `ka`, the program turns keepalive on itself
+//!                        (30 s / 5 s / 3 probes); with `from=`, it binds that local address.
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
@@ -20,6 +22,7 @@ fn main() {
     };
     let user_timeout = opts.iter().find_map(|o| o.parse::<u32>().ok());
     let keepalive = opts.iter().any(|o| o == "ka");
+    let from = opts.iter().find_map(|o| o.strip_prefix("from="));
     match mode {
         "listen" => {
             let l = TcpListener::bind(addr).expect("bind");
@@ -45,7 +48,10 @@ fn main() {
             }
         }
         "connect" => {
-            let stream = TcpStream::connect(addr).expect("connect");
+            let stream = match from {
+                None => TcpStream::connect(addr).expect("connect"),
+                Some(local) => connect_from(local, addr),
+            };
             if let Some(ms) = user_timeout {
                 setopt(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms as i32);
             }
@@ -72,6 +78,11 @@ fn main() {
                             let ok =
                                 st.write_all(b"ping").is_ok() && matches!(st.read_exact(&mut buf), Ok(()));
                             println!("sent {ok}");
+                        }
+                    }
+                    "keepalive" => {
+                        if let Some(st) = s.as_ref() {
+                            println!("keepalive {}", getopt(st, libc::SOL_SOCKET, libc::SO_KEEPALIVE));
                         }
                     }
                     "close" => {
@@ -102,4 +113,60 @@ fn setopt(s: &TcpStream, level: i32, name: i32, v: i32) {
         )
     };
     assert_eq!(rc, 0, "setsockopt {level}/{name}");
+}
+
+fn getopt(s: &TcpStream, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a live local.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt {level}/{name}");
+    v
+}
+
+/// An IPv4 connection from a chosen local address and port (std cannot bind before connecting).
+fn connect_from(local: &str, remote: &str) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sin = |a: &str| {
+        let a: std::net::SocketAddrV4 = a.parse().expect("an IPv4 ADDR:PORT");
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    };
+    let (l, r) = (sin(local), sin(remote));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns; the addresses are live
+    // locals of the stated length.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(libc::bind(fd, (&l as *const libc::sockaddr_in).cast(), len), 0, "bind {local}");
+        assert_eq!(
+            libc::connect(fd, (&r as *const libc::sockaddr_in).cast(), len),
+            0,
+            "connect {remote}"
+        );
+        TcpStream::from_raw_fd(fd)
+    }
 }

@@ -348,7 +348,7 @@ pub fn snapshot_worker(
             if snaps.is_empty() {
                 due = Instant::now() + pacing.interval.max(spacing);
             }
-            for snap in snaps {
+            for (i, snap) in snaps.into_iter().enumerate() {
                 let owners = snap
                     .socks
                     .iter()
@@ -359,6 +359,7 @@ pub fn snapshot_worker(
                     owners,
                     full_walks: resolver.full_walks,
                     targeted_walks: resolver.targeted_walks,
+                    first_of_round: i == 0,
                 };
                 if tx.blocking_send(msg).is_err() {
                     return;
@@ -366,7 +367,12 @@ pub fn snapshot_worker(
             }
         }
         let next_discovery = discovered.map_or(Duration::ZERO, |t| {
-            discover_every(&pacing, ebpf).saturating_sub(t.elapsed())
+            let every = if discover_asked {
+                DISCOVER_SPACING
+            } else {
+                discover_every(&pacing, ebpf)
+            };
+            every.saturating_sub(t.elapsed())
         });
         let wait = due.saturating_duration_since(Instant::now()).min(next_discovery);
         match rx.recv_timeout(wait) {
