@@ -598,7 +598,9 @@ pub fn bpf_map_entries(pid: u32) -> std::collections::BTreeMap<String, usize> {
     };
     let mut ids = std::collections::BTreeSet::new();
     for e in dir.flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
         if let Some(id) = text
             .lines()
             .find_map(|l| l.strip_prefix("map_id:"))

@@ -82,11 +82,17 @@ fn every_namespace_is_watched(mode: &str) {
     assert!(b.iter().all(|f| f["netns"] == spaces[1].name.as_str()), "{b:?}");
     // The same namespace by inode.
     let by_inode = agent
-        .json(&["flows", "--json", "--all", "--netns", &format!("net:[{}]", spaces[1].inode())])
+        .json(&[
+            "flows",
+            "--json",
+            "--all",
+            "--netns",
+            &format!("net:[{}]", spaces[1].inode()),
+        ])
         .expect("flows --netns net:[inode]");
     assert_eq!(by_inode.as_array().map(Vec::len), Some(3), "{by_inode}");
     // The table shows a NETNS column with the names.
-    let (code, out, err) = agent.cli(&["flows", "--port", &pairs[0].0.addr().rsplit(':').next().unwrap()]);
+    let (code, out, err) = agent.cli(&["flows", "--port", pairs[0].0.addr().rsplit(':').next().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("NETNS") && out.contains(&spaces[0].name), "{out}");
     // Status: each test namespace with its three flows, and the scope in words.
@@ -143,7 +149,11 @@ fn eviction_is_prevented_in_another_namespace(mode: &str) {
     assert_eq!(f["subject"]["netns"], bed.client.name.as_str(), "{f}");
     // From the program's side: its socket has keepalive now.
     assert_eq!(client.tell("keepalive"), "keepalive 1");
-    assert_eq!(control.tell("keepalive"), "keepalive 0", "no rule covers the control");
+    assert_eq!(
+        control.tell("keepalive"),
+        "keepalive 0",
+        "no rule covers the control"
+    );
     std::thread::sleep(Duration::from_secs(3 * TIMEOUT_S).saturating_sub(idle_from.elapsed()));
     assert_eq!(
         client.tell("send"),
@@ -230,7 +240,10 @@ fn new_namespaces_are_covered_and_leave_nothing_behind(mode: &str) {
     let maps_after = agent.map_entries();
     eprintln!("map entries before {maps_before:?} after {maps_after:?}");
     if mode == "ebpf" {
-        assert!(!maps_before.is_empty(), "the agent's maps are visible: {maps_before:?}");
+        assert!(
+            !maps_before.is_empty(),
+            "the agent's maps are visible: {maps_before:?}"
+        );
     }
     for (name, &after) in &maps_after {
         let before = maps_before.get(name).copied().unwrap_or(0);
@@ -257,7 +270,12 @@ fn close_wait_leak_inside_a_namespace(mode: &str) {
         "[keepalive]\nmode = \"off\"\n\n[remedies]\nsigchld = \"off\"\n\n[leaks]\nclose_wait_after = \"3s\"\nquiet_for = \"1s\"\nclose = \"off\"\n\n[[services]]\nname = \"leaky\"\ncomm = \"hf-leaky\"\nmax_sessions = {LIMIT}\nclose = \"enforce\"\n"
     );
     let agent = Agent::start(&host, mode, &cfg);
-    let mut server = Peer::spawn_bin(&ns, &helper_bin("hf-leaky"), &["127.0.0.1:0", &LIMIT.to_string()], None);
+    let mut server = Peer::spawn_bin(
+        &ns,
+        &helper_bin("hf-leaky"),
+        &["127.0.0.1:0", &LIMIT.to_string()],
+        None,
+    );
     let addr = server.addr();
     let visit = || {
         let mut c = Peer::spawn(&ns, "connect", &addr);
@@ -270,38 +288,47 @@ fn close_wait_leak_inside_a_namespace(mode: &str) {
     }
     assert!(!visit(), "at its limit, the server refuses a client");
     let pid = server.pid();
-    let closes = wait_for(Duration::from_secs(20), "verified closes inside the namespace", || {
-        let fs = agent.json(&["findings", "--json", "--all", "--kind", "close-wait-leak"])?;
-        let fs: Vec<Value> = fs
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|f| about_pid(f, pid))
-            .collect();
-        let closes: Vec<Value> = fs
-            .iter()
-            .flat_map(|f| f["actions"].as_array().cloned().unwrap_or_default())
-            .filter(|x| x["outcome"]["status"] == "succeeded" && outcome(x).contains(&format!("pid {pid} released fd")))
-            .collect();
-        if closes.len() >= LIMIT {
-            Ok((fs, closes))
-        } else {
-            Err(format!("{fs:?}"))
-        }
-    });
+    let closes = wait_for(
+        Duration::from_secs(20),
+        "verified closes inside the namespace",
+        || {
+            let fs = agent.json(&["findings", "--json", "--all", "--kind", "close-wait-leak"])?;
+            let fs: Vec<Value> = fs
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|f| about_pid(f, pid))
+                .collect();
+            let closes: Vec<Value> = fs
+                .iter()
+                .flat_map(|f| f["actions"].as_array().cloned().unwrap_or_default())
+                .filter(|x| {
+                    x["outcome"]["status"] == "succeeded"
+                        && outcome(x).contains(&format!("pid {pid} released fd"))
+                })
+                .collect();
+            if closes.len() >= LIMIT {
+                Ok((fs, closes))
+            } else {
+                Err(format!("{fs:?}"))
+            }
+        },
+    );
     assert_eq!(closes.1.len(), LIMIT, "each leaked socket closed once");
     assert!(
         closes.0.iter().all(|f| f["subject"]["netns"] == ns.name.as_str()),
         "findings name the namespace: {:?}",
         closes.0
     );
-    wait_for(Duration::from_secs(5), "the server's slots back", || {
-        match server.tell("count").as_str() {
+    wait_for(
+        Duration::from_secs(5),
+        "the server's slots back",
+        || match server.tell("count").as_str() {
             "active 0" => Ok(()),
             other => Err(other.to_string()),
-        }
-    });
+        },
+    );
     assert!(visit(), "a new client is served without a restart");
 }
 both_modes!(close_wait_leak_inside_a_namespace);
@@ -348,7 +375,10 @@ fn identical_addresses_stay_apart(mode: &str) {
     // By address the target is ambiguous: the CLI says so and changes nothing.
     let (code, _, err) = agent.cli(&["remedy", "keepalive", client_local]);
     assert_ne!(code, 0);
-    assert!(err.contains("2 flows have local address") && err.contains("cookie:"), "{err}");
+    assert!(
+        err.contains("2 flows have local address") && err.contains("cookie:"),
+        "{err}"
+    );
     // By cookie: the second namespace's client, and only it.
     let target = listed
         .iter()
@@ -358,13 +388,19 @@ fn identical_addresses_stay_apart(mode: &str) {
     let (code, out, err) = agent.cli(&["remedy", "keepalive", &cookie]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("queued:"), "{out}");
-    wait_for(Duration::from_secs(5), "keepalive on the second client's socket", || {
-        match peers[1].1.tell("keepalive").as_str() {
+    wait_for(
+        Duration::from_secs(5),
+        "keepalive on the second client's socket",
+        || match peers[1].1.tell("keepalive").as_str() {
             "keepalive 1" => Ok(()),
             other => Err(other.to_string()),
-        }
-    });
-    assert_eq!(peers[0].1.tell("keepalive"), "keepalive 0", "the twin is untouched");
+        },
+    );
+    assert_eq!(
+        peers[0].1.tell("keepalive"),
+        "keepalive 0",
+        "the twin is untouched"
+    );
     assert_eq!(peers[0].1.tell("send"), "sent true");
     assert_eq!(peers[1].1.tell("send"), "sent true");
 }

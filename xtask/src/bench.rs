@@ -311,6 +311,85 @@ fn bpf_stats() -> (u64, u64) {
     (cnt, ns)
 }
 
+/// Namespaces made for the namespace rows (`hf-bench-n<i>`), deleted on drop.
+struct Spaces(Vec<String>);
+
+impl Spaces {
+    fn new(n: usize) -> Result<Self> {
+        let mut v = Spaces(Vec::new());
+        for i in 0..n {
+            let name = format!("{NS}-n{i}");
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            run_ok(Command::new("ip").args(["netns", "add", &name]))?;
+            v.0.push(name.clone());
+            run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for Spaces {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Agent CPU (%) over `window` with whatever namespaces exist now.
+fn idle_cpu(bin: &Path, mode: &str, window: Duration) -> Result<f64> {
+    let a = Agent::start(bin, mode, "")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (c0, _) = a.usage();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let (c1, _) = a.usage();
+    Ok((c1 - c0) / t0.elapsed().as_secs_f64() * 100.0)
+}
+
+/// 50 namespaces x 2000 sockets read as the agent reads them, against the per-socket cost of the
+/// largest one-namespace row; then the steady cost of 50 empty namespaces.
+fn namespaces(bin: &Path, tools: &Path, one_ns: Option<(f64, f64, u64)>) -> Result<Value> {
+    const SPACES: usize = 50;
+    const CONNS: usize = 1000;
+    eprintln!("bench: {SPACES} namespaces x {} sockets", 2 * CONNS);
+    let spaces = Spaces::new(SPACES)?;
+    let mut held = Vec::new();
+    for n in &spaces.0 {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{n}"))
+            .arg("--")
+            .arg(tools.join("hf-load"))
+            .args(["conns", "127.0.0.1:5000", &CONNS.to_string()]);
+        held.push(Held::start(c)?);
+    }
+    for h in &mut held {
+        h.first_line("ready")?;
+    }
+    let probe = |mode: &str| -> Result<Value> {
+        let out = run_ok(Command::new(bin).args(["probe", "namespaces", "--mode", mode, "--repeat", "3"]))?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let (ebpf, poll) = (probe("ebpf")?, probe("poll")?);
+    drop(held);
+    let window = Duration::from_secs(10);
+    let empty_ebpf = idle_cpu(bin, "ebpf", window)?;
+    let empty_poll = idle_cpu(bin, "poll", window)?;
+    drop(spaces);
+    let none_ebpf = idle_cpu(bin, "ebpf", window)?;
+    let none_poll = idle_cpu(bin, "poll", window)?;
+    let per = |v: &Value| v["ns_per_socket"].as_f64().unwrap_or(0.0);
+    let one = one_ns.map(|(e, p, socks)| json!({ "sockets": socks, "ebpf_ns_per_socket": e * 1e9 / socks as f64, "poll_ns_per_socket": p * 1e9 / socks as f64 }));
+    Ok(json!({
+        "spaces": SPACES, "sockets_each": 2 * CONNS,
+        "ebpf": ebpf, "poll": poll,
+        "one_namespace": one,
+        "ebpf_vs_one": one_ns.map(|(e, _, s)| per(&ebpf) / (e * 1e9 / s as f64)),
+        "poll_vs_one": one_ns.map(|(_, p, s)| per(&poll) / (p * 1e9 / s as f64)),
+        "idle_cpu_pct": { "ebpf_50_empty": empty_ebpf, "poll_50_empty": empty_poll, "ebpf_none": none_ebpf, "poll_none": none_poll, "window_s": window.as_secs() },
+    }))
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if a > 0.0 && b > 0.0 {
         format!("{:.2}x", a / b)
@@ -382,6 +461,15 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         }));
     }
     results["sizes"] = json!(sizes_out);
+    // The largest one-namespace row is the reference for the namespace rows.
+    let one_ns = results["sizes"].as_array().and_then(|a| a.last()).map(|r| {
+        (
+            r["holdfast_ebpf"]["best_read_s"].as_f64().unwrap_or(0.0),
+            r["holdfast_poll"]["best_read_s"].as_f64().unwrap_or(0.0),
+            r["sockets"].as_u64().unwrap_or(1).max(1),
+        )
+    });
+    results["namespaces"] = namespaces(bin, tools, one_ns)?;
     // Churn: the same loop bare and with the agent in each mode.
     eprintln!("bench: churn");
     let cycles = 100_000;
@@ -565,6 +653,37 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
             p["ps_eo_stat_s"].as_f64().unwrap_or(0.0),
             p["holdfast"]["best_s"].as_f64().unwrap_or(0.0)
         )
+    );
+    let n = &r["namespaces"];
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "\n{} namespaces x {} sockets, every table read from inside its namespace:",
+        n["spaces"], n["sockets_each"]
+    );
+    for m in ["ebpf", "poll"] {
+        let x = &n[m];
+        let _ = writeln!(
+            out,
+            "  {m:4}: discovery {:.1} ms, reads {:.3}s for {} sockets in {} namespaces = {:.0} ns/socket; one namespace of {} sockets: {:.0} ns/socket ({:.2}x)",
+            f(&x["best_discovery_s"]) * 1000.0,
+            f(&x["best_read_s"]),
+            x["sockets"],
+            x["namespaces"],
+            f(&x["ns_per_socket"]),
+            n["one_namespace"]["sockets"],
+            f(&n["one_namespace"][format!("{m}_ns_per_socket")]),
+            f(&n[format!("{m}_vs_one")]),
+        );
+    }
+    let c = &n["idle_cpu_pct"];
+    let _ = writeln!(
+        out,
+        "  agent CPU with 50 empty namespaces: eBPF {:.2}%, poll {:.2}%; with none: eBPF {:.2}%, poll {:.2}%",
+        f(&c["ebpf_50_empty"]),
+        f(&c["poll_50_empty"]),
+        f(&c["ebpf_none"]),
+        f(&c["poll_none"])
     );
     let _ = writeln!(
         out,

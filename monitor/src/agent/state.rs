@@ -156,5 +156,9 @@ impl State {
 /// A namespace in words: its `ip netns`/container/pod name, else `net:[inode]`; None only when
 /// the kernel did not say (id 0). The agent's own namespace is named like any other.
 pub fn netns_name(known: &std::collections::BTreeMap<NetnsId, NetnsInfo>, id: NetnsId) -> Option<String> {
-    (id != 0).then(|| known.get(&id).map_or_else(|| format!("net:[{id}]"), |n| n.name.clone()))
+    (id != 0).then(|| {
+        known
+            .get(&id)
+            .map_or_else(|| format!("net:[{id}]"), |n| n.name.clone())
+    })
 }

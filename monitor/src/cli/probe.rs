@@ -27,6 +27,14 @@ pub enum ProbeCmd {
         #[arg(long)]
         filtered_ms: Option<u64>,
     },
+    /// Every network namespace: a discovery, then each namespace's whole table read from inside
+    /// it (as the agent does), timed apart.
+    Namespaces {
+        #[arg(long, value_enum, default_value = "poll")]
+        mode: Mode,
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
     /// The /proc zombie scan.
     Procs {
         #[arg(long, default_value_t = 3)]
@@ -102,6 +110,43 @@ fn snapshot(
     }))
 }
 
+/// Times discovery and a read of every namespace's table, `repeat` times (best of each).
+fn namespaces(mode: Mode, repeat: u32) -> Result<serde_json::Value, String> {
+    let mut loaded = match mode {
+        Mode::Poll => None,
+        _ => Some(
+            ebpf::load(&ebpf::LoadOptions::default())
+                .map_err(|e| e.to_string())?
+                .0,
+        ),
+    };
+    let mode = if loaded.is_some() { "ebpf" } else { "poll" };
+    let (mut best_discovery, mut best_read) = (f64::MAX, f64::MAX);
+    let (mut spaces, mut socks, mut failed) = (0, 0, 0);
+    for _ in 0..repeat.max(1) {
+        // A fresh discovery each time: the cost at start (later ones only look at new pids).
+        let t0 = Instant::now();
+        let found = crate::kernel::netns::discover::Discovery::default().run(own_id());
+        best_discovery = best_discovery.min(t0.elapsed().as_secs_f64());
+        let t1 = Instant::now();
+        let (mut n, mut bad) = (0, 0);
+        for f in &found {
+            let r = crate::kernel::tables::read(loaded.as_mut(), None, &f.handle, None);
+            match r {
+                Ok(snap) => n += snap.socks.len(),
+                Err(_) => bad += 1,
+            }
+        }
+        best_read = best_read.min(t1.elapsed().as_secs_f64());
+        (spaces, socks, failed) = (found.len(), n, bad);
+    }
+    Ok(json!({
+        "mode": mode, "namespaces": spaces, "sockets": socks, "failed": failed,
+        "best_discovery_s": best_discovery, "best_read_s": best_read,
+        "ns_per_socket": if socks > 0 { best_read * 1e9 / socks as f64 } else { 0.0 },
+    }))
+}
+
 /// Times `repeat` /proc zombie scans.
 fn procs(repeat: u32) -> serde_json::Value {
     let mut best = f64::MAX;
@@ -122,6 +167,7 @@ pub fn run(what: ProbeCmd) -> Result<(), ExitCode> {
             repeat,
             filtered_ms,
         } => snapshot(mode, owners, repeat, filtered_ms),
+        ProbeCmd::Namespaces { mode, repeat } => namespaces(mode, repeat),
         ProbeCmd::Procs { repeat } => Ok(procs(repeat)),
     };
     match r {

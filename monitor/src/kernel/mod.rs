@@ -12,3 +12,4 @@ pub mod procfs;
 pub mod routes;
 pub mod sockdiag;
 pub mod sys;
+pub mod tables;

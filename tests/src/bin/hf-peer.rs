@@ -161,7 +161,11 @@ fn connect_from(local: &str, remote: &str) -> TcpStream {
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
-        assert_eq!(libc::bind(fd, (&l as *const libc::sockaddr_in).cast(), len), 0, "bind {local}");
+        assert_eq!(
+            libc::bind(fd, (&l as *const libc::sockaddr_in).cast(), len),
+            0,
+            "bind {local}"
+        );
         assert_eq!(
             libc::connect(fd, (&r as *const libc::sockaddr_in).cast(), len),
             0,

@@ -11,9 +11,9 @@ use super::WorkerMsg;
 use crate::agent::Msg;
 use crate::config::policy::Pacing;
 use crate::kernel::netns::discover::{Discovery, Found};
-use crate::kernel::netns::{self, NsHandle};
+use crate::kernel::netns::{self, NsHandle, SockstatFiles, TcpCounts};
 use crate::kernel::owners::OwnerResolver;
-use crate::kernel::{ebpf, sockdiag};
+use crate::kernel::{ebpf, tables};
 use crate::model::eviction::{KaRequest, KaResult, NetFacts};
 use crate::model::observe::{NetnsId, Snapshot};
 
@@ -88,18 +88,16 @@ impl Source {
         }
     }
 
-    fn snapshot(&mut self, filter_idle_ms: Option<u64>, ns: &NsHandle) -> Result<Snapshot, String> {
+    /// One namespace's table (see `kernel::tables::read`).
+    fn snapshot(
+        &mut self,
+        filter_idle_ms: Option<u64>,
+        ns: &NsHandle,
+        counts: Option<TcpCounts>,
+    ) -> Result<Snapshot, String> {
         match self {
-            Source::Ebpf(l) => l.snapshot(filter_idle_ms, ns).map_err(|e| e.to_string()),
-            Source::Poll => {
-                let (sock, tw) = ns
-                    .within(|| (sockdiag::socket(), netns::time_wait_count()))
-                    .map_err(|e| e.to_string())?;
-                let mut snap =
-                    sockdiag::dump_on(&sock.map_err(|e| e.to_string())?, ns.id).map_err(|e| e.to_string())?;
-                snap.time_wait = tw;
-                Ok(snap)
-            }
+            Source::Ebpf(l) => tables::read(Some(l), filter_idle_ms, ns, counts),
+            Source::Poll => tables::read(None, filter_idle_ms, ns, counts),
         }
     }
 }
@@ -251,6 +249,7 @@ pub fn snapshot_worker(
     };
     let mut scope = Scope::new(pacing.all_netns, &can_enter);
     let mut spaces: Vec<NsEntry> = Vec::new();
+    let mut counters: HashMap<NetnsId, SockstatFiles> = HashMap::new();
     let mut discovered: Option<Instant> = None;
     let mut discover_asked = false;
     let ebpf = matches!(source, Source::Ebpf(_));
@@ -265,6 +264,8 @@ pub fn snapshot_worker(
             discovered = Some(now);
             let found = rediscover(&mut discovery, &scope, &mut spaces, &tx);
             scope.changed = false;
+            // The open sockstat files keep their namespace alive: close those of namespaces gone.
+            counters.retain(|id, _| spaces.iter().any(|e| e.found.handle.id == *id));
             match found {
                 None => return,
                 // A namespace found now is read at once.
@@ -282,7 +283,15 @@ pub fn snapshot_worker(
             let mut cost = Duration::ZERO;
             let mut errors_changed = false;
             for e in spaces.iter_mut() {
-                match source.snapshot(filter, &e.found.handle) {
+                // Socket counts through the namespace's open sockstat files (opened once).
+                let id = e.found.handle.id;
+                if !counters.contains_key(&id)
+                    && let Ok(f) = SockstatFiles::open(&e.found.handle)
+                {
+                    counters.insert(id, f);
+                }
+                let counts = counters.get(&id).and_then(SockstatFiles::read);
+                match source.snapshot(filter, &e.found.handle, counts) {
                     Ok(s) => {
                         cost += Duration::from_nanos(s.finished.saturating_sub(s.started));
                         if e.error.take().is_some() {

@@ -19,24 +19,19 @@ const READ_CHUNK: usize = 1 << 20;
 impl Loaded {
     /// Runs iterator `name` once and returns everything it wrote. A tcp iterator walks the table
     /// of the namespace it is created in: `ns` (the agent's own when None).
-    fn run_iter(
-        &mut self,
-        name: &'static str,
-        ns: Option<&NsHandle>,
-    ) -> Result<(Vec<u8>, Option<u64>), EbpfError> {
+    fn run_iter(&mut self, name: &'static str, ns: Option<&NsHandle>) -> Result<Vec<u8>, EbpfError> {
         let iter: &mut Iter = program(&mut self.ebpf, name)?;
         let id = iter.attach().map_err(perr(name))?;
         let link = iter.take_link(id).map_err(perr(name))?;
-        // TIME_WAIT sockets are left out of the records: count them in the same namespace.
-        let (file, tw) = match ns {
-            Some(ns) => ns.within(|| (link.into_file(), crate::kernel::netns::time_wait_count()))?,
-            None => (link.into_file(), None),
+        let file = match ns {
+            Some(ns) => ns.within(|| link.into_file())?,
+            None => link.into_file(),
         };
         let mut file = file.map_err(|e| EbpfError::Iter(format!("{name}: {e}")))?;
         let mut buf = Vec::with_capacity(READ_CHUNK);
         file.read_to_end(&mut buf)
             .map_err(|e| EbpfError::Iter(format!("{name}: read: {e}")))?;
-        Ok((buf, tw))
+        Ok(buf)
     }
 
     /// Runs the tcp iterator in namespace `ns`. Unfiltered (`None`) it reports every socket; with
@@ -58,7 +53,7 @@ impl Loaded {
             };
             f.set(0, &v, 0).map_err(merr("SNAP_FILTER"))?;
         }
-        let (buf, time_wait) = self.run_iter("snapshot_tcp", Some(ns))?;
+        let buf = self.run_iter("snapshot_tcp", Some(ns))?;
         let rec = std::mem::size_of::<SnapRecord>();
         let mut socks = Vec::with_capacity(buf.len() / rec);
         for chunk in buf.chunks(rec) {
@@ -72,14 +67,14 @@ impl Loaded {
             finished: sys::monotonic_ns(),
             socks,
             filtered_idle_ms: filter_idle_ms,
-            time_wait,
+            time_wait: None,
         })
     }
 
     /// Every socket file on the host (all namespaces) from the kernel's task_file iterator:
     /// (socket inode, holding tgid, fd), without a /proc/*/fd walk.
     pub fn socket_files(&mut self) -> Result<Vec<OwnerRecord>, EbpfError> {
-        let (buf, _) = self.run_iter("owners_task_file", None)?;
+        let buf = self.run_iter("owners_task_file", None)?;
         let rec = std::mem::size_of::<OwnerRecord>();
         Ok(buf
             .chunks_exact(rec)

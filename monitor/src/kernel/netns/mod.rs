@@ -121,19 +121,132 @@ pub fn name_of(id: NetnsId) -> String {
     format!("net:[{id}]")
 }
 
-/// TIME_WAIT sockets in the calling thread's network namespace (`tw` of its sockstat). Snapshots
-/// leave TIME_WAIT sockets out; this is how many there are.
-pub fn time_wait_count() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/sockstat").ok()?;
-    let tcp = text.lines().find_map(|l| l.strip_prefix("TCP:"))?;
-    let mut it = tcp.split_whitespace();
-    while let Some(k) = it.next() {
-        let v = it.next()?;
-        if k == "tw" {
-            return v.parse().ok();
+/// A namespace's TCP socket counts, from its sockstat and sockstat6: O(1) to read (per-cpu
+/// counters), unlike a walk of the TCP table, which costs the whole host-wide hash table per
+/// namespace (262144 buckets here: 0.6 ms with sock_diag, 2 ms with the bpf iterator, even when
+/// the namespace has no socket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounts {
+    /// Hashed TCP sockets (IPv4 and IPv6): listeners, connections, orphans.
+    pub inuse: u64,
+    /// TIME_WAIT sockets (snapshots leave them out; this is how many there are).
+    pub tw: u64,
+}
+
+/// Reads a small procfs file into a stack buffer (sockstat is a few hundred bytes; one read).
+fn read_small(path: &std::path::Path, buf: &mut [u8; 1024]) -> Option<usize> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(_) => return None,
         }
     }
-    None
+    Some(n)
+}
+
+/// `inuse` and `tw` of the `TCP:` (or `TCP6:`) line of a sockstat file.
+fn parse_sockstat(text: &[u8], line: &str) -> Option<(u64, Option<u64>)> {
+    let text = std::str::from_utf8(text).ok()?;
+    let rest = text.lines().find_map(|l| l.strip_prefix(line))?;
+    let mut it = rest.split_whitespace();
+    let (mut inuse, mut tw) = (None, None);
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match k {
+            "inuse" => inuse = v.parse().ok(),
+            "tw" => tw = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((inuse?, tw))
+}
+
+/// The counts of the namespace whose /proc/.../net directory is `net_dir`.
+fn tcp_counts_at(net_dir: &str) -> Option<TcpCounts> {
+    let mut buf = [0u8; 1024];
+    let n = read_small(std::path::Path::new(&format!("{net_dir}/sockstat")), &mut buf)?;
+    let (v4, tw) = parse_sockstat(&buf[..n], "TCP:")?;
+    // IPv6 TCP sockets are counted apart (absent without IPv6).
+    let v6 = read_small(std::path::Path::new(&format!("{net_dir}/sockstat6")), &mut buf)
+        .and_then(|n| parse_sockstat(&buf[..n], "TCP6:"))
+        .map_or(0, |(n, _)| n);
+    Some(TcpCounts {
+        inuse: v4 + v6,
+        tw: tw.unwrap_or(0),
+    })
+}
+
+/// The calling thread's namespace's counts.
+pub fn tcp_counts() -> Option<TcpCounts> {
+    tcp_counts_at("/proc/thread-self/net")
+}
+
+/// A namespace's sockstat files, opened once from inside it and read again with pread: a
+/// procfs net file stays bound to the namespace it was opened in, so a later read needs no
+/// setns (about 6 µs instead of 55 µs per namespace on the bench machine). The open files hold a
+/// reference on the namespace: drop them when discovery no longer finds it.
+pub struct SockstatFiles {
+    v4: std::fs::File,
+    v6: Option<std::fs::File>,
+}
+
+impl SockstatFiles {
+    pub fn open(ns: &NsHandle) -> Result<Self, NetnsError> {
+        let open = || {
+            (
+                std::fs::File::open("/proc/thread-self/net/sockstat"),
+                std::fs::File::open("/proc/thread-self/net/sockstat6").ok(),
+            )
+        };
+        let (v4, v6) = ns.within(open)?;
+        let v4 = v4.map_err(|source| NetnsError::Gone {
+            id: ns.id,
+            path: ns.path.display().to_string(),
+            source,
+        })?;
+        Ok(SockstatFiles { v4, v6 })
+    }
+
+    pub fn read(&self) -> Option<TcpCounts> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 1024];
+        let n = self.v4.read_at(&mut buf, 0).ok()?;
+        let (v4, tw) = parse_sockstat(&buf[..n], "TCP:")?;
+        let v6 = self
+            .v6
+            .as_ref()
+            .and_then(|f| f.read_at(&mut buf, 0).ok())
+            .and_then(|n| parse_sockstat(&buf[..n], "TCP6:"))
+            .map_or(0, |(n, _)| n);
+        Some(TcpCounts {
+            inuse: v4 + v6,
+            tw: tw.unwrap_or(0),
+        })
+    }
+}
+
+impl NsHandle {
+    /// This namespace's counts: through /proc/PID/net when a process names it (no setns), else by
+    /// entering it.
+    pub fn tcp_counts(&self) -> Result<Option<TcpCounts>, NetnsError> {
+        if self.is_own() {
+            return Ok(tcp_counts());
+        }
+        if let Some(pid_dir) = self
+            .path
+            .to_str()
+            .and_then(|p| p.strip_suffix("/ns/net"))
+            .filter(|d| d.starts_with("/proc/"))
+            && inode_of(&self.path) == Some(self.id)
+            && let Some(c) = tcp_counts_at(&format!("{pid_dir}/net"))
+        {
+            return Ok(Some(c));
+        }
+        self.within(tcp_counts)
+    }
 }
 
 /// The sysctls of the calling thread's network namespace that forecasts depend on (/proc/sys/net
@@ -177,7 +290,8 @@ mod tests {
     #[test]
     fn counts_time_wait_sockets_from_sockstat() {
         // A connection closed by this side first leaves one TIME_WAIT socket behind.
-        let before = time_wait_count().expect("sockstat");
+        let tw = || tcp_counts().expect("sockstat").tw;
+        let before = tw();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
@@ -185,10 +299,45 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         drop(s);
         let t0 = std::time::Instant::now();
-        while time_wait_count().unwrap() <= before && t0.elapsed().as_secs() < 2 {
+        while tw() <= before && t0.elapsed().as_secs() < 2 {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert!(time_wait_count().unwrap() > before);
+        assert!(tw() > before);
+        assert!(tcp_counts().unwrap().inuse >= 1, "the listener is counted");
+    }
+
+    #[test]
+    fn sockstat_files_stay_bound_to_the_namespace_they_were_opened_in() {
+        // A thread of its own enters a new, empty namespace, opens the files there and leaves
+        // a listener behind; the files read from this thread (the host's namespace) count it.
+        let (files, listener) = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (root)");
+            let h = NsHandle {
+                id: inode_of(std::path::Path::new("/proc/thread-self/ns/net")).unwrap(),
+                path: "/proc/thread-self/ns/net".into(),
+            };
+            let files = SockstatFiles {
+                v4: std::fs::File::open("/proc/thread-self/net/sockstat").unwrap(),
+                v6: std::fs::File::open("/proc/thread-self/net/sockstat6").ok(),
+            };
+            assert_eq!(
+                files.read().unwrap().inuse,
+                0,
+                "a new namespace has no socket: {h:?}"
+            );
+            // Loopback is down in a new namespace; binding to it still hashes a listener.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            (files, l)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            files.read().unwrap().inuse,
+            1,
+            "the other namespace's listener only"
+        );
+        drop(listener);
+        assert_eq!(files.read().unwrap().inuse, 0);
     }
 
     #[test]
