@@ -96,7 +96,15 @@ pub struct EventRecord {
     pub comm: [u64; 2],
     /// The socket's network namespace (`net->ns.inum`, the inode of its nsfs file).
     pub netns: u32,
-    pub _pad: u32,
+    /// [`event_flag`] bits.
+    pub flags: u32,
+}
+
+/// `EventRecord::flags` bits.
+pub mod event_flag {
+    /// The socket still had its file (a process held a descriptor to it) at the event: a socket
+    /// that reaches CLOSE like this died under its program (a reset, an abort), not by close().
+    pub const HAD_FILE: u32 = 1;
 }
 
 const _: () = assert!(size_of::<EventRecord>() == 88);
@@ -165,9 +173,17 @@ pub struct OwnerRecord {
     pub inode: u64,
     pub tgid: u32,
     pub fd: u32,
+    /// The socket's address family (AF_INET, AF_INET6, ...; 0 if unreadable).
+    pub family: u16,
+    /// Its protocol (IPPROTO_TCP for TCP) and, for TCP, its state.
+    pub protocol: u8,
+    pub state: u8,
+    /// Local port, and the remote port (0 for a socket never connected).
+    pub sport: u16,
+    pub dport: u16,
 }
 
-const _: () = assert!(size_of::<OwnerRecord>() == 16);
+const _: () = assert!(size_of::<OwnerRecord>() == 24);
 
 /// How the `snapshot_tcp` iterator filters (map `SNAP_FILTER`, slot 0). With `enabled == 0` it
 /// emits every socket; otherwise only sockets worth a look: first seen (or still without a
@@ -233,7 +249,8 @@ pub struct KernelOffsets {
     pub tp_keepalive_time: u32,
     pub tp_keepalive_intvl: u32,
     pub tp_keepalive_probes: u32,
-    pub _reserved0: u32,
+    /// `struct socket` -> `sk`.
+    pub socket_sk: u32,
     /// `struct task_struct` fields (from the start of task_struct).
     pub task_pid: u32,
     pub task_tgid: u32,
@@ -243,7 +260,8 @@ pub struct KernelOffsets {
     pub file_f_inode: u32,
     pub inode_i_mode: u32,
     pub inode_i_ino: u32,
-    pub _reserved: u32,
+    /// `struct file` -> `private_data` (the `struct socket *` of a socket file).
+    pub file_private_data: u32,
 }
 
 const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
@@ -282,7 +300,7 @@ impl KernelOffsets {
         tp_keepalive_time: u32::MAX,
         tp_keepalive_intvl: u32::MAX,
         tp_keepalive_probes: u32::MAX,
-        _reserved0: 0,
+        socket_sk: 0,
         task_pid: u32::MAX,
         task_tgid: u32::MAX,
         task_real_parent: u32::MAX,
@@ -290,7 +308,7 @@ impl KernelOffsets {
         file_f_inode: u32::MAX,
         inode_i_mode: u32::MAX,
         inode_i_ino: u32::MAX,
-        _reserved: 0,
+        file_private_data: 0,
     };
 }
 

@@ -24,7 +24,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use monitor_common::{
     AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, OwnerRecord, ProcRecord, SNAP_FULL,
-    SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapFilter, SnapRecord, kind, proc_kind, sockopt, stat, tcp_state,
+    SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapFilter, SnapRecord, event_flag, kind, proc_kind, sockopt, stat,
+    tcp_state,
 };
 
 /// Field offsets, filled in by the agent at load time.
@@ -199,7 +200,10 @@ fn emit(ctx: &BtfTracePointContext, prog: u32, kind: u8, sk: *const c_void, old:
         err,
         comm: current_comm(),
         netns: netns_of(base),
-        _pad: 0,
+        flags: match ld::<u64>(base, off!(sk_socket)) {
+            Ok(sock) if sock != 0 => event_flag::HAD_FILE,
+            _ => 0,
+        },
     });
     // Never wake the reader per record: it drains on a short timer (see DESIGN: wakeups are the
     // cost that matters under churn).
@@ -475,11 +479,32 @@ pub fn owners_task_file(ctx: *mut IterTaskFile) -> i32 {
     if u32::from(mode) & 0o170000 != 0o140000 {
         return 0;
     }
-    let rec = OwnerRecord {
+    let mut rec = OwnerRecord {
         inode: ld::<u64>(inode as *const u8, off!(inode_i_ino)).unwrap_or(0),
         tgid: ld::<i32>(task as *const u8, off!(task_tgid)).unwrap_or(0) as u32,
         fd,
+        family: 0,
+        protocol: 0,
+        state: 0,
+        sport: 0,
+        dport: 0,
     };
+    // What the socket is: a descriptor to a TCP socket that is in no table any more (CLOSE after
+    // a reset or an abort) still holds the session's slot.
+    // private_data is a `void *` (untyped for the verifier): the socket and its sock are read
+    // through bpf_probe_read_kernel.
+    let sk = match rd::<u64>(file as *const u8, off!(file_private_data)) {
+        Ok(sock) if sock != 0 => rd::<u64>(sock as *const u8, off!(socket_sk)).unwrap_or(0),
+        _ => 0,
+    };
+    if sk != 0 {
+        let sk = sk as *const u8;
+        rec.family = rd::<u16>(sk, off!(skc_family)).unwrap_or(0);
+        rec.protocol = rd::<u16>(sk, off!(sk_protocol)).unwrap_or(0) as u8;
+        rec.state = rd::<u8>(sk, off!(skc_state)).unwrap_or(0);
+        rec.sport = rd::<u16>(sk, off!(skc_num)).unwrap_or(0);
+        rec.dport = u16::from_be(rd::<u16>(sk, off!(skc_dport)).unwrap_or(0));
+    }
     // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
     unsafe {
         bpf_seq_write(

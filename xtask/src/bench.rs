@@ -319,7 +319,10 @@ impl Spaces {
         let mut v = Spaces(Vec::new());
         for i in 0..n {
             let name = format!("{NS}-n{i}");
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
             run_ok(Command::new("ip").args(["netns", "add", &name]))?;
             v.0.push(name.clone());
             run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
@@ -347,13 +350,36 @@ fn idle_cpu(bin: &Path, mode: &str, window: Duration) -> Result<f64> {
     Ok((c1 - c0) / t0.elapsed().as_secs_f64() * 100.0)
 }
 
+/// net.ipv4.tcp_child_ehash_entries: 0 (namespaces share the host's TCP hash table) or the size
+/// of the table each namespace created afterwards gets of its own.
+fn child_ehash(entries: u32) {
+    let _ = Command::new("sysctl")
+        .args(["-qw", &format!("net.ipv4.tcp_child_ehash_entries={entries}")])
+        .status();
+}
+
 /// 50 namespaces x 2000 sockets read as the agent reads them, against the per-socket cost of the
-/// largest one-namespace row; then the steady cost of 50 empty namespaces.
-fn namespaces(bin: &Path, tools: &Path, one_ns: Option<(f64, f64, u64)>) -> Result<Value> {
+/// largest one-namespace row; then the steady cost of 50 empty namespaces. With `own_hash`, the
+/// namespaces are created with TCP hash tables of their own (tcp_child_ehash_entries).
+fn namespaces(
+    bin: &Path,
+    tools: &Path,
+    one_ns: Option<(f64, f64, u64)>,
+    own_hash: Option<u32>,
+) -> Result<Value> {
     const SPACES: usize = 50;
     const CONNS: usize = 1000;
-    eprintln!("bench: {SPACES} namespaces x {} sockets", 2 * CONNS);
-    let spaces = Spaces::new(SPACES)?;
+    eprintln!(
+        "bench: {SPACES} namespaces x {} sockets ({})",
+        2 * CONNS,
+        own_hash.map_or("shared TCP hash table".into(), |n| format!(
+            "own hash tables of {n}"
+        ))
+    );
+    child_ehash(own_hash.unwrap_or(0));
+    let spaces = Spaces::new(SPACES);
+    child_ehash(0);
+    let spaces = spaces?;
     let mut held = Vec::new();
     for n in &spaces.0 {
         let mut c = Command::new("nsenter");
@@ -373,11 +399,16 @@ fn namespaces(bin: &Path, tools: &Path, one_ns: Option<(f64, f64, u64)>) -> Resu
     let (ebpf, poll) = (probe("ebpf")?, probe("poll")?);
     drop(held);
     let window = Duration::from_secs(10);
-    let empty_ebpf = idle_cpu(bin, "ebpf", window)?;
-    let empty_poll = idle_cpu(bin, "poll", window)?;
-    drop(spaces);
-    let none_ebpf = idle_cpu(bin, "ebpf", window)?;
-    let none_poll = idle_cpu(bin, "poll", window)?;
+    let idle = if own_hash.is_none() {
+        let empty_ebpf = idle_cpu(bin, "ebpf", window)?;
+        let empty_poll = idle_cpu(bin, "poll", window)?;
+        drop(spaces);
+        let none_ebpf = idle_cpu(bin, "ebpf", window)?;
+        let none_poll = idle_cpu(bin, "poll", window)?;
+        json!({ "ebpf_50_empty": empty_ebpf, "poll_50_empty": empty_poll, "ebpf_none": none_ebpf, "poll_none": none_poll, "window_s": window.as_secs() })
+    } else {
+        Value::Null
+    };
     let per = |v: &Value| v["ns_per_socket"].as_f64().unwrap_or(0.0);
     let one = one_ns.map(|(e, p, socks)| json!({ "sockets": socks, "ebpf_ns_per_socket": e * 1e9 / socks as f64, "poll_ns_per_socket": p * 1e9 / socks as f64 }));
     Ok(json!({
@@ -386,7 +417,8 @@ fn namespaces(bin: &Path, tools: &Path, one_ns: Option<(f64, f64, u64)>) -> Resu
         "one_namespace": one,
         "ebpf_vs_one": one_ns.map(|(e, _, s)| per(&ebpf) / (e * 1e9 / s as f64)),
         "poll_vs_one": one_ns.map(|(_, p, s)| per(&poll) / (p * 1e9 / s as f64)),
-        "idle_cpu_pct": { "ebpf_50_empty": empty_ebpf, "poll_50_empty": empty_poll, "ebpf_none": none_ebpf, "poll_none": none_poll, "window_s": window.as_secs() },
+        "own_hash_entries": own_hash,
+        "idle_cpu_pct": idle,
     }))
 }
 
@@ -469,7 +501,8 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
             r["sockets"].as_u64().unwrap_or(1).max(1),
         )
     });
-    results["namespaces"] = namespaces(bin, tools, one_ns)?;
+    results["namespaces"] = namespaces(bin, tools, one_ns, None)?;
+    results["namespaces_own_hash"] = namespaces(bin, tools, one_ns, Some(4096))?;
     // Churn: the same loop bare and with the agent in each mode.
     eprintln!("bench: churn");
     let cycles = 100_000;
@@ -654,37 +687,47 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
             p["holdfast"]["best_s"].as_f64().unwrap_or(0.0)
         )
     );
-    let n = &r["namespaces"];
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let _ = writeln!(
-        out,
-        "\n{} namespaces x {} sockets, every table read from inside its namespace:",
-        n["spaces"], n["sockets_each"]
-    );
-    for m in ["ebpf", "poll"] {
-        let x = &n[m];
+    for n in [&r["namespaces"], &r["namespaces_own_hash"]] {
         let _ = writeln!(
             out,
-            "  {m:4}: discovery {:.1} ms, reads {:.3}s for {} sockets in {} namespaces = {:.0} ns/socket; one namespace of {} sockets: {:.0} ns/socket ({:.2}x)",
-            f(&x["best_discovery_s"]) * 1000.0,
-            f(&x["best_read_s"]),
-            x["sockets"],
-            x["namespaces"],
-            f(&x["ns_per_socket"]),
-            n["one_namespace"]["sockets"],
-            f(&n["one_namespace"][format!("{m}_ns_per_socket")]),
-            f(&n[format!("{m}_vs_one")]),
+            "\n{} namespaces x {} sockets, every table read from inside its namespace, {}:",
+            n["spaces"],
+            n["sockets_each"],
+            n["own_hash_entries"].as_u64().map_or(
+                "namespaces sharing the host's TCP hash table (default)".into(),
+                |e| format!(
+                    "each namespace with a TCP hash table of its own (net.ipv4.tcp_child_ehash_entries={e})"
+                )
+            )
         );
+        for m in ["ebpf", "poll"] {
+            let x = &n[m];
+            let _ = writeln!(
+                out,
+                "  {m:4}: discovery {:.1} ms, reads {:.3}s for {} sockets in {} namespaces = {:.0} ns/socket; one namespace of {} sockets: {:.0} ns/socket ({:.2}x)",
+                f(&x["best_discovery_s"]) * 1000.0,
+                f(&x["best_read_s"]),
+                x["sockets"],
+                x["namespaces"],
+                f(&x["ns_per_socket"]),
+                n["one_namespace"]["sockets"],
+                f(&n["one_namespace"][format!("{m}_ns_per_socket")]),
+                f(&n[format!("{m}_vs_one")]),
+            );
+        }
+        let c = &n["idle_cpu_pct"];
+        if !c.is_null() {
+            let _ = writeln!(
+                out,
+                "  agent CPU with 50 empty namespaces: eBPF {:.2}%, poll {:.2}%; with none: eBPF {:.2}%, poll {:.2}%",
+                f(&c["ebpf_50_empty"]),
+                f(&c["poll_50_empty"]),
+                f(&c["ebpf_none"]),
+                f(&c["poll_none"])
+            );
+        }
     }
-    let c = &n["idle_cpu_pct"];
-    let _ = writeln!(
-        out,
-        "  agent CPU with 50 empty namespaces: eBPF {:.2}%, poll {:.2}%; with none: eBPF {:.2}%, poll {:.2}%",
-        f(&c["ebpf_50_empty"]),
-        f(&c["poll_50_empty"]),
-        f(&c["ebpf_none"]),
-        f(&c["poll_none"])
-    );
     let _ = writeln!(
         out,
         "agent RSS with no flows: eBPF {} KiB, poll {} KiB",

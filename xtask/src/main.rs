@@ -28,6 +28,10 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "bpftool",
     "procps",
+    // setpriv and nsenter: scenario agents run with the unit's capabilities, in namespaces.
+    "util-linux",
+    // A real bus for the restart remedy's D-Bus path (a stand-in plays systemd on it).
+    "dbus-daemon",
 ];
 
 fn root() -> PathBuf {

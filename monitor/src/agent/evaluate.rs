@@ -9,6 +9,7 @@ use crate::detect::{self, Env};
 use crate::findings::{Change, Family, Scope};
 use crate::kernel::routes::Router;
 use crate::model::eviction::{KaRequest, NetFacts, RoutePath};
+use crate::model::finding::FindingKind;
 use crate::model::observe::NetnsId;
 use crate::model::time::Nanos;
 use crate::remedy::close::{Closer, Holders};
@@ -204,17 +205,83 @@ pub fn flows(
     (out, requests)
 }
 
-/// The session ledger: counts per service (live, leaked, held), then `session-budget`.
-pub fn ledger(now: Nanos, st: &mut State, held: &HashMap<String, (u64, Vec<u32>)>) -> Vec<Change> {
+/// Descriptors held to dead sockets (`dead-socket-held`), then the session ledger: counts per
+/// service (live, leaked, held), then `session-budget`.
+pub fn ledger(now: Nanos, st: &mut State) -> Vec<Change> {
+    // Closes the owner did not release: released since? (one /proc/PID/fd read per such owner)
+    st.remedies.close.settle(&mut |pid| {
+        crate::kernel::procfs::alive(pid).then(|| {
+            crate::kernel::procfs::socket_fds(pid)
+                .into_iter()
+                .map(|(_, i)| i)
+                .collect()
+        })
+    });
+    let by_pid = st.held.by_pid(now);
+    // What each service's processes hold dead: sessions it still pays for.
+    let mut held: HashMap<String, (u64, Vec<u32>)> = HashMap::new();
+    for (pid, h) in &by_pid {
+        let Some(o) = &h.owner else { continue };
+        let svc = detect::leaks::service_of_owner(o, None, &st.policy.services);
+        let e = held.entry(svc).or_default();
+        e.0 += h.sockets.len() as u64;
+        e.1.push(*pid);
+    }
+    // Aborted sockets whose owner has not been seen letting go: until the held check says,
+    // the slot is taken (no "back within budget" in the moment between a close and that check).
+    for (svc, pid, inode) in st.remedies.close.not_yet_released() {
+        if !st.held.holds(pid, inode) {
+            let e = held.entry(svc.to_string()).or_default();
+            e.0 += 1;
+            if !e.1.contains(&pid) {
+                e.1.push(pid);
+            }
+        }
+    }
+    let netns = |pid: u32| {
+        let id = crate::kernel::netns::inode_of(std::path::Path::new(&format!("/proc/{pid}/ns/net")))?;
+        super::state::netns_name(&st.netns, id)
+    };
+    let verdicts = detect::held::evaluate(&by_pid, st.policy.leaks.held_after.as_millis() as u64, &netns);
+    let mut out = st.store.reconcile(Family::Held, verdicts, now, |_, _| {
+        "the descriptors were closed".into()
+    });
     let leaked = detect::leaks::leaked(st.table.iter(), now, &st.policy.leaks);
     st.detect
         .ledger
-        .update(now, st.table.iter(), &leaked, held, &st.policy.services);
+        .update(now, st.table.iter(), &leaked, &held, &st.policy.services);
     st.leaked = leaked;
     let verdicts = st.detect.ledger.evaluate(&st.policy.services, &st.policy.ledger);
-    st.store
-        .reconcile(Family::Budget, verdicts, now, |_, _| "back within budget".into())
+    out.extend(
+        st.store
+            .reconcile(Family::Budget, verdicts, now, |_, _| "back within budget".into()),
+    );
+    out
 }
+
+/// Poll mode: the processes whose descriptors are checked for dead sockets: those of the
+/// ledger's services, those with leak or dead-socket findings, and owners of closed sockets.
+pub fn held_watch(st: &State) -> Vec<u32> {
+    let mut pids: Vec<u32> = st
+        .store
+        .active()
+        .filter(|f| matches!(f.kind, FindingKind::CloseWaitLeak | FindingKind::DeadSocketHeld))
+        .filter_map(|f| f.subject.process().map(|p| p.pid))
+        .collect();
+    for r in st.detect.ledger.rows(&st.policy.services) {
+        if st.policy.services.iter().any(|s| s.name == r.service) {
+            pids.extend(r.pids);
+        }
+    }
+    pids.extend(st.remedies.close.owners());
+    pids.sort_unstable();
+    pids.dedup();
+    pids.truncate(HELD_WATCH_MAX);
+    pids
+}
+
+/// Processes whose descriptors poll mode checks at most (each costs a /proc/PID/fd walk).
+const HELD_WATCH_MAX: usize = 64;
 
 #[cfg(test)]
 mod tests;

@@ -47,6 +47,9 @@ pub async fn run(
     let mut zombie_due: Option<tokio::time::Instant> = None;
     let mut flows_evaluated = Instant::now();
     let mut ledger_updated = Instant::now();
+    let mut held_watched: Vec<u32> = Vec::new();
+    // Restarts run off this loop; their answers come back here (one per service at a time).
+    let (restart_tx, mut restart_rx) = mpsc::unbounded_channel::<(String, Result<String, String>)>();
     let mut refreshed = Instant::now();
     loop {
         let mut step: &str;
@@ -125,10 +128,40 @@ pub async fn run(
                 if state.table.len() < SMALL_TABLE || ledger_updated.elapsed() >= LEDGER_EVERY {
                     step = "flows and ledger round";
                     ledger_updated = Instant::now();
-                    let changes = evaluate::ledger(now, state, &HashMap::new());
+                    let changes = evaluate::ledger(now, state);
                     state.stats.rounds.ledger += 1;
                     rt.sinks.publish(&state.store, changes);
+                    // The restart remedy: decide, run off the loop, check from the service's side.
+                    let rows = state.detect.ledger.rows(&state.policy.services);
+                    let (changes, jobs) = state.remedies.restart.act(now, &rows, &state.policy.services, &mut state.store, std::process::id());
+                    rt.sinks.publish(&state.store, changes);
+                    for job in jobs {
+                        let tx = restart_tx.clone();
+                        tokio::spawn(async move {
+                            let r = crate::remedy::restart::run::run(&job.how).await;
+                            let _ = tx.send((job.service, r));
+                        });
+                    }
+                    let changes = state.remedies.restart.verify(now, &rows, &crate::kernel::procfs::alive, &mut state.store);
+                    rt.sinks.publish(&state.store, changes);
+                    if !rt.ebpf {
+                        let pids = evaluate::held_watch(state);
+                        if pids != held_watched {
+                            held_watched = pids.clone();
+                            let _ = rt.workers.send(WorkerMsg::HeldPids(pids));
+                        }
+                    }
                 }
+            }
+            Some((service, result)) = restart_rx.recv() => {
+                t0 = Instant::now();
+                step = "restart result";
+                match &result {
+                    Ok(how) => tracing::info!(service = %service, "restart requested: {how}"),
+                    Err(e) => warn!(service = %service, "restart failed: {e}"),
+                }
+                let changes = state.remedies.restart.done(&service, result, &mut state.store);
+                rt.sinks.publish(&state.store, changes);
             }
             _ = int.recv() => break,
             _ = term.recv() => break,
@@ -208,6 +241,7 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::Snapshot { .. } => "snapshot",
         Msg::SnapshotFailed { .. } => "snapshot failed",
         Msg::Namespaces { .. } => "namespaces",
+        Msg::Held { .. } => "held descriptors",
         Msg::ProcScan { .. } => "proc scan",
         Msg::Query { .. } => "query",
         Msg::FlowIds { .. } => "flows query (select)",
@@ -242,6 +276,15 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             }
             if unknown_owner {
                 let _ = rt.workers.send(WorkerMsg::Soon);
+            }
+            // A socket that reached CLOSE while its program still held it died under the program
+            // (a reset, an abort): see whether the program lets go of it.
+            if events.iter().any(|e| {
+                e.had_file
+                    && e.kind == crate::model::observe::EventKind::State
+                    && e.state == monitor_common::tcp_state::CLOSE
+            }) {
+                let _ = rt.workers.send(WorkerMsg::HeldSoon);
             }
             if unknown_netns {
                 // A namespace the agent does not know yet (a container just started).
@@ -284,6 +327,13 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             // The worker reports a namespace's failure once per streak: log each report.
             warn!(failures = s.snapshot_failures, netns = ?netns, "reading a TCP table failed: {error}");
             s.last_snapshot_error = Some(error);
+        }
+        Msg::Held { found, scope, owners } => {
+            let now = sys::monotonic_ns();
+            let table = &state.table;
+            state
+                .held
+                .apply(now, &found, &scope, &owners, &|inode| table.addrs_of_inode(inode));
         }
         Msg::Namespaces { scope, spaces, gone } => {
             let now = sys::monotonic_ns();

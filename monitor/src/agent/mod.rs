@@ -56,6 +56,12 @@ pub enum Msg {
         netns: Option<crate::model::observe::NetnsId>,
         error: String,
     },
+    /// Descriptors held to dead TCP sockets: every process's (eBPF) or the watched ones' (poll).
+    Held {
+        found: Vec<crate::model::observe::DeadFd>,
+        scope: crate::track::held::HeldScope,
+        owners: HashMap<u32, Arc<crate::model::observe::Owner>>,
+    },
     /// The namespaces found (with their sysctls and last errors), and those that are gone.
     Namespaces {
         /// Which namespaces are watched, in words.

@@ -198,15 +198,14 @@ impl State {
             Details::Zombie(c) if c.ppid == pid && f.active => Some(c.clone()),
             _ => None,
         });
-        let dead_sockets = findings
-            .iter()
-            .filter(|f| f.active && f.subject.process().is_some_and(|p| p.pid == pid))
-            .find_map(|f| match &f.details {
-                Details::Held { sockets, .. } => Some(sockets.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
         let now = sys::monotonic_ns();
+        // What the process holds dead now (also before a finding opens for it).
+        let dead_sockets = self
+            .held
+            .by_pid(now)
+            .remove(&pid)
+            .map(|h| h.sockets)
+            .unwrap_or_default();
         let mine: Vec<Flow> = self
             .table
             .iter()
@@ -387,7 +386,13 @@ impl State {
                 },
             },
             Request::Profiles {} => Reply::ok(&self.policy.eviction.profiles),
-            Request::Ledger {} => Reply::ok(&self.detect.ledger.rows(&self.policy.services)),
+            Request::Ledger {} => {
+                let mut rows = self.detect.ledger.rows(&self.policy.services);
+                for r in &mut rows {
+                    r.restart = self.remedies.restart.notes.get(&r.service).cloned();
+                }
+                Reply::ok(&rows)
+            }
             Request::Remedy {
                 action,
                 target,

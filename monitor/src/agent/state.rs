@@ -32,6 +32,7 @@ pub struct Remedies {
     pub keepalive: KeepaliveRemedy,
     pub close: CloseRemedy,
     pub sigchld: SigchldRemedy,
+    pub restart: crate::remedy::restart::RestartRemedy,
 }
 
 /// A network namespace as the state owner knows it.
@@ -98,6 +99,8 @@ impl Stats {
 /// Everything the state owner keeps.
 pub struct State {
     pub table: FlowTable,
+    /// Descriptors held to dead TCP sockets.
+    pub held: crate::track::held::HeldTracker,
     pub zombies: ZombieTracker,
     pub detect: Detectors,
     pub remedies: Remedies,
@@ -119,6 +122,7 @@ impl State {
     pub fn new(policy: Policy, info: Info) -> Self {
         State {
             table: FlowTable::default(),
+            held: Default::default(),
             zombies: ZombieTracker::default(),
             detect: Detectors::default(),
             remedies: Remedies::default(),

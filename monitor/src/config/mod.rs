@@ -306,6 +306,10 @@ pub struct LeaksSection {
     /// slot is still taken.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub release_grace: Duration,
+    /// A descriptor held to a dead TCP socket this long is reported (`dead-socket-held`): the
+    /// program missed the socket's end and keeps its slot.
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    pub held_after: Duration,
 }
 
 impl Default for LeaksSection {
@@ -320,6 +324,7 @@ impl Default for LeaksSection {
             close: RemedyMode::DryRun,
             quiet_for: Duration::from_secs(30),
             release_grace: Duration::from_secs(10),
+            held_after: Duration::from_secs(30),
         }
     }
 }

@@ -102,6 +102,7 @@ impl Config {
         range(self.eviction.margin, Duration::ZERO, DAY, "eviction", "margin")?;
         let l = &self.leaks;
         range(l.close_wait_after, SECS(1), DAY, "leaks", "close_wait_after")?;
+        range(l.held_after, SECS(1), DAY, "leaks", "held_after")?;
         range(l.fin_wait2_after, SECS(1), DAY, "leaks", "fin_wait2_after")?;
         range(l.last_ack_after, SECS(1), DAY, "leaks", "last_ack_after")?;
         range(l.half_open_silence, SECS(1), DAY, "leaks", "half_open_silence")?;

@@ -12,7 +12,7 @@ use crate::findings::{Family, Key, Scope, Verdict};
 use crate::model::finding::{Details, FindingKind, Severity, Subject};
 use crate::model::flow::Flow;
 use crate::model::leaks::{Evidence, StuckSocket};
-use crate::model::observe::{Timer, state_name};
+use crate::model::observe::{Owner, Timer, state_name};
 use crate::model::time::{Nanos, fmt_ms, ms};
 
 /// Sockets listed in a finding's details.
@@ -90,24 +90,31 @@ pub fn leaked<'a>(flows: impl Iterator<Item = &'a Flow>, now: Nanos, cfg: &Leaks
 /// The service a flow belongs to: the first matching [[services]] entry, else its unit,
 /// cgroup or command.
 pub fn service_of(f: &Flow, services: &[ServiceConfig]) -> Option<String> {
-    let o = f.owner.as_ref()?;
+    Some(service_of_owner(
+        f.owner.as_ref()?,
+        Some(f.local.port()),
+        services,
+    ))
+}
+
+/// The service of a process (and local port, when known): the first configured service it
+/// matches, else its unit, its cgroup, or its command.
+pub fn service_of_owner(o: &Owner, local_port: Option<u16>, services: &[ServiceConfig]) -> String {
     for s in services {
         let ok = s.comm.as_ref().is_none_or(|c| &o.comm == c)
             && s.unit.as_ref().is_none_or(|u| o.unit.as_ref() == Some(u))
             && s.cgroup
                 .as_ref()
                 .is_none_or(|c| o.cgroup.as_ref().is_some_and(|g| g.starts_with(c.as_str())))
-            && s.port.is_none_or(|p| f.local.port() == p);
+            && s.port.is_none_or(|p| local_port == Some(p));
         if ok {
-            return Some(s.name.clone());
+            return s.name.clone();
         }
     }
-    Some(
-        o.unit
-            .clone()
-            .or_else(|| o.cgroup.clone().filter(|c| c != "/"))
-            .unwrap_or_else(|| o.comm.clone()),
-    )
+    o.unit
+        .clone()
+        .or_else(|| o.cgroup.clone().filter(|c| c != "/"))
+        .unwrap_or_else(|| o.comm.clone())
 }
 
 /// A socket proven dead, that the close remedy may abort.

@@ -2,6 +2,7 @@
 //! (and an [`Env`] for the few host facts it needs) and returns verdicts for the finding store;
 //! none of them acts. Unit tests drive them with a fake clock and a fake host.
 pub mod eviction;
+pub mod held;
 pub mod leaks;
 pub mod ledger;
 pub mod zombies;

@@ -274,7 +274,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         tp_keepalive_time: tp("keepalive_time")?,
         tp_keepalive_intvl: tp("keepalive_intvl")?,
         tp_keepalive_probes: tp("keepalive_probes")?,
-        _reserved0: 0,
+        socket_sk: btf.offset("socket", "sk")?,
         task_pid: btf.offset("task_struct", "pid")?,
         task_tgid: btf.offset("task_struct", "tgid")?,
         task_real_parent: btf.offset("task_struct", "real_parent")?,
@@ -282,7 +282,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         file_f_inode: btf.offset("file", "f_inode")?,
         inode_i_mode: btf.offset("inode", "i_mode")?,
         inode_i_ino: btf.offset("inode", "i_ino")?,
-        _reserved: 0,
+        file_private_data: btf.offset("file", "private_data")?,
     })
 }
 

@@ -2,11 +2,12 @@
 use std::mem::size_of;
 
 use monitor_common::{
-    EventRecord, ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind, proc_kind,
+    EventRecord, OwnerRecord, ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind,
+    proc_kind, tcp_state,
 };
 
 use crate::model::observe::{
-    Event, EventKind, PidHint, ProcEvent, ProcEventKind, SockSample, TcpSample, Timer, sockaddr,
+    DeadFd, Event, EventKind, PidHint, ProcEvent, ProcEventKind, SockSample, TcpSample, Timer, sockaddr,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -75,6 +76,7 @@ pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
         remote: sockaddr(ipver, &arr16(b, 40), u16_at(b, 58)),
         pid_hint: (in_process && pid != 0).then_some(PidHint { pid, comm }),
         err: u32_at(b, 60) as i32,
+        had_file: u32_at(b, 84) & monitor_common::event_flag::HAD_FILE != 0,
     })
 }
 
@@ -134,6 +136,40 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         uid: u32_at(b, o!(uid)),
         tcp,
     })
+}
+
+/// Decodes one socket-file record of the task_file iterator.
+pub fn owner(bytes: &[u8]) -> Result<OwnerRecord, DecodeError> {
+    let b = exact::<{ size_of::<OwnerRecord>() }>(bytes)?;
+    Ok(OwnerRecord {
+        inode: u64_at(b, 0),
+        tgid: u32_at(b, 8),
+        fd: u32_at(b, 12),
+        family: u16_at(b, 16),
+        protocol: b[18],
+        state: b[19],
+        sport: u16_at(b, 20),
+        dport: u16_at(b, 22),
+    })
+}
+
+/// The descriptor of `r` if it holds a dead TCP socket: an IPv4/IPv6 TCP socket in state CLOSE
+/// that was connected (it has a remote port; a socket not yet connected has none).
+pub fn dead_fd(r: &OwnerRecord) -> Option<DeadFd> {
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    const IPPROTO_TCP: u8 = 6;
+    ((r.family == AF_INET || r.family == AF_INET6)
+        && r.protocol == IPPROTO_TCP
+        && r.state == tcp_state::CLOSE
+        && r.dport != 0)
+        .then_some(DeadFd {
+            pid: r.tgid,
+            fd: r.fd,
+            inode: r.inode,
+            sport: r.sport,
+            dport: r.dport,
+        })
 }
 
 /// Decodes one process lifecycle record.

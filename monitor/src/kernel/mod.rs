@@ -5,6 +5,7 @@ pub mod btf;
 pub mod cgroups;
 pub mod decode;
 pub mod ebpf;
+pub mod held;
 pub mod netns;
 pub mod owners;
 pub mod probes;

@@ -24,6 +24,11 @@ pub fn read_stat(pid: u32) -> Option<ProcStat> {
     stat_of(&process(pid)?)
 }
 
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    read_stat(pid).is_some_and(|s| s.state != 'Z')
+}
+
 pub fn read_signals(pid: u32) -> Option<ProcSignals> {
     let s = process(pid)?.status().ok()?;
     Some(ProcSignals {

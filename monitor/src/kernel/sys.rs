@@ -242,7 +242,13 @@ pub fn is_tcp(fd: BorrowedFd<'_>) -> bool {
 /// The TCP state of a socket (the first byte of struct tcp_info), e.g. 7 (CLOSE) for an aborted
 /// one. nix 0.32 has no TCP_INFO option.
 pub fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
-    let mut buf = [0u8; 8];
+    tcp_state_and_segs(fd).map(|(s, _)| s)
+}
+
+/// The TCP state and the segments received plus sent (`tcpi_segs_in` + `tcpi_segs_out`, at
+/// offsets 140 and 136 of struct tcp_info): a socket never connected has sent and received none.
+pub fn tcp_state_and_segs(fd: BorrowedFd<'_>) -> Option<(u8, u64)> {
+    let mut buf = [0u8; 144];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `buf`, which we own.
     let rc = unsafe {
@@ -254,7 +260,16 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
             &mut len,
         )
     };
-    (rc == 0 && len >= 1).then_some(buf[0])
+    if rc != 0 || len < 1 {
+        return None;
+    }
+    let at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+    let segs = if len >= 144 {
+        u64::from(at(136)) + u64::from(at(140))
+    } else {
+        0
+    };
+    Some((buf[0], segs))
 }
 
 /// shutdown(2) both directions.

@@ -153,7 +153,12 @@ pub enum ActionValues {
     /// Zombie children of a parent.
     Zombies { zombies: usize, pids: Vec<u32> },
     /// A service's sessions around a restart.
-    Sessions { live: u64, held: u64, pids: Vec<u32> },
+    Sessions {
+        live: u64,
+        leaked: u64,
+        held: u64,
+        pids: Vec<u32>,
+    },
 }
 
 /// One remedy attempt (or plan, in dry-run) and its result.

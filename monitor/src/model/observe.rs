@@ -42,6 +42,8 @@ pub struct Event {
     /// Set only where the event is known to run in the owner's process context.
     pub pid_hint: Option<PidHint>,
     pub err: i32,
+    /// A process still held a descriptor to the socket at the event.
+    pub had_file: bool,
 }
 
 /// Which timer the kernel has armed on a socket (inet_diag `idiag_timer` semantics).
@@ -130,6 +132,19 @@ pub struct Snapshot {
     pub filtered_idle_ms: Option<u64>,
     /// TIME_WAIT sockets in the namespace (left out of `socks`; counted from sockstat).
     pub time_wait: Option<u64>,
+}
+
+/// A descriptor a process holds to a TCP socket that is in no TCP table any more: state CLOSE
+/// after a reset, an abort or SOCK_DESTROY, but once connected (lsof: "can't identify
+/// protocol"; ss does not show it). The session's slot is still taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeadFd {
+    pub pid: u32,
+    pub fd: u32,
+    pub inode: u64,
+    /// Local and remote port while it was connected (0 if unknown).
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// The owner of a socket: the process holding its file.

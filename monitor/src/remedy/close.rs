@@ -85,8 +85,11 @@ pub struct CloseRemedy {
     closed: HashSet<u64>,
     planned: HashSet<u64>,
     waiting: Vec<Release>,
-    /// Cookie -> (pid, fd) of closes the owner never released: their slot is still taken.
-    unreleased: HashMap<u64, (u32, Option<i32>)>,
+    /// Cookie -> (pid, fd, socket inode) of closes the owner never released: their slot is still taken.
+    unreleased: HashMap<u64, (u32, Option<i32>, u64)>,
+    /// Cookie -> (service, pid, inode) of closes of a ledger service's sockets whose release is
+    /// not known: the slot counts as taken until the owner is seen letting go.
+    doubt: HashMap<u64, (String, u32, u64)>,
     limit: Option<RateLimit>,
 }
 
@@ -176,6 +179,9 @@ impl CloseRemedy {
                         let text = match owner {
                             Some(pid) => {
                                 let fd = procfs::fd_of(pid, f.inode);
+                                if let Some(svc) = service_of(&f, services) {
+                                    self.doubt.insert(f.cookie, (svc, pid, f.inode));
+                                }
                                 self.waiting.push(Release {
                                     finding,
                                     cookie: f.cookie,
@@ -235,12 +241,15 @@ impl CloseRemedy {
             let held = holders.holds(r.pid, r.inode);
             let fd = r.fd.map_or("?".into(), |d| d.to_string());
             let outcome = match held {
-                Some(false) => Outcome::new(
-                    OutcomeStatus::Succeeded,
-                    format!("closed via {}; pid {} released fd {fd}", r.via, r.pid),
-                ),
+                Some(false) => {
+                    self.doubt.remove(&r.cookie);
+                    Outcome::new(
+                        OutcomeStatus::Succeeded,
+                        format!("closed via {}; pid {} released fd {fd}", r.via, r.pid),
+                    )
+                }
                 Some(true) | None if now >= r.deadline => {
-                    self.unreleased.insert(r.cookie, (r.pid, r.fd));
+                    self.unreleased.insert(r.cookie, (r.pid, r.fd, r.inode));
                     Outcome::new(
                         OutcomeStatus::Ineffective,
                         format!(
@@ -264,6 +273,21 @@ impl CloseRemedy {
         out
     }
 
+    /// The processes of closes waiting for their release or not released.
+    pub fn owners(&self) -> Vec<u32> {
+        self.waiting
+            .iter()
+            .map(|r| r.pid)
+            .chain(self.unreleased.values().map(|(p, _, _)| *p))
+            .collect()
+    }
+
+    /// Closes of ledger services' sockets whose owner has not been seen releasing them:
+    /// (service, pid, socket inode). The ledger counts them as held until it knows better.
+    pub fn not_yet_released(&self) -> impl Iterator<Item = (&str, u32, u64)> {
+        self.doubt.values().map(|(s, p, i)| (s.as_str(), *p, *i))
+    }
+
     /// Closes still waiting for the owner's release.
     pub fn pending(&self) -> usize {
         self.waiting.len()
@@ -271,7 +295,7 @@ impl CloseRemedy {
 
     /// Whether a close of this flow was not released by its owner.
     pub fn unreleased(&self, cookie: u64) -> Option<(u32, Option<i32>)> {
-        self.unreleased.get(&cookie).copied()
+        self.unreleased.get(&cookie).map(|(p, fd, _)| (*p, *fd))
     }
 
     /// Forgets closed cookies (their sockets are gone from the tables); an unreleased close is
@@ -293,9 +317,31 @@ impl CloseRemedy {
         self.planned.retain(|c| live.contains(c));
     }
 
+    /// Releases the unreleased closes whose owner has let go of the descriptor (closed it,
+    /// exited, or was restarted). `sockets(pid)` is the socket inodes the process holds, None
+    /// when it is gone; called once per owner with unreleased closes.
+    pub fn settle(&mut self, sockets: &mut dyn FnMut(u32) -> Option<HashSet<u64>>) {
+        if self.unreleased.is_empty() {
+            return;
+        }
+        let mut by_pid: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
+        for (cookie, (pid, _, inode)) in &self.unreleased {
+            by_pid.entry(*pid).or_default().push((*cookie, *inode));
+        }
+        for (pid, socks) in by_pid {
+            let held = sockets(pid);
+            for (cookie, inode) in socks {
+                if held.as_ref().is_none_or(|h| !h.contains(&inode)) {
+                    self.release(cookie);
+                }
+            }
+        }
+    }
+
     /// The owner finally released an unreleased close.
     pub fn release(&mut self, cookie: u64) {
         self.unreleased.remove(&cookie);
+        self.doubt.remove(&cookie);
         self.closed.remove(&cookie);
     }
 }

@@ -3,6 +3,7 @@
 //! through pidfds, and reports a refusal once instead of retrying it.
 pub mod close;
 pub mod keepalive;
+pub mod restart;
 pub mod sigchld;
 
 use std::collections::VecDeque;

@@ -121,6 +121,20 @@ impl FlowTable {
         }
     }
 
+    /// Where the socket with this inode was connected, if a flow (live or recently closed) had it.
+    pub fn addrs_of_inode(&self, inode: u64) -> Option<(SocketAddr, SocketAddr)> {
+        if inode == 0 {
+            return None;
+        }
+        self.closed
+            .iter()
+            .rev()
+            .map(|(f, _)| f)
+            .chain(self.flows.values())
+            .find(|f| f.inode == inode)
+            .map(|f| (f.local, f.remote))
+    }
+
     /// Applies one kernel event. Returns true if it created a flow whose owner is unknown.
     pub fn apply_event(&mut self, e: &Event) -> bool {
         if self.tombstones.contains_key(&e.cookie) {

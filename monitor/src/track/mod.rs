@@ -1,3 +1,4 @@
 //! State fed by observations: the flow table and the zombie tracker. The detectors judge it.
 pub mod flows;
+pub mod held;
 pub mod zombies;

@@ -29,6 +29,11 @@ pub enum WorkerMsg {
     Keepalive(Vec<KaRequest>),
     /// A reload changed the pacing (or the keepalive-at-connect values).
     Pacing(Pacing),
+    /// eBPF mode: a socket died while a process still held it: look for dead descriptors soon.
+    HeldSoon,
+    /// Poll mode: the processes whose descriptors to dead sockets are looked for (ledger
+    /// services, processes with leak findings or closes).
+    HeldPids(Vec<u32>),
     Stop,
 }
 

@@ -40,6 +40,13 @@ fn discover_every(pacing: &Pacing, ebpf: bool) -> Duration {
     };
     every.max(DISCOVER_SPACING)
 }
+/// After a socket died under its program (eBPF), look for held descriptors this much later (a
+/// program that notices closes it within this time and is not reported).
+const HELD_AFTER_DEATH: Duration = Duration::from_secs(1);
+/// While dead descriptors are known, look again this often (releases, growth).
+const HELD_WATCH: Duration = Duration::from_secs(10);
+/// Poll mode: how often the watched processes' descriptors are looked at.
+const HELD_POLL_EVERY: Duration = Duration::from_secs(5);
 /// How often each namespace's sysctls are read.
 const FACTS_EVERY: Duration = Duration::from_secs(10);
 
@@ -250,6 +257,15 @@ pub fn snapshot_worker(
     let mut scope = Scope::new(pacing.all_netns, &can_enter);
     let mut spaces: Vec<NsEntry> = Vec::new();
     let mut counters: HashMap<NetnsId, SockstatFiles> = HashMap::new();
+    // Namespaces whose last table sent was empty: another empty one changes nothing and is not
+    // sent (50 idle namespaces cost no messages), except in complete rounds.
+    let mut quiet: HashSet<NetnsId> = HashSet::new();
+    let mut last_heal: Option<Instant> = None;
+    // Descriptors held to dead sockets.
+    let mut held_probe = crate::kernel::held::HeldProbe::default();
+    let mut held_pids: Vec<u32> = Vec::new();
+    let mut held_due: Option<Instant> = Some(Instant::now() + HELD_AFTER_DEATH);
+    let mut live_inodes: HashSet<u64> = HashSet::new();
     let mut discovered: Option<Instant> = None;
     let mut discover_asked = false;
     let ebpf = matches!(source, Source::Ebpf(_));
@@ -266,6 +282,7 @@ pub fn snapshot_worker(
             scope.changed = false;
             // The open sockstat files keep their namespace alive: close those of namespaces gone.
             counters.retain(|id, _| spaces.iter().any(|e| e.found.handle.id == *id));
+            quiet.retain(|id| spaces.iter().any(|e| e.found.handle.id == *id));
             match found {
                 None => return,
                 // A namespace found now is read at once.
@@ -279,6 +296,11 @@ pub fn snapshot_worker(
                 || pacing.filter_idle_ms.is_none()
                 || last_full.is_none_or(|t| t.elapsed() >= pacing.full_every);
             let filter = if full { None } else { pacing.filter_idle_ms };
+            // Every full interval, empty tables are sent too (heals a flow a lost event left).
+            let heal = last_heal.is_none_or(|t| t.elapsed() >= pacing.full_every);
+            if heal {
+                last_heal = Some(now);
+            }
             let mut snaps = Vec::with_capacity(spaces.len());
             let mut cost = Duration::ZERO;
             let mut errors_changed = false;
@@ -297,7 +319,12 @@ pub fn snapshot_worker(
                         if e.error.take().is_some() {
                             errors_changed = true;
                         }
-                        snaps.push(s);
+                        if !s.socks.is_empty() {
+                            quiet.remove(&id);
+                            snaps.push(s);
+                        } else if quiet.insert(id) || heal {
+                            snaps.push(s);
+                        }
                     }
                     Err(err) => {
                         if e.error.as_ref() != Some(&err) {
@@ -324,6 +351,9 @@ pub fn snapshot_worker(
             }
             let all_socks: Vec<&crate::model::observe::SockSample> =
                 snaps.iter().flat_map(|s| s.socks.iter()).collect();
+            if full && !ebpf {
+                live_inodes = all_socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
+            }
             if full && !snaps.is_empty() {
                 last_full = Some(now);
                 resolver.prune(&all_socks);
@@ -375,6 +405,47 @@ pub fn snapshot_worker(
                 }
             }
         }
+        if held_due.is_some_and(|t| Instant::now() >= t) {
+            let (found, scope) = match &mut source {
+                Source::Ebpf(l) => match l.socket_files() {
+                    Ok(files) => (
+                        files.iter().filter_map(crate::kernel::decode::dead_fd).collect(),
+                        Some(crate::track::held::HeldScope::Host),
+                    ),
+                    Err(e) => {
+                        tracing::warn!("the socket-file iterator failed: {e}");
+                        (Vec::new(), None)
+                    }
+                },
+                Source::Poll => (
+                    held_probe.check(&held_pids, &live_inodes),
+                    Some(crate::track::held::HeldScope::Pids(held_pids.clone())),
+                ),
+            };
+            let held_known = !found.is_empty();
+            let owners: HashMap<u32, std::sync::Arc<crate::model::observe::Owner>> = found
+                .iter()
+                .map(|d| d.pid)
+                .collect::<HashSet<u32>>()
+                .into_iter()
+                .filter_map(|p| Some((p, std::sync::Arc::new(crate::kernel::procfs::describe(p)?))))
+                .collect();
+            if let Some(scope) = scope
+                && tx.blocking_send(Msg::Held { found, scope, owners }).is_err()
+            {
+                return;
+            }
+            held_due = Some(
+                Instant::now()
+                    + if !ebpf {
+                        HELD_POLL_EVERY
+                    } else if held_known {
+                        HELD_WATCH
+                    } else {
+                        pacing.full_every
+                    },
+            );
+        }
         let next_discovery = discovered.map_or(Duration::ZERO, |t| {
             let every = if discover_asked {
                 DISCOVER_SPACING
@@ -383,7 +454,11 @@ pub fn snapshot_worker(
             };
             every.saturating_sub(t.elapsed())
         });
-        let wait = due.saturating_duration_since(Instant::now()).min(next_discovery);
+        let next_held = held_due.map_or(Duration::MAX, |t| t.saturating_duration_since(Instant::now()));
+        let wait = due
+            .saturating_duration_since(Instant::now())
+            .min(next_discovery)
+            .min(next_held);
         match rx.recv_timeout(wait) {
             Ok(WorkerMsg::Keepalive(reqs)) => {
                 let results = source.keepalive(&reqs, &spaces);
@@ -399,6 +474,11 @@ pub fn snapshot_worker(
                 due = due.min(soon);
             }
             Ok(WorkerMsg::Discover) => discover_asked = true,
+            Ok(WorkerMsg::HeldSoon) => {
+                let soon = Instant::now() + HELD_AFTER_DEATH;
+                held_due = Some(held_due.map_or(soon, |t| t.min(soon)));
+            }
+            Ok(WorkerMsg::HeldPids(p)) => held_pids = p,
             Ok(WorkerMsg::Pacing(p)) => {
                 if p.connect_values != pacing.connect_values
                     && let Source::Ebpf(l) = &mut source

@@ -18,6 +18,7 @@ fn ev_bytes(r: &EventRecord) -> Vec<u8> {
     b[60..64].copy_from_slice(&r.err.to_ne_bytes());
     b[64..80].copy_from_slice(&words(r.comm));
     b[80..84].copy_from_slice(&r.netns.to_ne_bytes());
+    b[84..88].copy_from_slice(&r.flags.to_ne_bytes());
     b
 }
 
@@ -57,7 +58,7 @@ fn rec(kind: u8, new_state: u8) -> EventRecord {
         err: 0,
         comm: unwords(comm),
         netns: 4_026_531_840,
-        _pad: 0,
+        flags: monitor_common::event_flag::HAD_FILE,
     }
 }
 
@@ -69,6 +70,7 @@ fn decodes_a_connect_with_its_owner() {
     assert_eq!(e.local.to_string(), "10.0.0.1:40000");
     assert_eq!(e.remote.to_string(), "10.0.0.2:22");
     assert_eq!(e.netns, 4_026_531_840);
+    assert!(e.had_file);
     assert_eq!(
         e.pid_hint,
         Some(PidHint {

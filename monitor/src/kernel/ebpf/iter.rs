@@ -78,22 +78,13 @@ impl Loaded {
         let rec = std::mem::size_of::<OwnerRecord>();
         Ok(buf
             .chunks_exact(rec)
-            .map(|c| OwnerRecord {
-                inode: u64::from_ne_bytes(c[0..8].try_into().unwrap_or_default()),
-                tgid: u32::from_ne_bytes(c[8..12].try_into().unwrap_or_default()),
-                fd: u32::from_ne_bytes(c[12..16].try_into().unwrap_or_default()),
-            })
+            .filter_map(|c| decode::owner(c).ok())
             .collect())
     }
 
     /// Socket inode -> owning process (the first holder wins, as in a /proc walk).
     pub fn owners(&mut self) -> Result<HashMap<u64, u32>, EbpfError> {
-        let files = self.socket_files()?;
-        let mut out = HashMap::with_capacity(files.len());
-        for f in files {
-            out.entry(f.inode).or_insert(f.tgid);
-        }
-        Ok(out)
+        Ok(owner_map(&self.socket_files()?))
     }
 
     /// Applies or reads keepalive on exactly the requested sockets of namespace `ns`, in the
@@ -170,4 +161,14 @@ impl Loaded {
         }
         Ok(out)
     }
+}
+
+/// Socket inode -> owning process from the task_file records (the first holder wins, as in a
+/// /proc walk).
+pub fn owner_map(files: &[OwnerRecord]) -> HashMap<u64, u32> {
+    let mut out = HashMap::with_capacity(files.len());
+    for f in files {
+        out.entry(f.inode).or_insert(f.tgid);
+    }
+    out
 }

@@ -130,6 +130,41 @@ fn closes_only_quiet_dead_sockets_once_and_checks_the_owner_released_them() {
         of(2).outcome.text
     );
     assert_eq!(r.unreleased(2).map(|u| u.0), Some(50));
+    // Still held: it stays unreleased. Let go of (or the process gone): released.
+    r.settle(&mut |_| Some(HashSet::from([2, 9])));
+    assert!(r.unreleased(2).is_some());
+    r.settle(&mut |_| Some(HashSet::from([9])));
+    assert!(r.unreleased(2).is_none(), "the descriptor was closed");
+}
+
+#[test]
+fn a_ledger_service_close_counts_as_held_until_the_owner_lets_go() {
+    let mut store = FindingStore::default();
+    let mut r = CloseRemedy::default();
+    let mut closer = FakeCloser(Vec::new());
+    let flows = [flow(1, tcp_state::CLOSE_WAIT, 0, 90_000)];
+    let svc = vec![ServiceConfig {
+        name: "bridge".into(),
+        comm: Some("bridge".into()),
+        ..Default::default()
+    }];
+    let c = cfg(RemedyMode::Enforce);
+    let p = evaluate(100 * S, flows.iter(), &c, &FakeEnv::default());
+    store.reconcile(Family::Stuck, p.stuck, 100 * S, |_, _| "gone".into());
+    let lookup = |ck: u64| flows.iter().find(|f| f.cookie == ck).cloned();
+    r.consider(100 * S, &p.candidates, &lookup, &c, &svc, &mut closer, &mut store);
+    assert_eq!(closer.0, vec![1]);
+    assert_eq!(r.not_yet_released().collect::<Vec<_>>(), vec![("bridge", 50, 1)]);
+    // Past the grace period, still held: in doubt until the process is gone.
+    r.verify(200 * S, &mut FakeHolders(HashSet::from([1])), &mut store);
+    assert_eq!(r.not_yet_released().count(), 1);
+    r.settle(&mut |_| None);
+    assert_eq!(
+        r.not_yet_released().count(),
+        0,
+        "the process exited: the slot is free"
+    );
+    assert!(r.unreleased(1).is_none());
 }
 
 #[test]

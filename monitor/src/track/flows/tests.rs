@@ -16,6 +16,7 @@ fn ev(cookie: u64, state: u8, ts: Nanos) -> Event {
         remote: "10.0.0.2:22".parse().unwrap(),
         pid_hint: None,
         err: 0,
+        had_file: false,
     }
 }
 

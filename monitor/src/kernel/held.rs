@@ -1,0 +1,127 @@
+//! Descriptors held to dead TCP sockets, found without eBPF: socket inodes in /proc/PID/fd that
+//! are in no TCP table, confirmed through a duplicate of the descriptor (pidfd_getfd): a TCP
+//! socket in state CLOSE that once carried segments. (eBPF mode reads the same from the
+//! task_file iterator, for every process at once.)
+//!
+//! The cost is bounded: only the processes asked about are walked, each socket is confirmed once
+//! (a socket that is not TCP stays so; a dead one stays dead), and at most `MAX_CONFIRM`
+//! duplicates are made per call.
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
+
+use monitor_common::tcp_state;
+
+use super::{procfs, sys};
+use crate::model::observe::DeadFd;
+
+/// Descriptors duplicated per call at most (each costs a pidfd_getfd and two getsockopt).
+const MAX_CONFIRM: usize = 256;
+
+#[derive(Default)]
+pub struct HeldProbe {
+    /// (pid, inode) -> dead (Some) or not a TCP socket (None): settled answers.
+    settled: HashMap<(u32, u64), Option<DeadFd>>,
+}
+
+impl HeldProbe {
+    /// The dead TCP sockets `pids` hold: their socket descriptors whose inode is not in `live`
+    /// (every inode the latest complete tables listed), confirmed one by one.
+    pub fn check(&mut self, pids: &[u32], live: &HashSet<u64>) -> Vec<DeadFd> {
+        let mut out = Vec::new();
+        let mut budget = MAX_CONFIRM;
+        let mut seen: HashSet<(u32, u64)> = HashSet::new();
+        for &pid in pids {
+            for (fd, inode) in procfs::socket_fds(pid) {
+                if live.contains(&inode) {
+                    continue;
+                }
+                let key = (pid, inode);
+                seen.insert(key);
+                if let Some(settled) = self.settled.get(&key) {
+                    out.extend(settled.iter().map(|d| DeadFd { fd: fd as u32, ..*d }));
+                    continue;
+                }
+                if budget == 0 {
+                    continue;
+                }
+                budget -= 1;
+                let Ok(dup) = sys::socket_of(pid, inode) else {
+                    continue;
+                };
+                if !sys::is_tcp(dup.as_fd()) {
+                    self.settled.insert(key, None);
+                    continue;
+                }
+                // A TCP socket out of every table: dead if closed after carrying segments (one
+                // not yet connected, or in flight between tables, is looked at again later).
+                if let Some((tcp_state::CLOSE, segs)) = sys::tcp_state_and_segs(dup.as_fd())
+                    && segs > 0
+                {
+                    let d = DeadFd {
+                        pid,
+                        fd: fd as u32,
+                        inode,
+                        sport: 0,
+                        dport: 0,
+                    };
+                    self.settled.insert(key, Some(d));
+                    out.push(d);
+                }
+            }
+        }
+        // Forget what the asked-about processes no longer hold.
+        let asked: HashSet<u32> = pids.iter().copied().collect();
+        self.settled
+            .retain(|k, _| !asked.contains(&k.0) || seen.contains(k));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_descriptor_to_a_reset_socket_and_not_a_live_one() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_live_peer, _) = l.accept().unwrap();
+        let dead = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        // The peer resets the connection (SO_LINGER 0 then close): `dead` is CLOSE, still held.
+        nix::sys::socket::setsockopt(
+            &peer,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        drop(peer);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let inode = |s: &std::net::TcpStream| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(s)))
+                .unwrap()
+                .ino()
+        };
+        let unix = std::os::unix::net::UnixStream::pair().unwrap();
+        // Everything but these sockets is "in a table" for this check.
+        let all: HashSet<u64> = procfs::socket_fds(std::process::id())
+            .into_iter()
+            .map(|(_, i)| i)
+            .filter(|&i| i != inode(&dead) && i != inode(&live))
+            .collect();
+        let mut live_set = all.clone();
+        live_set.insert(inode(&live));
+        let mut probe = HeldProbe::default();
+        let found = probe.check(&[std::process::id()], &live_set);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].inode, inode(&dead));
+        // The live socket, left out of the table on purpose, is TCP but not CLOSE: not dead.
+        let found = probe.check(&[std::process::id()], &all);
+        assert_eq!(found.iter().filter(|d| d.inode == inode(&live)).count(), 0);
+        drop(unix);
+    }
+}
