@@ -254,6 +254,16 @@ pub const NAT_SERVER_IP: &str = "10.77.2.2";
 
 impl NatBed {
     pub fn new(ct_timeout_s: u32) -> Self {
+        Self::build(ct_timeout_s, false)
+    }
+
+    /// The same bed, but the router answers packets of flows it forgot with a TCP reset (as
+    /// some firewalls and load balancers do) instead of dropping them.
+    pub fn rejecting(ct_timeout_s: u32) -> Self {
+        Self::build(ct_timeout_s, true)
+    }
+
+    fn build(ct_timeout_s: u32, reset: bool) -> Self {
         let (client, router, server) = (Netns::new("nc"), Netns::new("nr"), Netns::new("ns"));
         sh(&[
             "ip",
@@ -304,8 +314,11 @@ impl NatBed {
             &format!("net.netfilter.nf_conntrack_tcp_timeout_established={ct_timeout_s}"),
         ]);
         router.run(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
-        let rules = "table ip hfnat {\n chain postrouting { type nat hook postrouting priority 100; oifname \"rs0\" masquerade; }\n}\n\
-                     table inet hffilter {\n chain forward { type filter hook forward priority 0; ct state invalid drop; }\n}\n";
+        let verdict = if reset { "reject with tcp reset" } else { "drop" };
+        let rules = format!(
+            "table ip hfnat {{\n chain postrouting {{ type nat hook postrouting priority 100; oifname \"rs0\" masquerade; }}\n}}\n\
+             table inet hffilter {{\n chain forward {{ type filter hook forward priority 0; ct state invalid {verdict}; }}\n}}\n"
+        );
         let mut nft = Command::new("ip");
         nft.args(["netns", "exec", &router.name, "nft", "-f", "-"])
             .stdin(Stdio::piped());
@@ -448,9 +461,18 @@ impl Agent {
         std::fs::create_dir_all(&dir).expect("agent dir");
         let socket = dir.join("holdfast.sock");
         let config = dir.join("holdfast.toml");
+        // Learnt paths stay with the test (never in the host's /var/lib/holdfast).
+        let learning = if extra_config.contains("[learning]") {
+            String::new()
+        } else {
+            format!(
+                "\n[learning]\nstate_file = \"{}\"\n",
+                dir.join("learned-paths.json").display()
+            )
+        };
         std::fs::write(
             &config,
-            format!("[agent]\nmode = \"{mode}\"\n{agent_lines}\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n{extra_config}"),
+            format!("[agent]\nmode = \"{mode}\"\n{agent_lines}\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n{extra_config}{learning}"),
         )
         .expect("write config");
         let stderr_path = dir.join("agent.stderr");

@@ -15,12 +15,24 @@ use crate::model::time::Nanos;
 use crate::remedy::close::{Closer, Holders};
 use crate::remedy::keepalive::request;
 use crate::remedy::sigchld::Nudger;
+use crate::track::paths::PathKey;
 use crate::track::zombies::ProcView;
 
 /// The host as the detectors see it: routes, names and sysctls per namespace.
 pub struct AgentEnv<'a> {
     pub router: &'a mut Router,
     pub netns: &'a BTreeMap<NetnsId, NetnsInfo>,
+    /// Timeouts learnt per path (State::learned).
+    pub learned: &'a HashMap<PathKey, (u64, String)>,
+}
+
+/// The path key of a flow from `netns` via `gateway` to `dst`.
+fn path_key(netns: &BTreeMap<NetnsId, NetnsInfo>, id: NetnsId, gateway: &str, dst: IpAddr) -> PathKey {
+    PathKey {
+        netns: super::state::netns_name(netns, id).unwrap_or_else(|| format!("net:[{id}]")),
+        gateway: gateway.to_string(),
+        prefix: crate::track::paths::prefix_of(dst),
+    }
 }
 
 impl Env for AgentEnv<'_> {
@@ -39,6 +51,51 @@ impl Env for AgentEnv<'_> {
     }
     fn netns_name(&self, netns: NetnsId) -> Option<String> {
         super::state::netns_name(self.netns, netns)
+    }
+    fn learned(&self, netns: NetnsId, gateway: &str, dst: IpAddr) -> Option<(u64, String)> {
+        if self.learned.is_empty() {
+            return None;
+        }
+        self.learned
+            .get(&path_key(self.netns, netns, gateway, dst))
+            .cloned()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Path learning: breaks from the eviction pass (upper bounds) and survivals the flow table saw
+/// (lower bounds), recorded per path (namespace, gateway, destination prefix).
+fn learn_paths(st: &mut State, breaks: &[(u64, NetnsId, String, IpAddr, u64)]) {
+    let survivals = st.table.take_survivals();
+    if !st.policy.learning.enabled {
+        return;
+    }
+    let t = unix_now();
+    for (cookie, id, gw, dst, idle) in breaks {
+        // A socket holdfast aborted itself (the close remedy) teaches nothing about the path.
+        if st.remedies.close.did_close(*cookie) {
+            continue;
+        }
+        let key = path_key(&st.netns, *id, gw, *dst);
+        st.paths.broke(key, *idle, t);
+    }
+    for (cookie, idle) in survivals {
+        let Some(f) = st.table.get(cookie) else { continue };
+        let (id, dst) = (f.netns, f.remote.ip());
+        let info = st
+            .netns
+            .get(&id)
+            .or_else(|| st.netns.get(&crate::kernel::netns::own_id()));
+        let Some(info) = info else { continue };
+        if let RoutePath::Gateway(gw) = st.router.path(&info.handle, dst) {
+            let key = path_key(&st.netns, id, &gw, dst);
+            st.paths.survived(key, idle, t);
+        }
     }
 }
 
@@ -102,6 +159,7 @@ pub fn flows(
     let mut env = AgentEnv {
         router: &mut st.router,
         netns: &st.netns,
+        learned: &st.learned,
     };
     let pass = st.detect.eviction.evaluate(
         now,
@@ -111,6 +169,7 @@ pub fn flows(
         &mut env,
         &|c| ka.watches(c),
     );
+    learn_paths(st, &pass.breaks);
     for c in &pass.reads {
         if let Some(f) = st.table.get(*c) {
             requests.push(request(f, None));
@@ -170,6 +229,7 @@ pub fn flows(
     let env = AgentEnv {
         router: &mut st.router,
         netns: &st.netns,
+        learned: &st.learned,
     };
     let lp = detect::leaks::evaluate(now, st.table.iter(), &st.policy.leaks, &env);
     let ho_closed: HashSet<u64> = closed.iter().map(|(f, _)| f.cookie).collect();

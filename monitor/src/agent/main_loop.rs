@@ -51,6 +51,7 @@ pub async fn run(
     // Restarts run off this loop; their answers come back here (one per service at a time).
     let (restart_tx, mut restart_rx) = mpsc::unbounded_channel::<(String, Result<String, String>)>();
     let mut refreshed = Instant::now();
+    let mut paths_saved = Instant::now();
     loop {
         let mut step: &str;
         let t0: Instant;
@@ -117,6 +118,15 @@ pub async fn run(
                 let (changes, mut requests) = evaluate::flows(now, state, &mut closer, &mut LiveHolders);
                 state.stats.rounds.flows += 1;
                 rt.sinks.publish(&state.store, changes);
+                // What the flows taught about their paths: a new or changed timeout changes which
+                // flows need a look (the policy's shortest timeout and the kernel filter).
+                if state.relearn() {
+                    repolicy(state, rt);
+                }
+                if state.paths.dirty && paths_saved.elapsed() >= SAVE_PATHS_EVERY {
+                    paths_saved = Instant::now();
+                    save_paths(state, rt);
+                }
                 if !rt.ebpf && !rt.cfg.keepalive.cgroups.is_empty() && rt.cfg.keepalive.mode == crate::config::RemedyMode::Enforce
                     && let Some(v) = state.policy.pacing.connect_values {
                         let cgroups = rt.cfg.keepalive.cgroups.clone();
@@ -183,16 +193,42 @@ fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
     if let Some(n) = state.netns.get_mut(&own) {
         n.facts = crate::kernel::netns::read_facts();
     }
-    let ct = state.netns.values().filter_map(|n| n.facts.conntrack_s).min();
-    let before = state.policy.pacing;
-    state.policy = crate::config::policy::Policy::build(&rt.cfg, rt.ebpf, ct);
-    if state.policy.pacing != before {
-        let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
-    }
+    repolicy(state, rt);
     state.prune();
     state.table.maintain(now);
     // glibc keeps freed pages (in every thread's arena) until asked: after a storm, give them back.
     sys::trim_heap();
+}
+
+/// Rebuilds the policy with the shortest timeouts known outside the configuration (conntrack,
+/// learnt paths) and tells the snapshot thread if its pacing changed.
+fn repolicy(state: &mut State, rt: &mut Runtime) {
+    let before = state.policy.pacing;
+    state.policy = crate::config::policy::Policy::build(&rt.cfg, rt.ebpf, state.shortest_external_s());
+    if state.policy.pacing != before {
+        let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
+    }
+}
+
+/// How often learnt path evidence is written (and at shutdown).
+const SAVE_PATHS_EVERY: Duration = Duration::from_secs(10);
+
+/// Writes the path evidence; a failure is logged once per distinct error.
+pub fn save_paths(state: &mut State, rt: &mut Runtime) {
+    if !rt.cfg.learning.enabled || !state.paths.dirty {
+        return;
+    }
+    match state.paths.save(&rt.cfg.learning.state_file) {
+        Ok(()) => rt.paths_error = None,
+        Err(e) => {
+            if rt.paths_error.as_deref() != Some(e.as_str()) {
+                warn!(
+                    "cannot keep learnt idle timeouts across restarts: {e} (learning.state_file; the unit's StateDirectory=holdfast provides /var/lib/holdfast)"
+                );
+                rt.paths_error = Some(e);
+            }
+        }
+    }
 }
 
 fn status(state: &State, rt: &Runtime) -> crate::ipc::Status {

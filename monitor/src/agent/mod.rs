@@ -106,6 +106,39 @@ pub struct Runtime {
     pub clients: Arc<server::ClientCounters>,
     pub socket_ok: Arc<AtomicBool>,
     pub ebpf: bool,
+    /// The last error writing the learnt paths (reported once).
+    pub paths_error: Option<String>,
+}
+
+/// The learnt path evidence from the state file: a missing file is an empty book; an unreadable
+/// one is moved aside (kept, not overwritten) and learning starts afresh.
+fn load_paths(cfg: &Config) -> crate::track::paths::PathBook {
+    use crate::track::paths::PathBook;
+    if !cfg.learning.enabled {
+        return PathBook::default();
+    }
+    let file = &cfg.learning.state_file;
+    match PathBook::load(file) {
+        Ok(b) => {
+            if !b.is_empty() {
+                info!(paths = b.len(), file = %file.display(), "path evidence loaded");
+            }
+            b
+        }
+        Err(e) => {
+            let aside = file.with_extension("json.bad");
+            let moved = std::fs::rename(file, &aside).is_ok();
+            warn!(
+                "{e}{}",
+                if moved {
+                    format!("; kept as {} and learning afresh", aside.display())
+                } else {
+                    String::new()
+                }
+            );
+            PathBook::default()
+        }
+    }
 }
 
 /// Runs the agent in the foreground until SIGINT or SIGTERM.
@@ -288,8 +321,16 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
         clients,
         socket_ok,
         ebpf: ebpf_mode,
+        paths_error: None,
     };
+    // What earlier runs learnt about paths applies from the first round.
+    state.paths = load_paths(&rt.cfg);
+    if state.relearn() {
+        state.policy = Policy::build(&rt.cfg, ebpf_mode, state.shortest_external_s());
+        let _ = rt.workers.send(workers::WorkerMsg::Pacing(state.policy.pacing));
+    }
     let result = main_loop::run(&mut state, &mut rt, rx, status_rx).await;
+    main_loop::save_paths(&mut state, &mut rt);
     // Shutdown: tell everyone, then join every task and thread.
     let _ = stop_tx.send(true);
     let _ = rt.workers.send(workers::WorkerMsg::Stop);

@@ -92,6 +92,43 @@ impl State {
         }
     }
 
+    /// The profiles and the paths learnt (or being learnt).
+    pub fn profiles_view(&self) -> crate::model::eviction::ProfilesView {
+        use crate::track::paths::Learned;
+        let min = self.policy.learning.min_evictions as usize;
+        let mut learned: Vec<_> = self
+            .paths
+            .iter()
+            .map(|(k, e)| {
+                let (timeout_s, evidence) = match e.learned(min) {
+                    Learned::Timeout { ms, evidence } if self.policy.learning.enabled => {
+                        (Some(ms / 1000), evidence)
+                    }
+                    Learned::Timeout { evidence, .. } => (None, format!("{evidence} (learning is off)")),
+                    Learned::Not { reason } => (None, reason),
+                };
+                let weight = e.broke_ms.len() as u64 + e.survived;
+                (
+                    weight,
+                    crate::model::eviction::LearnedPath {
+                        netns: k.netns.clone(),
+                        gateway: k.gateway.clone(),
+                        prefix: k.prefix.clone(),
+                        timeout_s,
+                        evidence,
+                    },
+                )
+            })
+            .collect();
+        learned.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.prefix.cmp(&b.1.prefix)));
+        learned.truncate(1000);
+        crate::model::eviction::ProfilesView {
+            profiles: self.policy.eviction.profiles.clone(),
+            learned: learned.into_iter().map(|(_, l)| l).collect(),
+            learning: self.policy.learning.enabled,
+        }
+    }
+
     /// The eviction assessment of an ESTABLISHED flow (None for other states).
     pub fn assess(&mut self, f: &Flow, now: Nanos) -> Option<Assessment> {
         if f.state != tcp_state::ESTABLISHED || f.tcp.is_none() {
@@ -101,6 +138,7 @@ impl State {
         let mut env = AgentEnv {
             router: &mut self.router,
             netns: &self.netns,
+            learned: &self.learned,
         };
         Some(assess(f, now, &self.policy.eviction, known, &mut env))
     }
@@ -290,6 +328,7 @@ impl State {
                 let env = AgentEnv {
                     router: &mut self.router,
                     netns: &self.netns,
+                    learned: &self.learned,
                 };
                 let (id, _) = self.store.upsert(
                     Verdict {
@@ -385,7 +424,7 @@ impl State {
                     Err(e) => Reply::err(e),
                 },
             },
-            Request::Profiles {} => Reply::ok(&self.policy.eviction.profiles),
+            Request::Profiles {} => Reply::ok(&self.profiles_view()),
             Request::Ledger {} => {
                 let mut rows = self.detect.ledger.rows(&self.policy.services);
                 for r in &mut rows {

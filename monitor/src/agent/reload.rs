@@ -29,6 +29,10 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         old.keepalive.cgroups != new.keepalive.cgroups,
         "keepalive.cgroups",
     );
+    check(
+        old.learning.state_file != new.learning.state_file,
+        "learning.state_file",
+    );
     out
 }
 
@@ -52,7 +56,9 @@ pub fn apply(state: &mut State, rt: &mut Runtime) -> Result<ReloadReply, String>
     let mut applied = new;
     applied.agent = rt.cfg.agent.clone();
     applied.keepalive.cgroups = rt.cfg.keepalive.cgroups.clone();
-    let ct = state.netns.values().filter_map(|n| n.facts.conntrack_s).min();
+    state.policy = Policy::build(&applied, rt.ebpf, state.shortest_external_s());
+    state.relearn();
+    let ct = state.shortest_external_s();
     state.policy = Policy::build(&applied, rt.ebpf, ct);
     rt.cfg = applied;
     let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));

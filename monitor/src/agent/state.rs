@@ -116,6 +116,10 @@ pub struct State {
     pub outbox: Vec<KaRequest>,
     /// Cookies counted as leaked at the last ledger count.
     pub leaked: HashSet<u64>,
+    /// What the host's flows taught about each path's idle timeout.
+    pub paths: crate::track::paths::PathBook,
+    /// The timeouts learnt from `paths` (seconds, evidence), as the forecasts use them.
+    pub learned: std::collections::HashMap<crate::track::paths::PathKey, (u64, String)>,
 }
 
 impl State {
@@ -138,6 +142,55 @@ impl State {
             },
             outbox: Vec::new(),
             leaked: HashSet::new(),
+            paths: Default::default(),
+            learned: Default::default(),
+        }
+    }
+
+    /// Recomputes the timeouts learnt per path; logs each change and returns whether any.
+    pub fn relearn(&mut self) -> bool {
+        use crate::track::paths::Learned;
+        let mut now = std::collections::HashMap::new();
+        if self.policy.learning.enabled {
+            for (k, e) in self.paths.iter() {
+                if let Learned::Timeout { ms, evidence } =
+                    e.learned(self.policy.learning.min_evictions as usize)
+                    && ms >= 1000
+                {
+                    now.insert(k.clone(), (ms / 1000, evidence));
+                }
+            }
+        }
+        if now == self.learned {
+            return false;
+        }
+        for (k, (t, ev)) in &now {
+            if self.learned.get(k).map(|v| v.0) != Some(*t) {
+                tracing::info!(path = %k, timeout_s = t, evidence = %ev, "learnt the idle timeout of a path: flows there without a rule are forecast with it");
+            }
+        }
+        for k in self.learned.keys().filter(|k| !now.contains_key(*k)) {
+            let why = match self.paths.get(k) {
+                Some(e) => match e.learned(self.policy.learning.min_evictions as usize) {
+                    Learned::Not { reason } => reason,
+                    Learned::Timeout { .. } => "learning is off".into(),
+                },
+                None => "the path was forgotten".into(),
+            };
+            tracing::warn!(path = %k, reason = %why, "no longer using a learnt idle timeout for a path");
+        }
+        self.learned = now;
+        true
+    }
+
+    /// The shortest timeout not from the configuration: the namespaces' conntrack and the
+    /// timeouts learnt per path (flows may be cut by either).
+    pub fn shortest_external_s(&self) -> Option<u64> {
+        let ct = self.netns.values().filter_map(|n| n.facts.conntrack_s).min();
+        let learned = self.learned.values().map(|v| v.0).min();
+        match (ct, learned) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 

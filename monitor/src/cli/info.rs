@@ -6,6 +6,7 @@ use super::table::{opt, table};
 use super::{json_out, query};
 use crate::config::profiles::Profile;
 use crate::ipc::{ProcRow, Request};
+use crate::model::eviction::ProfilesView;
 use crate::model::leaks::LedgerRow;
 use crate::model::time::fmt_ms;
 
@@ -110,11 +111,12 @@ pub fn ledger(socket: &Path, json: bool) -> Result<(), ExitCode> {
 }
 
 pub fn profiles(socket: &Path, json: bool) -> Result<(), ExitCode> {
-    let v: Vec<Profile> = query(socket, Request::Profiles {})?;
+    let view: ProfilesView = query(socket, Request::Profiles {})?;
     if json {
-        json_out(&v);
+        json_out(&view);
         return Ok(());
     }
+    let v: &[Profile] = &view.profiles;
     let rows: Vec<Vec<String>> = v
         .iter()
         .map(|p| {
@@ -138,5 +140,32 @@ pub fn profiles(socket: &Path, json: bool) -> Result<(), ExitCode> {
             &[20, 12, 22, 80]
         )
     );
+    if !view.learned.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = view
+            .learned
+            .iter()
+            .map(|l| {
+                vec![
+                    format!("{} via {}", l.prefix, l.gateway),
+                    l.netns.clone(),
+                    l.timeout_s.map_or("-".into(), |t| fmt_ms(t * 1000)),
+                    l.evidence.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &["LEARNT PATH", "NETNS", "IDLE TIMEOUT", "EVIDENCE"],
+                &rows,
+                &[36, 16, 12, 100]
+            )
+        );
+    } else if view.learning {
+        println!(
+            "\nno path evidence yet: timeouts are learnt from evictions and survivals of flows through a gateway"
+        );
+    }
     Ok(())
 }

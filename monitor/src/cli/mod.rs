@@ -2,6 +2,7 @@
 //! (`status --check`) or an error reply, 2 usage or configuration error, 3 agent unreachable.
 mod agent;
 mod config;
+mod discover;
 mod explain;
 mod findings;
 mod flows;
@@ -106,6 +107,10 @@ pub enum Cmd {
     },
     /// Re-read the agent's configuration file (as SIGHUP does); needs root or the admin group.
     Reload,
+    /// Measure a path's idle timeout with a few idle connections to HOST:PORT (no agent needed).
+    Discover(discover::DiscoverArgs),
+    /// Serve idle connections for `discover` on the far side: keep them open, echo what comes.
+    Echo(discover::EchoArgs),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -171,6 +176,8 @@ pub fn main() -> ExitCode {
         Cmd::Reload => config::reload(&socket),
         Cmd::Config { cmd } => config::run(cmd),
         Cmd::Probe { what } => probe::run(what),
+        Cmd::Discover(a) => discover::run(a),
+        Cmd::Echo(a) => discover::echo(a),
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();

@@ -393,6 +393,29 @@ pub struct Config {
     pub leaks: LeaksSection,
     pub ledger: LedgerSection,
     pub services: Vec<ServiceConfig>,
+    pub learning: LearningSection,
+}
+
+/// Learning each path's idle timeout from the host's own flows (see `holdfast profiles`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearningSection {
+    /// Learn from evictions (upper bounds) and survivals (lower bounds); a rule always wins.
+    pub enabled: bool,
+    /// Evictions on a path before its learnt timeout is used.
+    pub min_evictions: u32,
+    /// Where the evidence is kept across restarts (the unit's StateDirectory).
+    pub state_file: PathBuf,
+}
+
+impl Default for LearningSection {
+    fn default() -> Self {
+        LearningSection {
+            enabled: true,
+            min_evictions: 2,
+            state_file: PathBuf::from("/var/lib/holdfast/learned-paths.json"),
+        }
+    }
 }
 
 impl Config {

@@ -92,6 +92,7 @@ pub struct Policy {
     pub flows_period: Duration,
     /// How often the /proc zombie scan runs.
     pub proc_interval: Duration,
+    pub learning: crate::config::LearningSection,
 }
 
 /// How often the flow detectors walk a large table: often enough to act within a third of the
@@ -125,7 +126,8 @@ fn min_timeout_ms(cfg: &Config, profiles: &[Profile]) -> u64 {
 
 impl Policy {
     /// The policy for `cfg`. `ebpf` picks the snapshot cadence of the mode; `host_conntrack_s`
-    /// is the shortest conntrack timeout of the namespaces watched (flows may be cut by it).
+    /// is the shortest timeout not in the configuration: the namespaces' conntrack (flows may be
+    /// cut by it) and the timeouts learnt per path.
     pub fn build(cfg: &Config, ebpf: bool, host_conntrack_s: Option<u64>) -> Policy {
         let profiles = cfg.profiles();
         let mut min_timeout = min_timeout_ms(cfg, &profiles);
@@ -186,6 +188,7 @@ impl Policy {
             } else {
                 cfg.zombies.scan_interval
             },
+            learning: cfg.learning.clone(),
         }
     }
 }

@@ -123,6 +123,17 @@ impl Config {
             "ledger",
             "horizon",
         )?;
+        if !(1..=100).contains(&self.learning.min_evictions) {
+            return Err(bad("learning", None, "min_evictions", "expected 1 to 100"));
+        }
+        if !self.learning.state_file.is_absolute() {
+            return Err(bad(
+                "learning",
+                None,
+                "state_file",
+                "expected an absolute path, e.g. /var/lib/holdfast/learned-paths.json",
+            ));
+        }
         self.validate_agent()?;
         self.validate_profiles_and_rules()?;
         self.validate_services()

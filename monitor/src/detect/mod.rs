@@ -1,6 +1,7 @@
 //! Detectors: pure judges of the tracked state. Each takes the clock, the state and the policy
 //! (and an [`Env`] for the few host facts it needs) and returns verdicts for the finding store;
 //! none of them acts. Unit tests drive them with a fake clock and a fake host.
+pub mod discover;
 pub mod eviction;
 pub mod held;
 pub mod leaks;
@@ -20,6 +21,11 @@ pub trait Env {
     fn facts(&self, netns: NetnsId) -> NetFacts;
     /// The namespace in words (`ip netns` name, container, pod, `net:[inode]`); None if unknown (0).
     fn netns_name(&self, netns: NetnsId) -> Option<String>;
+    /// The idle timeout learnt for the path from `netns` via `gateway` to `dst`, with the
+    /// evidence in words (see track::paths); None when nothing is learnt.
+    fn learned(&self, _netns: NetnsId, _gateway: &str, _dst: IpAddr) -> Option<(u64, String)> {
+        None
+    }
 }
 
 /// A fixed host for unit tests: every destination via one gateway, default sysctls.

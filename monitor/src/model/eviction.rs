@@ -201,3 +201,25 @@ pub struct KaResult {
     pub error: Option<String>,
     pub via: &'static str,
 }
+
+/// `holdfast profiles`: the profiles, and what the host's flows taught about each path.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProfilesView {
+    pub profiles: Vec<crate::config::profiles::Profile>,
+    /// Paths with evidence (most evidence first), learnt or not.
+    pub learned: Vec<LearnedPath>,
+    /// Whether learning is on (`[learning] enabled`).
+    pub learning: bool,
+}
+
+/// One path's evidence and what holdfast makes of it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LearnedPath {
+    pub netns: String,
+    pub gateway: String,
+    pub prefix: String,
+    /// The learnt timeout, if the evidence suffices.
+    pub timeout_s: Option<u64>,
+    /// The evidence in words, or why it does not (yet) give a timeout.
+    pub evidence: String,
+}

@@ -34,6 +34,15 @@ pub struct Flow {
     pub resets_sent: u32,
     pub retransmit_events: u32,
     pub last_error: Option<i32>,
+    /// The idle (since the last ACK received) in the last real sample that showed the flow calm:
+    /// when a later sample shows less, the path survived that idle (path learning).
+    pub seen_idle_ms: u32,
+    /// Set when the flow first retransmits after being calm: an upper bound of how long it had
+    /// idled before the send that went unanswered (the idle since the last ACK at the first
+    /// retransmit event less the minimum RTO, or at the first sample showing the retransmission).
+    /// 0 while calm. Note: lsndtime (tcpi_last_data_sent) moves with every retransmission, so it
+    /// cannot date the original send.
+    pub trouble_idle_ms: u32,
 }
 
 /// Counters of what the flow table has seen.
@@ -121,6 +130,8 @@ impl Flow {
             resets_recv: 0,
             resets_sent: 0,
             retransmit_events: 0,
+            seen_idle_ms: 0,
+            trouble_idle_ms: 0,
             last_error: None,
         }
     }

@@ -288,6 +288,11 @@ impl CloseRemedy {
         self.doubt.values().map(|(s, p, i)| (s.as_str(), *p, *i))
     }
 
+    /// Whether holdfast aborted this socket (until the flow is forgotten).
+    pub fn did_close(&self, cookie: u64) -> bool {
+        self.closed.contains(&cookie)
+    }
+
     /// Closes still waiting for the owner's release.
     pub fn pending(&self) -> usize {
         self.waiting.len()

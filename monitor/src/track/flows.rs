@@ -22,6 +22,9 @@ const CLOSED_KEEP: usize = 4096;
 const CLOSE_SETTLE: Nanos = 50_000_000;
 /// Tombstones live at least this long, and at least twice the longest snapshot seen.
 const TOMBSTONE_MIN: Nanos = 5 * SEC;
+/// Survivals kept for the path learner between two evaluations (beyond, the rest are dropped:
+/// they only narrow what is learnt).
+const SURVIVALS_KEEP: usize = 65_536;
 /// At most this many tombstones (under a connection storm the oldest go first; a flow they would
 /// have kept out is healed by the next complete snapshot).
 const TOMBSTONE_MAX: usize = 500_000;
@@ -39,6 +42,8 @@ pub struct FlowTable {
     /// The longest snapshot seen (tombstones must outlive any snapshot in flight).
     longest_snapshot: Nanos,
     pub counters: TableCounters,
+    /// (cookie, idle ms) of flows seen answered after idling that long, for the path learner.
+    survivals: Vec<(u64, u64)>,
 }
 
 /// States that are not sessions: TIME_WAIT (a closed connection's 2MSL wait, no owner) and
@@ -79,6 +84,11 @@ impl FlowTable {
         if self.tombstones.insert(cookie, at).is_none() {
             self.tomb_order.push_back((cookie, at));
         }
+    }
+
+    /// Survivals seen since the last call: (cookie, idle ms).
+    pub fn take_survivals(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.survivals)
     }
 
     /// Flows closed at least `CLOSE_SETTLE` before `now`, with their close time.
@@ -185,7 +195,17 @@ impl FlowTable {
             }
             EventKind::RecvRst => flow.resets_recv += 1,
             EventKind::SendRst => flow.resets_sent += 1,
-            EventKind::Retransmit => flow.retransmit_events += 1,
+            EventKind::Retransmit => {
+                flow.retransmit_events += 1;
+                // The first retransmission comes at least the minimum RTO (200 ms) after the send.
+                if flow.trouble_idle_ms == 0
+                    && let Some(t) = &flow.tcp
+                {
+                    let since_sample = e.ts.saturating_sub(flow.tcp_at) / 1_000_000;
+                    let idle = (u64::from(t.last_ack_recv_ms) + since_sample).saturating_sub(200);
+                    flow.trouble_idle_ms = idle.clamp(1, u64::from(u32::MAX)) as u32;
+                }
+            }
             EventKind::Error => flow.last_error = Some(e.err),
         }
         if let Some(h) = &e.pid_hint {
@@ -231,7 +251,19 @@ impl FlowTable {
                 flow.inode = s.inode;
             }
             flow.uid = s.uid;
-            if s.tcp.is_some() {
+            if let Some(t) = &s.tcp {
+                let calm = t.unacked == 0 && t.retransmits == 0;
+                // An ACK arrived since the last calm sample showed the flow idle: the path
+                // survived that idle.
+                if calm && t.last_ack_recv_ms < flow.seen_idle_ms && self.survivals.len() < SURVIVALS_KEEP {
+                    self.survivals.push((flow.cookie, u64::from(flow.seen_idle_ms)));
+                }
+                flow.seen_idle_ms = if calm { t.last_ack_recv_ms } else { 0 };
+                if calm {
+                    flow.trouble_idle_ms = 0;
+                } else if flow.trouble_idle_ms == 0 && t.retransmits > 0 && t.unacked > 0 {
+                    flow.trouble_idle_ms = t.last_ack_recv_ms.max(1);
+                }
                 flow.tcp = s.tcp.clone();
                 flow.tcp_at = at;
             }

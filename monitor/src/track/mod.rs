@@ -1,4 +1,5 @@
 //! State fed by observations: the flow table and the zombie tracker. The detectors judge it.
 pub mod flows;
 pub mod held;
+pub mod paths;
 pub mod zombies;

@@ -61,13 +61,26 @@ pub fn applicable(f: &Flow, pol: &EvictionPolicy, env: &mut dyn Env) -> Result<A
         });
         break;
     }
-    let mut a = match a {
+    let a = match a {
         Some(a) => a,
         None => match env.route(f.netns, f.remote.ip()) {
             RoutePath::Local => return Err("local destination: no middlebox".into()),
             RoutePath::OnLink => return Err("on-link destination: no middlebox on the path".into()),
             RoutePath::Unknown => return Err("no route to classify: no profile applies".into()),
             RoutePath::Gateway(gw) => {
+                if let Some((timeout_s, evidence)) = env.learned(f.netns, &gw, f.remote.ip()) {
+                    return Ok(Applicable {
+                        profile: "learned".into(),
+                        timeout_s,
+                        keepalive_resets: true,
+                        why: format!(
+                            "via gateway {gw}: learned for {}: {evidence}",
+                            crate::track::paths::prefix_of(f.remote.ip())
+                        ),
+                        keepalive_mode: pol.keepalive.mode,
+                    })
+                    .map(|a| with_conntrack(a, f, env));
+                }
                 let p = profile(&pol.default_profile).ok_or("default profile missing")?;
                 Applicable {
                     profile: p.name.clone(),
@@ -79,6 +92,11 @@ pub fn applicable(f: &Flow, pol: &EvictionPolicy, env: &mut dyn Env) -> Result<A
             }
         },
     };
+    Ok(with_conntrack(a, f, env))
+}
+
+/// The namespace's own conntrack may forget sooner than the path's middlebox.
+fn with_conntrack(mut a: Applicable, f: &Flow, env: &mut dyn Env) -> Applicable {
     if let Some(ct) = env.facts(f.netns).conntrack_s
         && ct < a.timeout_s
     {
@@ -90,7 +108,7 @@ pub fn applicable(f: &Flow, pol: &EvictionPolicy, env: &mut dyn Env) -> Result<A
         a.timeout_s = ct;
         a.profile = "host-conntrack".into();
     }
-    Ok(a)
+    a
 }
 
 fn env_name(env: &dyn Env, f: &Flow) -> Option<String> {

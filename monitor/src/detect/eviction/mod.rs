@@ -10,9 +10,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use super::Env;
 use crate::config::policy::EvictionPolicy;
 use crate::findings::{Family, Key, Scope, Verdict};
-use crate::model::eviction::{Assessment, Forecast, KaValues};
+use crate::model::eviction::{Assessment, Forecast, KaValues, RoutePath};
 use crate::model::finding::{Details, FindingKind, ProcRef, Severity, Subject};
 use crate::model::flow::Flow;
+use crate::model::observe::NetnsId;
 use crate::model::time::{Nanos, SEC};
 pub use forecast::{applicable, assess, describe};
 
@@ -47,6 +48,9 @@ pub struct Pass {
     pub expired: Vec<Key>,
     /// Flows closed since the last pass, with why they died, for the findings they leave.
     pub closed: HashMap<u64, String>,
+    /// Flows through a gateway that broke after idling: (cookie, namespace, gateway,
+    /// destination, idle ms), for the path learner.
+    pub breaks: Vec<(u64, NetnsId, String, std::net::IpAddr, u64)>,
 }
 
 #[derive(Default)]
@@ -163,6 +167,11 @@ impl EvictionDetector {
             let memo = self.memo.remove(&f.cookie).unwrap_or_default();
             let cause = postmortem::cause(f);
             pass.closed.insert(f.cookie, cause.clone());
+            if let Some(idle) = postmortem::idle_before_break(f, *at)
+                && let RoutePath::Gateway(gw) = env.route(f.netns, f.remote.ip())
+            {
+                pass.breaks.push((f.cookie, f.netns, gw, f.remote.ip(), idle));
+            }
             let was_evicted_live = memo
                 .at_risk
                 .as_deref()

@@ -23,6 +23,29 @@ pub fn cause(f: &Flow) -> String {
     }
 }
 
+/// An upper bound of how long a flow that broke had idled before the send that went
+/// unanswered: the idle when it started retransmitting (`Flow::trouble_idle_ms`), or, for a
+/// reset with no retransmission, the idle up to the reset (a middlebox that forgot the flow
+/// answers the first send with one). A flow breaks when it died by RST or ETIMEDOUT, or, where
+/// no error is reported (poll mode), when it vanished while ESTABLISHED and retransmitting.
+/// None if the flow did not break that way.
+pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
+    let t = f.tcp.as_ref()?;
+    let died_badly = f.resets_recv > 0 || matches!(f.last_error, Some(ETIMEDOUT) | Some(ECONNRESET));
+    let vanished_retransmitting = f.last_error.is_none()
+        && f.state == monitor_common::tcp_state::ESTABLISHED
+        && t.retransmits > 0
+        && t.unacked > 0;
+    if !died_badly && !vanished_retransmitting {
+        return None;
+    }
+    if f.trouble_idle_ms > 0 {
+        return Some(u64::from(f.trouble_idle_ms));
+    }
+    (f.resets_recv > 0 || f.last_error == Some(ECONNRESET))
+        .then(|| u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at)))
+}
+
 /// The post-mortem of a closed flow, if it died badly after idling past its timeout.
 pub fn judge(
     f: &Flow,

@@ -277,3 +277,73 @@ fn postmortem_after_reset_past_the_timeout() {
     let p = d.evaluate(104 * S + 3601 * S, std::iter::empty(), &[], &pol, &mut env, &no);
     assert_eq!(p.expired.len(), 1);
 }
+
+#[test]
+fn a_flow_that_broke_bounds_its_path_and_a_learnt_timeout_applies_without_a_rule() {
+    let mut pol = policy();
+    pol.rules.clear();
+    let mut env = FakeEnv::default();
+    let mut d = EvictionDetector::default();
+    let no = |_: u64| false;
+    // Timed out while retransmitting; it had idled 25 s when it first retransmitted.
+    let mut f = flow("10.77.2.2:80", 31_000, Some(false));
+    f.last_error = Some(postmortem::ETIMEDOUT);
+    f.trouble_idle_ms = 25_000;
+    if let Some(t) = f.tcp.as_mut() {
+        t.retransmits = 3;
+        t.unacked = 1;
+    }
+    let p = d.evaluate(
+        105 * S,
+        std::iter::empty(),
+        &[(f.clone(), 104 * S)],
+        &pol,
+        &mut env,
+        &no,
+    );
+    assert_eq!(
+        p.breaks,
+        vec![(
+            9,
+            0,
+            "10.77.1.1".to_string(),
+            "10.77.2.2".parse().unwrap(),
+            25_000
+        )]
+    );
+    // Poll mode: no error is reported; vanishing while retransmitting is a break too.
+    f.last_error = None;
+    assert_eq!(postmortem::idle_before_break(&f, 104 * S), Some(25_000));
+    // Closed by the application after a calm sample: no evidence.
+    let calm = flow("10.77.2.2:80", 30_000, Some(false));
+    assert_eq!(postmortem::idle_before_break(&calm, 104 * S), None);
+    // A reset answering the first send after a calm sample: the idle up to the reset.
+    let mut r = flow("10.77.2.2:80", 21_000, Some(false));
+    r.resets_recv = 1;
+    assert_eq!(postmortem::idle_before_break(&r, 101 * S), Some(22_000));
+    // With a learnt timeout for the path, a flow without a rule gets it.
+    struct Learnt(FakeEnv);
+    impl Env for Learnt {
+        fn route(&mut self, n: NetnsId, d: std::net::IpAddr) -> RoutePath {
+            self.0.route(n, d)
+        }
+        fn facts(&self, n: NetnsId) -> NetFacts {
+            self.0.facts(n)
+        }
+        fn netns_name(&self, n: NetnsId) -> Option<String> {
+            self.0.netns_name(n)
+        }
+        fn learned(&self, _: NetnsId, gw: &str, _: std::net::IpAddr) -> Option<(u64, String)> {
+            (gw == "10.77.1.1").then(|| (18, "evicted after 25s idle (2 flows)".into()))
+        }
+    }
+    let mut env = Learnt(FakeEnv::default());
+    let a = forecast::applicable(&flow("10.77.2.2:80", 1_000, None), &pol, &mut env).unwrap();
+    assert_eq!((a.profile.as_str(), a.timeout_s), ("learned", 18));
+    assert!(
+        a.why
+            .contains("learned for 10.77.2.0/24: evicted after 25s idle (2 flows)"),
+        "{}",
+        a.why
+    );
+}

@@ -263,3 +263,36 @@ fn find_by_cookie_or_unique_local_address() {
             .contains("no flow with cookie 99")
     );
 }
+
+#[test]
+fn samples_record_survived_idles_and_the_idle_before_trouble() {
+    let mut t = FlowTable::default();
+    let idle = |ack: u32, retx: u8| {
+        let mut s = sock(1, tcp_state::ESTABLISHED, 5);
+        if let Some(x) = s.tcp.as_mut() {
+            x.last_ack_recv_ms = ack;
+            x.retransmits = retx;
+            x.unacked = u32::from(retx > 0);
+        }
+        s
+    };
+    let none = HashMap::new();
+    t.apply_snapshot(&snap(S, S, vec![idle(12_000, 0)]), &none);
+    // An ACK came since: the path survived 12 s idle.
+    t.apply_snapshot(&snap(2 * S, 2 * S, vec![idle(300, 0)]), &none);
+    assert_eq!(t.take_survivals(), vec![(1, 12_000)]);
+    assert!(t.take_survivals().is_empty());
+    // Idle 20 s, then the send goes unanswered: the first retransmission event dates it.
+    t.apply_snapshot(&snap(3 * S, 3 * S, vec![idle(20_000, 0)]), &none);
+    let mut e = ev(1, tcp_state::ESTABLISHED, 8 * S);
+    e.kind = EventKind::Retransmit;
+    t.apply_event(&e);
+    assert_eq!(t.get(1).unwrap().trouble_idle_ms, 25_000 - 200);
+    // Without events (poll mode) the first sample that shows the retransmission does.
+    let mut p = FlowTable::default();
+    p.apply_snapshot(&snap(S, S, vec![idle(20_000, 0)]), &none);
+    p.apply_snapshot(&snap(2 * S, 2 * S, vec![idle(21_000, 1)]), &none);
+    p.apply_snapshot(&snap(3 * S, 3 * S, vec![idle(22_000, 2)]), &none);
+    assert_eq!(p.get(1).unwrap().trouble_idle_ms, 21_000);
+    assert!(p.take_survivals().is_empty(), "no ACK came: nothing survived");
+}

@@ -1,0 +1,404 @@
+//! `holdfast discover HOST:PORT` measures a path's idle timeout with a few idle TCP connections
+//! (the plan and the verdict are in detect::discover), and `holdfast echo ADDR:PORT` is the far
+//! side that keeps idle connections open and answers probes. Polite: one ladder of connections
+//! plus one batch of detect::discover::BATCH at a time, each probe one short line, each step
+//! printed; no scanning.
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::detect::discover::{self, Fate, Observation, Verdict};
+use crate::model::time::fmt_ms;
+
+/// The probe line (any answer counts; `holdfast echo` sends it back).
+const PROBE: &[u8] = b"holdfast discover probe\n";
+const CONNECT_LIMIT: Duration = Duration::from_secs(5);
+/// Connections `holdfast echo` serves at once (more are closed at accept).
+const ECHO_MAX: usize = 1024;
+
+#[derive(clap::Args, Debug)]
+pub struct DiscoverArgs {
+    /// The peer: HOST:PORT of a server that keeps idle connections open (`holdfast echo` there).
+    pub target: String,
+    /// The longest idle to try (2s to 24h).
+    #[arg(long, default_value = "30m", value_parser = super::parse_human_duration)]
+    pub max: Duration,
+    /// How long a probe may wait for its answer before the connection counts as silently dropped.
+    #[arg(long, default_value = "3s", value_parser = super::parse_human_duration)]
+    pub answer_wait: Duration,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn fail(msg: String) -> ExitCode {
+    eprintln!("holdfast: {msg}");
+    ExitCode::from(1)
+}
+
+pub fn run(a: DiscoverArgs) -> Result<(), ExitCode> {
+    if a.max < Duration::from_secs(2) || a.max > Duration::from_secs(86_400) {
+        eprintln!(
+            "holdfast: --max {}: expected 2s to 24h",
+            fmt_ms(a.max.as_millis() as u64)
+        );
+        return Err(ExitCode::from(2));
+    }
+    if a.answer_wait < Duration::from_millis(100) || a.answer_wait > Duration::from_secs(60) {
+        eprintln!("holdfast: --answer-wait: expected 100ms to 60s");
+        return Err(ExitCode::from(2));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("starting the runtime: {e}")))?;
+    rt.block_on(discover(a))
+}
+
+/// Connects with a time limit; the error names the target and a fix.
+async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    match tokio::time::timeout(CONNECT_LIMIT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to {addr}: {e} (is a server listening there? `holdfast echo {addr}` on the far side keeps idle connections open)"
+        )),
+        Err(_) => Err(format!(
+            "cannot connect to {addr}: no answer within {CONNECT_LIMIT:?} (unreachable, or a firewall drops it)"
+        )),
+    }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Aborts the connection (RST, no lingering retransmissions into a dead path).
+fn abort(s: TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
+/// One connection: idle `idle` (the clock restarts if the server speaks), then probe.
+async fn idle_then_probe(mut s: TcpStream, idle: Duration, answer_wait: Duration) -> Observation {
+    let mut buf = [0u8; 512];
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(last + idle) => break,
+            r = s.read(&mut buf) => match r {
+                Ok(0) => return obs(last, Fate::PeerClosed),
+                Ok(_) => last = Instant::now(),
+                Err(_) => return obs(last, Fate::ResetWhileIdle),
+            },
+        }
+    }
+    let idle_ms = last.elapsed().as_millis() as u64;
+    let fate = match s.write_all(PROBE).await {
+        Err(e) if is_reset(&e) => Fate::Reset,
+        Err(_) => Fate::Reset,
+        Ok(()) => match tokio::time::timeout(answer_wait, s.read(&mut buf)).await {
+            // Data, or a FIN in answer to the probe: the path still knows the connection.
+            Ok(Ok(_)) => Fate::Answered,
+            Ok(Err(_)) => Fate::Reset,
+            Err(_) => Fate::Silence,
+        },
+    };
+    abort(s);
+    Observation { idle_ms, fate }
+}
+
+fn obs(last: Instant, fate: Fate) -> Observation {
+    Observation {
+        idle_ms: last.elapsed().as_millis() as u64,
+        fate,
+    }
+}
+
+struct Run {
+    addr: SocketAddr,
+    t0: Instant,
+    answer_wait: Duration,
+    json: bool,
+    obs: Vec<Observation>,
+    connections: usize,
+    /// Connections open now (a task's guard counts down when it ends or is stopped), and the peak.
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    peak_open: usize,
+}
+
+/// Counts a connection as open for as long as its task lives.
+struct OpenGuard(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Run {
+    async fn spawn(&mut self, idle_ms: u64) -> Result<JoinHandle<Observation>, String> {
+        let s = connect(self.addr).await?;
+        self.connections += 1;
+        let n = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.peak_open = self.peak_open.max(n);
+        let guard = OpenGuard(self.open.clone());
+        let wait = self.answer_wait;
+        Ok(tokio::spawn(async move {
+            let _guard = guard;
+            idle_then_probe(s, Duration::from_millis(idle_ms), wait).await
+        }))
+    }
+
+    async fn spawn_all(&mut self, idles: &[u64]) -> Result<Vec<JoinHandle<Observation>>, String> {
+        let mut v = Vec::with_capacity(idles.len());
+        for &i in idles {
+            v.push(self.spawn(i).await?);
+        }
+        Ok(v)
+    }
+
+    /// Waits for one connection's result, with a progress line on a terminal.
+    async fn wait(&mut self, h: &mut JoinHandle<Observation>, what: &str) -> Observation {
+        let tty = !self.json && std::io::stderr().is_terminal();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let o = loop {
+            tokio::select! {
+                r = &mut *h => break r.unwrap_or(Observation { idle_ms: 0, fate: Fate::Reset }),
+                _ = tick.tick(), if tty => eprint!(
+                    "\r  waiting for {what} ({} elapsed, {} connections so far)   ",
+                    fmt_ms(self.t0.elapsed().as_millis() as u64 / 1000 * 1000),
+                    self.connections
+                ),
+            }
+        };
+        if tty {
+            eprint!("\r{:78}\r", "");
+        }
+        self.record(o);
+        o
+    }
+
+    fn record(&mut self, o: Observation) {
+        if !self.json {
+            let what = match o.fate {
+                Fate::Answered => "answered".to_string(),
+                Fate::Silence => format!(
+                    "no answer within {} (silently dropped)",
+                    fmt_ms(self.answer_wait.as_millis() as u64)
+                ),
+                Fate::Reset => "reset".to_string(),
+                Fate::PeerClosed => "the server closed it while idle".to_string(),
+                Fate::ResetWhileIdle => "reset while idle, before any probe".to_string(),
+            };
+            println!(
+                "  +{:<8} idle {:<8} {what}",
+                fmt_ms(self.t0.elapsed().as_millis() as u64),
+                fmt_ms(o.idle_ms)
+            );
+        }
+        self.obs.push(o);
+    }
+
+    /// Takes the results of finished connections and stops the others.
+    async fn harvest(&mut self, hs: Vec<JoinHandle<Observation>>) {
+        for h in hs {
+            if h.is_finished() {
+                if let Ok(o) = h.await {
+                    self.record(o);
+                }
+            } else {
+                h.abort();
+            }
+        }
+    }
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| format!("{target}: {e} (expected HOST:PORT, e.g. 10.0.0.5:22)"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{target}: the name has no address"))
+}
+
+async fn discover(a: DiscoverArgs) -> Result<(), ExitCode> {
+    let addr = resolve(&a.target).await.map_err(fail)?;
+    let max_ms = a.max.as_millis() as u64;
+    let ladder = discover::ladder(max_ms);
+    let mut run = Run {
+        addr,
+        t0: Instant::now(),
+        answer_wait: a.answer_wait,
+        json: a.json,
+        obs: Vec::new(),
+        connections: 0,
+        open: Default::default(),
+        peak_open: 0,
+    };
+    if !a.json {
+        println!(
+            "holdfast discover {addr}: idle connections probed after {} (and {} more between a survivor and the next step); the far side must keep idle connections open",
+            ladder.iter().map(|g| fmt_ms(*g)).collect::<Vec<_>>().join(", "),
+            discover::BATCH
+        );
+    }
+    let mut pending = run.spawn_all(&ladder).await.map_err(fail)?.into_iter();
+    let mut batch: Vec<JoinHandle<Observation>> = Vec::new();
+    let mut batch_idles: Vec<u64> = Vec::new();
+    let mut mid_run_error = None;
+    for (i, mut h) in pending.by_ref().enumerate() {
+        let o = run
+            .wait(&mut h, &format!("the probe after {} idle", fmt_ms(ladder[i])))
+            .await;
+        match o.fate {
+            Fate::Answered => {
+                run.harvest(std::mem::take(&mut batch)).await;
+                if let Some(&next) = ladder.get(i + 1) {
+                    batch_idles = discover::batch(ladder[i], next);
+                    match run.spawn_all(&batch_idles).await {
+                        Ok(b) => batch = b,
+                        Err(e) => {
+                            mid_run_error = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            Fate::Silence | Fate::Reset => {
+                if batch.is_empty() && i == 0 {
+                    batch_idles = discover::batch(0, ladder[0]);
+                    match run.spawn_all(&batch_idles).await {
+                        Ok(b) => batch = b,
+                        Err(e) => {
+                            mid_run_error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                // The batch resolves the step: in increasing idle, up to the first break.
+                let mut rest = std::mem::take(&mut batch).into_iter().zip(batch_idles.iter());
+                while let Some((mut h, idle)) = rest.next() {
+                    let b = run
+                        .wait(&mut h, &format!("the probe after {} idle", fmt_ms(*idle)))
+                        .await;
+                    if b.fate != Fate::Answered {
+                        run.harvest(rest.map(|(h, _)| h).collect()).await;
+                        break;
+                    }
+                }
+                break;
+            }
+            Fate::PeerClosed | Fate::ResetWhileIdle => break,
+        }
+    }
+    run.harvest(pending.collect()).await;
+    run.harvest(batch).await;
+    let verdict = match mid_run_error {
+        Some(e) => Verdict::Inconclusive {
+            reason: format!("a new connection failed mid-run: {e}"),
+        },
+        None => discover::judge(&run.obs),
+    };
+    let (ip, port) = (addr.ip(), addr.port());
+    let cidr = if ip.is_ipv4() {
+        format!("{ip}/32")
+    } else {
+        format!("{ip}/128")
+    };
+    let rule = discover::rule(&verdict, &cidr, port);
+    let elapsed_ms = run.t0.elapsed().as_millis() as u64;
+    if a.json {
+        let v = serde_json::json!({
+            "target": addr.to_string(),
+            "verdict": verdict,
+            "summary": verdict.summary(),
+            "observations": run.obs,
+            "connections": run.connections,
+            "peak_open": run.peak_open,
+            "elapsed_ms": elapsed_ms,
+            "rule": rule,
+        });
+        println!("{v}");
+    } else {
+        println!("{}", verdict.summary());
+        println!(
+            "took {}, {} connections ({} open at most)",
+            fmt_ms(elapsed_ms),
+            run.connections,
+            run.peak_open
+        );
+        if let Some(r) = &rule {
+            println!(
+                "add to /etc/holdfast/holdfast.toml (the longest idle that survived, rounded down):\n{r}"
+            );
+        }
+    }
+    match verdict {
+        Verdict::Inconclusive { .. } => Err(ExitCode::from(1)),
+        _ => Ok(()),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EchoArgs {
+    /// Where to listen: ADDR:PORT (e.g. 0.0.0.0:7007).
+    pub listen: SocketAddr,
+}
+
+/// `holdfast echo`: keeps every connection open however long it idles and sends back what it
+/// receives (at most ECHO_MAX connections at once).
+pub fn echo(a: EchoArgs) -> Result<(), ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("starting the runtime: {e}")))?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .map_err(|e| fail(format!("cannot listen on {}: {e}", a.listen)))?;
+        let local = l.local_addr().map_err(|e| fail(e.to_string()))?;
+        println!("listening {local}");
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(ECHO_MAX));
+        loop {
+            let (mut s, _) = match l.accept().await {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue; // dropped: closed at once
+            };
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
