@@ -536,6 +536,14 @@ impl Agent {
         serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
     }
 
+    /// Every finding of `kind`, active or resolved (empty if the agent does not answer).
+    pub fn findings(&self, kind: &str) -> Vec<Value> {
+        self.json(&["findings", "--json", "--all", "--kind", kind])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     pub fn status(&self) -> Value {
         self.json(&["status", "--json"]).expect("status")
     }

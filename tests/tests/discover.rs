@@ -4,7 +4,7 @@
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
-use holdfast_tests::{NAT_SERVER_IP, NatBed, Netns, Peer, holdfast_bin, require_root};
+use holdfast_tests::{Agent, NAT_SERVER_IP, NatBed, Netns, Peer, holdfast_bin, require_root};
 use serde_json::Value;
 
 const TIMEOUT_S: u64 = 20;
@@ -30,10 +30,15 @@ fn discover(ns: &Netns, args: &[&str]) -> (i32, Value, String, Duration) {
     )
 }
 
-fn through_the_bed(bed: NatBed, how: &str) {
+fn through_the_bed(bed: NatBed, how: &str, agent: Option<&Agent>) {
     let server = format!("{NAT_SERVER_IP}:7007");
     let _echo = Peer::spawn_bin(&bed.server, &holdfast_bin(), &["echo", &server], None);
-    let (code, v, err, took) = discover(&bed.client, &[&server, "--max", "60s"]);
+    let socket = agent.map(|a| a.socket.to_string_lossy().to_string());
+    let mut args = vec![server.as_str(), "--max", "60s"];
+    if let Some(s) = &socket {
+        args.extend(["--socket", s.as_str()]);
+    }
+    let (code, v, err, took) = discover(&bed.client, &args);
     println!("discover took {took:?}: {v}");
     assert_eq!(code, 0, "{v} {err}");
     let verdict = &v["verdict"];
@@ -63,18 +68,46 @@ fn through_the_bed(bed: NatBed, how: &str) {
     // than 3x the timeout of wall time.
     assert!(v["peak_open"].as_u64().unwrap() <= 5 + 8, "{v}");
     assert!(v["elapsed_ms"].as_u64().unwrap() < 3 * t, "{v}");
+    // The local agent keeps the measurement: the path shows it with its evidence.
+    match agent {
+        Some(agent) => {
+            assert!(
+                v["recorded"].as_str().is_some_and(|r| r.contains("10.77.2.0/24")),
+                "{v}"
+            );
+            let p = agent.json(&["profiles", "--json"]).expect("profiles");
+            let l = p["learned"]
+                .as_array()
+                .and_then(|a| a.iter().find(|l| l["prefix"] == "10.77.2.0/24").cloned())
+                .unwrap_or_default();
+            assert_eq!(l["timeout_s"], survived / 1000, "{p}");
+            assert!(
+                l["evidence"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("discovered: survived"),
+                "{l}"
+            );
+        }
+        None => assert!(
+            v["not_recorded"].as_str().is_some_and(|r| r.contains("agent")),
+            "{v}"
+        ),
+    }
 }
 
 #[test]
 fn discover_measures_a_path_that_drops_forgotten_flows() {
     require_root();
-    through_the_bed(NatBed::new(TIMEOUT_S as u32), "silence: packets dropped");
+    let bed = NatBed::new(TIMEOUT_S as u32);
+    let agent = Agent::start(&bed.client, "poll", "");
+    through_the_bed(bed, "silence: packets dropped", Some(&agent));
 }
 
 #[test]
 fn discover_measures_a_path_that_resets_forgotten_flows() {
     require_root();
-    through_the_bed(NatBed::rejecting(TIMEOUT_S as u32), "reset");
+    through_the_bed(NatBed::rejecting(TIMEOUT_S as u32), "reset", None);
 }
 
 #[test]

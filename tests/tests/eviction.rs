@@ -19,10 +19,7 @@ fn config(keepalive_mode: &str) -> String {
 
 fn findings(agent: &Agent, kind: &str, local: &str) -> Vec<Value> {
     agent
-        .json(&["findings", "--json", "--all", "--kind", kind])
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+        .findings(kind)
         .into_iter()
         .filter(|f| about_flow(f, local))
         .collect()

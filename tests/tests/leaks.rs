@@ -15,11 +15,7 @@ fn leak_config(close: &str) -> String {
 }
 
 fn findings(agent: &Agent, kind: &str) -> Vec<Value> {
-    agent
-        .json(&["findings", "--json", "--all", "--kind", kind])
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    agent.findings(kind)
 }
 
 /// The leaky server (hf-leaky) with its session limit, in `ns`.

@@ -15,11 +15,7 @@ const LIMIT: usize = 3;
 const PORT: u16 = 7100;
 
 fn findings(agent: &Agent, kind: &str) -> Vec<Value> {
-    agent
-        .json(&["findings", "--json", "--all", "--kind", kind])
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    agent.findings(kind)
 }
 
 /// A client that connects, round-trips and leaves; true if the server served it.
@@ -210,20 +206,26 @@ fn restart_config(restart: &str, how: &str) -> String {
     )
 }
 
+/// A supervised deaf server in a new namespace and an agent whose policy restarts it with
+/// `restart_command` in `restart` mode: (namespace, server, agent, address, first pid).
+fn supervised_with_restart(mode: &str, tag: &str, restart: &str) -> (Netns, Supervised, Agent, String, u32) {
+    let ns = Netns::new(tag);
+    let server = Supervised::start(&ns);
+    let cfg = restart_config(
+        restart,
+        &format!("restart_command = {}", server.restart_command()),
+    );
+    let agent = Agent::start(&ns, mode, &cfg);
+    let first = server.pid().expect("server");
+    (ns, server, agent, format!("127.0.0.1:{PORT}"), first)
+}
+
 /// A leaking service with a restart policy (`restart_command`): restarted once, only when its
 /// live sessions reach the threshold (0), after which new clients are served; not again within
 /// `restart_min_interval` although it leaks again.
 fn a_leaking_service_is_restarted_at_its_quiet_moment(mode: &str) {
     require_root();
-    let ns = Netns::new("rst");
-    let server = Supervised::start(&ns);
-    let cfg = restart_config(
-        "enforce",
-        &format!("restart_command = {}", server.restart_command()),
-    );
-    let agent = Agent::start(&ns, mode, &cfg);
-    let addr = format!("127.0.0.1:{PORT}");
-    let first = server.pid().expect("server");
+    let (ns, server, agent, addr, first) = supervised_with_restart(mode, "rst", "enforce");
     for _ in 0..LIMIT - 1 {
         assert!(visit(&ns, &addr));
     }
@@ -287,15 +289,7 @@ both_modes!(a_leaking_service_is_restarted_at_its_quiet_moment);
 /// Dry-run plans the restart (once) and does nothing.
 fn a_dry_run_restart_plans_and_does_nothing(mode: &str) {
     require_root();
-    let ns = Netns::new("rstdry");
-    let server = Supervised::start(&ns);
-    let cfg = restart_config(
-        "dry-run",
-        &format!("restart_command = {}", server.restart_command()),
-    );
-    let agent = Agent::start(&ns, mode, &cfg);
-    let addr = format!("127.0.0.1:{PORT}");
-    let first = server.pid().expect("server");
+    let (ns, server, agent, addr, first) = supervised_with_restart(mode, "rstdry", "dry-run");
     for _ in 0..LIMIT {
         assert!(visit(&ns, &addr));
     }

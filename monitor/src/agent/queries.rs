@@ -92,6 +92,54 @@ impl State {
         }
     }
 
+    /// Records a timeout measured by `holdfast discover` for the path from namespace `netns` to
+    /// `target`; answers with the path in words.
+    fn discovered(
+        &mut self,
+        netns: u32,
+        target: std::net::IpAddr,
+        survived_ms: u64,
+        broke_ms: u64,
+    ) -> Result<String, String> {
+        if !self.policy.learning.enabled {
+            return Err("learning is off ([learning] enabled = false): add the printed rule instead".into());
+        }
+        if survived_ms == 0 || broke_ms <= survived_ms || broke_ms > 7 * 86_400_000 {
+            return Err(format!(
+                "expected 0 < survived_ms < broke_ms <= 7 days, got {survived_ms} and {broke_ms}"
+            ));
+        }
+        let info = self
+            .netns
+            .get(&netns)
+            .ok_or_else(|| format!("the namespace net:[{netns}] is not watched by this agent"))?;
+        let handle = info.handle.clone();
+        let gw = match self.router.path(&handle, target) {
+            crate::model::eviction::RoutePath::Gateway(gw) => gw,
+            other => {
+                let how = match other {
+                    crate::model::eviction::RoutePath::Local => "it is a local address",
+                    crate::model::eviction::RoutePath::OnLink => "it is on-link",
+                    _ => "there is no route to classify",
+                };
+                return Err(format!(
+                    "{target} is not reached through a gateway from that namespace ({how}): no middlebox timeout to keep"
+                ));
+            }
+        };
+        let key = crate::track::paths::PathKey {
+            netns: super::state::netns_name(&self.netns, netns).unwrap_or_else(|| format!("net:[{netns}]")),
+            gateway: gw,
+            prefix: crate::track::paths::prefix_of(target),
+        };
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.paths.discovered(key.clone(), survived_ms, broke_ms, unix);
+        tracing::info!(path = %key, survived_ms, broke_ms, "holdfast discover measured a path's idle timeout");
+        Ok(format!("kept for {key}"))
+    }
+
     /// The profiles and the paths learnt (or being learnt).
     pub fn profiles_view(&self) -> crate::model::eviction::ProfilesView {
         use crate::track::paths::Learned;
@@ -443,6 +491,22 @@ impl State {
                     );
                 }
                 match self.remedy(action, target, *dry_run) {
+                    Ok(v) => Reply::ok(&v),
+                    Err(e) => Reply::err(e),
+                }
+            }
+            Request::Discovered {
+                netns,
+                target,
+                survived_ms,
+                broke_ms,
+            } => {
+                if !admin {
+                    return Reply::err(
+                        "permission denied: a measured timeout changes how flows are protected; run as root or as a member of the admin group (agent.admin_group)",
+                    );
+                }
+                match self.discovered(*netns, *target, *survived_ms, *broke_ms) {
                     Ok(v) => Reply::ok(&v),
                     Err(e) => Reply::err(e),
                 }

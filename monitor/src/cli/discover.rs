@@ -32,6 +32,10 @@ pub struct DiscoverArgs {
     /// How long a probe may wait for its answer before the connection counts as silently dropped.
     #[arg(long, default_value = "3s", value_parser = super::parse_human_duration)]
     pub answer_wait: Duration,
+    /// Do not hand the result to the local agent (by default a measured timeout is kept by the
+    /// agent as the path's evidence, if one runs and you may change it: root or admin group).
+    #[arg(long)]
+    pub no_record: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -41,7 +45,7 @@ fn fail(msg: String) -> ExitCode {
     ExitCode::from(1)
 }
 
-pub fn run(a: DiscoverArgs) -> Result<(), ExitCode> {
+pub fn run(a: DiscoverArgs, socket: &std::path::Path) -> Result<(), ExitCode> {
     if a.max < Duration::from_secs(2) || a.max > Duration::from_secs(86_400) {
         eprintln!(
             "holdfast: --max {}: expected 2s to 24h",
@@ -57,7 +61,26 @@ pub fn run(a: DiscoverArgs) -> Result<(), ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| fail(format!("starting the runtime: {e}")))?;
-    rt.block_on(discover(a))
+    rt.block_on(discover(a, socket))
+}
+
+/// Hands a measured timeout to the local agent; Ok(what it says) or Err(why not).
+fn record(socket: &std::path::Path, addr: SocketAddr, v: &Verdict) -> Result<String, String> {
+    let Verdict::Timeout {
+        survived_ms,
+        broke_ms,
+        ..
+    } = v
+    else {
+        return Err("no timeout to keep".into());
+    };
+    let req = crate::ipc::Request::Discovered {
+        netns: crate::kernel::netns::own_id(),
+        target: addr.ip(),
+        survived_ms: *survived_ms,
+        broke_ms: *broke_ms,
+    };
+    crate::ipc::client::call::<String>(socket, &req).map_err(|e| e.to_string())
 }
 
 /// Connects with a time limit; the error names the target and a fix.
@@ -241,7 +264,7 @@ async fn resolve(target: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{target}: the name has no address"))
 }
 
-async fn discover(a: DiscoverArgs) -> Result<(), ExitCode> {
+async fn discover(a: DiscoverArgs, socket: &std::path::Path) -> Result<(), ExitCode> {
     let addr = resolve(&a.target).await.map_err(fail)?;
     let max_ms = a.max.as_millis() as u64;
     let ladder = discover::ladder(max_ms);
@@ -327,6 +350,18 @@ async fn discover(a: DiscoverArgs) -> Result<(), ExitCode> {
     };
     let rule = discover::rule(&verdict, &cidr, port);
     let elapsed_ms = run.t0.elapsed().as_millis() as u64;
+    let recorded = match (&verdict, a.no_record) {
+        (Verdict::Timeout { .. }, false) => {
+            let s = socket.to_path_buf();
+            let v = verdict.clone();
+            Some(
+                tokio::task::spawn_blocking(move || record(&s, addr, &v))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string())),
+            )
+        }
+        _ => None,
+    };
     if a.json {
         let v = serde_json::json!({
             "target": addr.to_string(),
@@ -337,6 +372,8 @@ async fn discover(a: DiscoverArgs) -> Result<(), ExitCode> {
             "peak_open": run.peak_open,
             "elapsed_ms": elapsed_ms,
             "rule": rule,
+            "recorded": recorded.as_ref().and_then(|r| r.as_ref().ok()),
+            "not_recorded": recorded.as_ref().and_then(|r| r.as_ref().err()),
         });
         println!("{v}");
     } else {
@@ -347,9 +384,16 @@ async fn discover(a: DiscoverArgs) -> Result<(), ExitCode> {
             run.connections,
             run.peak_open
         );
+        match &recorded {
+            Some(Ok(what)) => {
+                println!("the agent {what}: flows on this path without a rule use it (holdfast profiles)")
+            }
+            Some(Err(why)) => println!("not kept by the agent: {why}"),
+            None => {}
+        }
         if let Some(r) = &rule {
             println!(
-                "add to /etc/holdfast/holdfast.toml (the longest idle that survived, rounded down):\n{r}"
+                "to pin it in /etc/holdfast/holdfast.toml (the longest idle that survived, rounded down):\n{r}"
             );
         }
     }

@@ -176,7 +176,7 @@ pub fn main() -> ExitCode {
         Cmd::Reload => config::reload(&socket),
         Cmd::Config { cmd } => config::run(cmd),
         Cmd::Probe { what } => probe::run(what),
-        Cmd::Discover(a) => discover::run(a),
+        Cmd::Discover(a) => discover::run(a, &socket),
         Cmd::Echo(a) => discover::echo(a),
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -88,6 +88,15 @@ pub enum Request {
     },
     /// Re-read the configuration file (needs root or the admin group).
     Reload {},
+    /// A path's idle timeout measured by `holdfast discover` (needs root or the admin group):
+    /// the agent keeps it as the path's evidence. `netns` is the inode of the namespace the
+    /// measurement ran in.
+    Discovered {
+        netns: u32,
+        target: std::net::IpAddr,
+        survived_ms: u64,
+        broke_ms: u64,
+    },
     /// Apply a remedy now (needs root or the admin group, except with dry_run).
     Remedy {
         action: String,
@@ -109,6 +118,7 @@ impl Request {
             Request::Ledger {} => "ledger",
             Request::Events { .. } => "events",
             Request::Reload {} => "reload",
+            Request::Discovered { .. } => "discovered",
             Request::Remedy { .. } => "remedy",
         }
     }

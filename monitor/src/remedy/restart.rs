@@ -123,32 +123,20 @@ impl RestartRemedy {
             else {
                 continue;
             };
-            let Some(how) = how(s) else {
-                self.notes.insert(
-                    s.name.clone(),
-                    "cannot restart: neither `unit` nor `restart_command` is set".into(),
-                );
-                if self.refused.insert(s.name.clone())
-                    && let Some(c) = store.act(
-                        finding,
-                        record(
-                            now,
-                            RemedyAction::Restart,
-                            mode,
-                            OutcomeStatus::Refused,
-                            "refused: the service has neither `unit` (systemd) nor `restart_command`; set one to let holdfast restart it",
-                            Some(sessions(row)),
-                            None,
-                        ),
-                    )
-                {
-                    out.push(c);
-                }
-                continue;
+            let refusal = match how(s) {
+                None => Some((
+                    "cannot restart: neither `unit` nor `restart_command` is set",
+                    "refused: the service has neither `unit` (systemd) nor `restart_command`; set one to let holdfast restart it",
+                )),
+                Some(_) if row.pids.contains(&own_pid) => Some((
+                    "never: it is the agent itself",
+                    "refused: holdfast never restarts itself",
+                )),
+                Some(_) => None,
             };
-            if row.pids.contains(&own_pid) {
-                self.notes
-                    .insert(s.name.clone(), "never: it is the agent itself".into());
+            if let Some((note, outcome)) = refusal {
+                self.notes.insert(s.name.clone(), note.into());
+                // Reported once per service.
                 if self.refused.insert(s.name.clone())
                     && let Some(c) = store.act(
                         finding,
@@ -157,7 +145,7 @@ impl RestartRemedy {
                             RemedyAction::Restart,
                             mode,
                             OutcomeStatus::Refused,
-                            "refused: holdfast never restarts itself",
+                            outcome,
                             Some(sessions(row)),
                             None,
                         ),
@@ -167,6 +155,7 @@ impl RestartRemedy {
                 }
                 continue;
             }
+            let Some(how) = how(s) else { continue };
             let interval = s.restart_min_interval.unwrap_or(DEFAULT_MIN_INTERVAL).as_nanos() as u64;
             if let Some(last) = self.last.get(&s.name)
                 && now.saturating_sub(*last) < interval

@@ -63,6 +63,9 @@ pub struct Evidence {
     pub survived: u64,
     /// Unix seconds of the last update (the least recent path is forgotten first).
     pub updated: u64,
+    /// The last measurement by `holdfast discover`: (survived ms, broke ms, unix seconds).
+    #[serde(default)]
+    pub discovered: Option<(u64, u64, u64)>,
 }
 
 /// What the evidence says.
@@ -77,6 +80,13 @@ pub enum Learned {
 impl Evidence {
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();
+        if let Some((s, b, _)) = self.discovered {
+            parts.push(format!(
+                "discovered: survived {} idle, broke at {} (holdfast discover)",
+                fmt_ms(s),
+                fmt_ms(b)
+            ));
+        }
         if let Some(min) = self.broke_ms.iter().min() {
             parts.push(format!(
                 "evicted after {} idle ({} flow{})",
@@ -97,6 +107,13 @@ impl Evidence {
     }
 
     pub fn learned(&self, min_evictions: usize) -> Learned {
+        // A measurement is direct evidence: it wins over what flows suggested.
+        if let Some((s, _, _)) = self.discovered {
+            return Learned::Timeout {
+                ms: s / 1000 * 1000,
+                evidence: self.summary(),
+            };
+        }
         let Some(&min_broke) = self.broke_ms.iter().min() else {
             return Learned::Not {
                 reason: format!("no eviction seen yet ({})", self.summary()),
@@ -159,6 +176,14 @@ impl PathBook {
         }
         self.dirty = true;
         true
+    }
+
+    /// `holdfast discover` measured the path: a connection idle `survived_ms` was answered, one
+    /// idle `broke_ms` was not.
+    pub fn discovered(&mut self, key: PathKey, survived_ms: u64, broke_ms: u64, unix_s: u64) {
+        let e = self.entry(key, unix_s);
+        e.discovered = Some((survived_ms, broke_ms, unix_s));
+        self.dirty = true;
     }
 
     /// A flow on `key` idled `idle_ms` and was answered afterwards.
@@ -285,6 +310,18 @@ mod tests {
         };
         assert_eq!(ms, 19_000);
         assert!(evidence.contains("survived 19s (1 flow)"), "{evidence}");
+    }
+
+    #[test]
+    fn a_measurement_wins_over_passive_evidence() {
+        let mut b = PathBook::default();
+        b.broke(key(), 40_000, 1);
+        b.discovered(key(), 18_500, 20_250, 2);
+        let Learned::Timeout { ms, evidence } = b.get(&key()).unwrap().learned(2) else {
+            panic!()
+        };
+        assert_eq!(ms, 18_000);
+        assert!(evidence.starts_with("discovered: survived 1"), "{evidence}");
     }
 
     #[test]
