@@ -82,6 +82,7 @@ fn learn_paths(st: &mut State, breaks: &[(u64, NetnsId, String, IpAddr, u64)]) {
             continue;
         }
         let key = path_key(&st.netns, *id, gw, *dst);
+        tracing::info!(path = %key, cookie, idle_ms = idle, "a flow through a gateway broke after idling: evidence for the path's timeout");
         st.paths.broke(key, *idle, t);
     }
     for (cookie, idle) in survivals {

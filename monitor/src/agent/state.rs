@@ -153,9 +153,10 @@ impl State {
         let mut now = std::collections::HashMap::new();
         if self.policy.learning.enabled {
             for (k, e) in self.paths.iter() {
+                // Between 1 s and 7 days: anything else (a hand-edited file) is not a timeout.
                 if let Learned::Timeout { ms, evidence } =
                     e.learned(self.policy.learning.min_evictions as usize)
-                    && ms >= 1000
+                    && (1000..=7 * 86_400_000).contains(&ms)
                 {
                     now.insert(k.clone(), (ms / 1000, evidence));
                 }

@@ -43,6 +43,9 @@ pub struct Flow {
     /// 0 while calm. Note: lsndtime (tcpi_last_data_sent) moves with every retransmission, so it
     /// cannot date the original send.
     pub trouble_idle_ms: u32,
+    /// `tcp` was aged by a filtered read that left the flow out (its idle values are capped
+    /// estimates, not the kernel's): not evidence for path learning.
+    pub sample_aged: bool,
 }
 
 /// Counters of what the flow table has seen.
@@ -132,6 +135,7 @@ impl Flow {
             retransmit_events: 0,
             seen_idle_ms: 0,
             trouble_idle_ms: 0,
+            sample_aged: false,
             last_error: None,
         }
     }

@@ -199,6 +199,7 @@ impl FlowTable {
                 flow.retransmit_events += 1;
                 // The first retransmission comes at least the minimum RTO (200 ms) after the send.
                 if flow.trouble_idle_ms == 0
+                    && !flow.sample_aged
                     && let Some(t) = &flow.tcp
                 {
                     let since_sample = e.ts.saturating_sub(flow.tcp_at) / 1_000_000;
@@ -266,6 +267,7 @@ impl FlowTable {
                 }
                 flow.tcp = s.tcp.clone();
                 flow.tcp_at = at;
+                flow.sample_aged = false;
             }
             if let Some(o) = owners.get(&s.inode) {
                 flow.owner = Some(o.clone());
@@ -291,6 +293,7 @@ impl FlowTable {
                     t.last_data_recv_ms = t.last_data_recv_ms.saturating_add(grown).min(cap);
                     t.last_ack_recv_ms = t.last_ack_recv_ms.saturating_add(grown).min(cap);
                     f.tcp_at = at;
+                    f.sample_aged = true;
                 }
                 f.last_seen = f.last_seen.max(at);
             }

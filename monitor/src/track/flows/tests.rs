@@ -295,4 +295,19 @@ fn samples_record_survived_idles_and_the_idle_before_trouble() {
     p.apply_snapshot(&snap(3 * S, 3 * S, vec![idle(22_000, 2)]), &none);
     assert_eq!(p.get(1).unwrap().trouble_idle_ms, 21_000);
     assert!(p.take_survivals().is_empty(), "no ACK came: nothing survived");
+    // A sample aged by a filtered read is a capped estimate: a retransmission does not date the
+    // send from it; the next real sample (troubled flows are always reported) does.
+    let mut q = FlowTable::default();
+    q.apply_snapshot(&snap(S, S, vec![idle(1_000, 0)]), &none);
+    let filtered = Snapshot {
+        filtered_idle_ms: Some(10_000),
+        ..snap(30 * S, 30 * S, vec![])
+    };
+    q.apply_snapshot(&filtered, &none);
+    let mut e = ev(1, tcp_state::ESTABLISHED, 31 * S);
+    e.kind = EventKind::Retransmit;
+    q.apply_event(&e);
+    assert_eq!(q.get(1).unwrap().trouble_idle_ms, 0, "not from a capped estimate");
+    q.apply_snapshot(&snap(32 * S, 32 * S, vec![idle(31_500, 1)]), &none);
+    assert_eq!(q.get(1).unwrap().trouble_idle_ms, 31_500);
 }
