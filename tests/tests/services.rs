@@ -44,6 +44,17 @@ fn restarts(agent: &Agent) -> Vec<Value> {
         .collect()
 }
 
+/// The first restart verified from the service's side (waits up to 30 s).
+fn restart_verified(agent: &Agent) -> Value {
+    wait_for(Duration::from_secs(30), "the restart verified", || {
+        let r = restarts(agent);
+        match r.iter().find(|a| a["outcome"]["status"] == "succeeded") {
+            Some(a) => Ok(a.clone()),
+            None => Err(format!("{r:?}")),
+        }
+    })
+}
+
 /// The pid of the process whose command line matches `pattern` (pgrep -f).
 fn pid_of(pattern: &str) -> Option<u32> {
     let o = Command::new("pgrep").args(["-f", pattern]).output().ok()?;
@@ -253,13 +264,7 @@ fn a_leaking_service_is_restarted_at_its_quiet_moment(mode: &str) {
     assert!(restarts(&agent).is_empty());
     // The user leaves (the deaf server leaks that session too): quiet, restart.
     assert_eq!(user.tell("close"), "closed");
-    let done = wait_for(Duration::from_secs(30), "the restart verified", || {
-        let r = restarts(&agent);
-        match r.iter().find(|a| a["outcome"]["status"] == "succeeded") {
-            Some(a) => Ok(a.clone()),
-            None => Err(format!("{r:?}")),
-        }
-    });
+    let done = restart_verified(&agent);
     assert!(
         outcome(&done).contains(&format!("pids [{first}] replaced by")),
         "{done}"
@@ -424,13 +429,7 @@ fn a_unit_is_restarted_over_dbus(mode: &str) {
         assert!(visit(&ns, &addr));
     }
     assert!(!visit(&ns, &addr), "at its limit");
-    let done = wait_for(Duration::from_secs(30), "the restart verified", || {
-        let r = restarts(&agent);
-        match r.iter().find(|a| a["outcome"]["status"] == "succeeded") {
-            Some(a) => Ok(a.clone()),
-            None => Err(format!("{r:?}")),
-        }
-    });
+    let done = restart_verified(&agent);
     assert!(
         outcome(&done).contains("RestartUnit(leaky.service) over D-Bus"),
         "{done}"
