@@ -52,14 +52,7 @@ fn snapshot(
         id: own_id(),
         path: "/proc/self/ns/net".into(),
     };
-    let mut loaded = match mode {
-        Mode::Poll => None,
-        _ => Some(
-            ebpf::load(&ebpf::LoadOptions::default())
-                .map_err(|e| e.to_string())?
-                .0,
-        ),
-    };
+    let mut loaded = load(mode)?;
     let mode = if loaded.is_some() { "ebpf" } else { "poll" };
     let mut runs = Vec::new();
     let mut socks = 0;
@@ -110,16 +103,21 @@ fn snapshot(
     }))
 }
 
-/// Times discovery and a read of every namespace's table, `repeat` times (best of each).
-fn namespaces(mode: Mode, repeat: u32) -> Result<serde_json::Value, String> {
-    let mut loaded = match mode {
-        Mode::Poll => None,
-        _ => Some(
+/// The eBPF programs, unless `mode` is poll.
+fn load(mode: Mode) -> Result<Option<ebpf::Loaded>, String> {
+    match mode {
+        Mode::Poll => Ok(None),
+        _ => Ok(Some(
             ebpf::load(&ebpf::LoadOptions::default())
                 .map_err(|e| e.to_string())?
                 .0,
-        ),
-    };
+        )),
+    }
+}
+
+/// Times discovery and a read of every namespace's table, `repeat` times (best of each).
+fn namespaces(mode: Mode, repeat: u32) -> Result<serde_json::Value, String> {
+    let mut loaded = load(mode)?;
     let mode = if loaded.is_some() { "ebpf" } else { "poll" };
     let (mut best_discovery, mut best_read) = (f64::MAX, f64::MAX);
     let (mut spaces, mut socks, mut failed) = (0, 0, 0);

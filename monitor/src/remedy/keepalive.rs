@@ -285,13 +285,13 @@ impl KeepaliveRemedy {
     pub fn resolution(&self, cookie: u64) -> Option<String> {
         let j = self.jobs.get(&cookie)?;
         match j.stage {
+            // Only what was seen: the socket's keepalive armed, not a probe answered (holdfast
+            // does not watch probes on the wire yet).
             Stage::Verified => Some(format!(
-                "keepalive applied and seen armed: the flow is refreshed every {}",
+                "keepalive applied and seen armed: a probe every {} once the flow idles, in time for its timeout",
                 fmt_ms(u64::from(j.values.refresh_s()) * 1000)
             )),
-            Stage::Applied | Stage::Sent => {
-                Some("keepalive applied: the flow is now refreshed in time".into())
-            }
+            Stage::Applied | Stage::Sent => Some("keepalive applied; not yet seen armed in a sample".into()),
             _ => None,
         }
     }

@@ -73,6 +73,30 @@ pub struct RestartRemedy {
     pub notes: HashMap<String, String>,
 }
 
+/// Records a restart action on `finding` with the service's sessions before it.
+fn act(
+    store: &mut FindingStore,
+    finding: FindingId,
+    now: Nanos,
+    mode: RemedyMode,
+    status: OutcomeStatus,
+    text: impl Into<String>,
+    row: &LedgerRow,
+) -> Option<Change> {
+    store.act(
+        finding,
+        record(
+            now,
+            RemedyAction::Restart,
+            mode,
+            status,
+            text,
+            Some(sessions(row)),
+            None,
+        ),
+    )
+}
+
 fn sessions(r: &LedgerRow) -> ActionValues {
     ActionValues::Sessions {
         live: r.live,
@@ -138,18 +162,7 @@ impl RestartRemedy {
                 self.notes.insert(s.name.clone(), note.into());
                 // Reported once per service.
                 if self.refused.insert(s.name.clone())
-                    && let Some(c) = store.act(
-                        finding,
-                        record(
-                            now,
-                            RemedyAction::Restart,
-                            mode,
-                            OutcomeStatus::Refused,
-                            outcome,
-                            Some(sessions(row)),
-                            None,
-                        ),
-                    )
+                    && let Some(c) = act(store, finding, now, mode, OutcomeStatus::Refused, outcome, row)
                 {
                     out.push(c);
                 }
@@ -184,20 +197,17 @@ impl RestartRemedy {
                 self.notes
                     .insert(s.name.clone(), format!("would restart now via {how} (dry-run)"));
                 if self.planned.insert(finding)
-                    && let Some(c) = store.act(
+                    && let Some(c) = act(
+                        store,
                         finding,
-                        record(
-                            now,
-                            RemedyAction::Restart,
-                            mode,
-                            OutcomeStatus::Planned,
-                            format!(
-                                "planned: restart via {how} ({live} live, {} leaked, {} held; dry-run)",
-                                row.leaked, row.held
-                            ),
-                            Some(sessions(row)),
-                            None,
+                        now,
+                        mode,
+                        OutcomeStatus::Planned,
+                        format!(
+                            "planned: restart via {how} ({live} live, {} leaked, {} held; dry-run)",
+                            row.leaked, row.held
                         ),
+                        row,
                     )
                 {
                     out.push(c);
@@ -215,20 +225,17 @@ impl RestartRemedy {
                     requested: None,
                 },
             );
-            if let Some(c) = store.act(
+            if let Some(c) = act(
+                store,
                 finding,
-                record(
-                    now,
-                    RemedyAction::Restart,
-                    mode,
-                    OutcomeStatus::Pending,
-                    format!(
-                        "restarting via {how}: {live} live, {} leaked, {} held session(s) before",
-                        row.leaked, row.held
-                    ),
-                    Some(sessions(row)),
-                    None,
+                now,
+                mode,
+                OutcomeStatus::Pending,
+                format!(
+                    "restarting via {how}: {live} live, {} leaked, {} held session(s) before",
+                    row.leaked, row.held
                 ),
+                row,
             ) {
                 out.push(c);
             }
