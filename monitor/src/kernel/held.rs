@@ -69,10 +69,10 @@ impl HeldProbe {
                 }
             }
         }
-        // Forget what the asked-about processes no longer hold.
-        let asked: HashSet<u32> = pids.iter().copied().collect();
-        self.settled
-            .retain(|k, _| !asked.contains(&k.0) || seen.contains(k));
+        // Keep only what the asked-about processes still hold: the memory is bounded by the
+        // descriptors of the processes being watched (processes no longer asked about are
+        // forgotten with theirs).
+        self.settled.retain(|k, _| seen.contains(k));
         out
     }
 }
