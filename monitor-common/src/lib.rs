@@ -18,8 +18,16 @@ pub mod kind {
     pub const ERROR_REPORT: u8 = 4;
     /// `tcp:tcp_retransmit_skb`.
     pub const RETRANSMIT: u8 = 5;
+    /// A keepalive probe left a watched socket (sock_ops, from the keepalive timer). `err` holds
+    /// icsk_probes_out before it (0: the first of a series; more: earlier probes unanswered),
+    /// `pid` the socket's probe count so far.
+    pub const PROBE_SENT: u8 = 6;
+    /// A segment arrived on a watched socket with a probe outstanding (`tcp:tcp_probe`): the peer
+    /// answered. `err` holds the time since the probe left, in microseconds; `pid` the count of
+    /// answered probes.
+    pub const PROBE_ANSWERED: u8 = 7;
     /// Highest valid kind.
-    pub const MAX: u8 = 5;
+    pub const MAX: u8 = 7;
 }
 
 /// Indexes of the per-CPU counter array `STATS` (one slot per program and counter).
@@ -44,8 +52,16 @@ pub mod stat {
     pub const SOCKOPS_FAILED: u32 = 20;
     /// Sockets the filtered snapshot skipped (active, nothing to look at).
     pub const ITER_SKIPPED: u32 = 21;
+    /// Keepalive probes seen leaving watched sockets.
+    pub const PROBE_SENT: u32 = 22;
+    /// Probes seen answered.
+    pub const PROBE_ANSWERED: u32 = 23;
+    /// Watch flags found on sockets holdfast no longer watches, and cleared.
+    pub const PROBE_STRAY: u32 = 24;
+    /// Runs of the probe-watch sock_ops program (every callback of a watched socket).
+    pub const PROBE_CALLBACKS: u32 = 25;
     /// Number of slots.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 26;
     /// Program index for the counters, in the order of [`crate::kind`] minus one.
     pub const PROGRAMS: [&str; 5] = [
         "inet_sock_set_state",
@@ -54,6 +70,8 @@ pub mod stat {
         "inet_sk_error_report",
         "tcp_retransmit_skb",
     ];
+    /// The probe programs' indexes for the lost/error counters (after [`PROGRAMS`]).
+    pub const PROBE_PROGRAMS: [&str; 2] = ["probe_watch", "probe_answer"];
 }
 
 /// Address family values as the kernel uses them.
@@ -262,9 +280,11 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     /// `struct file` -> `private_data` (the `struct socket *` of a socket file).
     pub file_private_data: u32,
+    /// `tcp_sock.bpf_sock_ops_cb_flags` (a u8).
+    pub tp_cb_flags: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
 
 impl KernelOffsets {
     /// All fields unresolved; the programs refuse to run with this.
@@ -309,6 +329,7 @@ impl KernelOffsets {
         inode_i_mode: u32::MAX,
         inode_i_ino: u32::MAX,
         file_private_data: 0,
+        tp_cb_flags: u32::MAX,
     };
 }
 
@@ -373,8 +394,57 @@ pub struct KaTarget {
 
 const _: () = assert!(size_of::<KaTarget>() == 64);
 
+/// One socket whose keepalive probes the kernel watches (map `PROBE_WATCH`, keyed by socket
+/// cookie). The agent writes `want`; `probe_select` (iter/tcp) sets or clears the socket's
+/// sock_ops callback flag and writes `done`, `rc` and `flags`; `probe_watch` (sock_ops) and
+/// `probe_answer` (tp_btf tcp_probe) keep the counters. 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeWatch {
+    /// 1: watch (set [`WATCH_CB_FLAG`]); 0: release (clear it).
+    pub want: u32,
+    /// Set to 1 by `probe_select` once it saw the socket.
+    pub done: u32,
+    /// 0, or the negative errno of bpf_setsockopt(TCP_BPF_SOCK_OPS_CB_FLAGS).
+    pub rc: i32,
+    /// The socket's callback flags read back after the change (-1: unreadable).
+    pub flags: i32,
+    /// Probes sent and answered since the watch began.
+    pub sent: u32,
+    pub answered: u32,
+    /// 1 while the last probe is unanswered.
+    pub pending: u32,
+    /// icsk_probes_out when the last probe left.
+    pub probes_out: u32,
+    /// bpf_ktime_get_ns() of the last probe sent, and of the last answer.
+    pub last_sent_ns: u64,
+    pub last_answer_ns: u64,
+}
+
+const _: () = assert!(size_of::<ProbeWatch>() == 48);
+
+/// One socket carrying holdfast's watch flag after a `probe_select` run (its census). 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchFlagRecord {
+    pub cookie: u64,
+    /// The callback flags as bpf_getsockopt(TCP_BPF_SOCK_OPS_CB_FLAGS) reads them.
+    pub flags: u32,
+    /// 1 if the socket is in PROBE_WATCH.
+    pub watched: u32,
+}
+
+const _: () = assert!(size_of::<WatchFlagRecord>() == 16);
+
+/// The sock_ops callback flag holdfast sets on a watched socket: BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
+/// (`1 << 6`), which makes the kernel call the sock_ops program (HDR_OPT_LEN_CB) for every segment
+/// the socket sends. holdfast reserves no option space: the callback only looks.
+pub const WATCH_CB_FLAG: u32 = 1 << 6;
+
 /// Socket option numbers used with bpf_(get|set)sockopt.
 pub mod sockopt {
+    /// The socket's sock_ops callback flags (bpf_setsockopt/getsockopt only; Linux 6.12+).
+    pub const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
     pub const SOL_SOCKET: i32 = 1;
     pub const SO_KEEPALIVE: i32 = 9;
     pub const SOL_TCP: i32 = 6;
@@ -416,4 +486,8 @@ mod user {
     unsafe impl aya::Pod for super::OwnerRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SnapFilter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProbeWatch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WatchFlagRecord {}
 }

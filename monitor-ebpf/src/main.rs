@@ -9,6 +9,7 @@ use core::ffi::c_void;
 use core::mem::size_of;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_NO_WAKEUP, seq_file},
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
@@ -23,9 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, OwnerRecord, ProcRecord, SNAP_FULL,
-    SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapFilter, SnapRecord, event_flag, kind, proc_kind, sockopt, stat,
-    tcp_state,
+    AF_INET, AF_INET6, EventRecord, IPPROTO_TCP, KaTarget, KernelOffsets, OwnerRecord, ProbeWatch,
+    ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapFilter, SnapRecord, WATCH_CB_FLAG,
+    WatchFlagRecord, event_flag, kind, proc_kind, sockopt, stat, tcp_state,
 };
 
 /// Field offsets, filled in by the agent at load time.
@@ -53,6 +54,10 @@ static SNAP_FILTER: Array<SnapFilter> = Array::with_max_entries(1, 0);
 /// Sockets the filtered snapshot has already reported with their file (so their owner is known).
 #[map]
 static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1 << 20, 0);
+
+/// Sockets whose keepalive probes are watched, by cookie (see `ProbeWatch`).
+#[map]
+static PROBE_WATCH: HashMap<u64, ProbeWatch> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -157,6 +162,25 @@ fn emit(ctx: &BtfTracePointContext, prog: u32, kind: u8, sk: *const c_void, old:
     if sk.is_null() {
         return;
     }
+    // SAFETY: helper call on the BTF socket pointer of the tracepoint.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    emit_for(ctx, prog, kind, sk, cookie, old, new, None);
+}
+
+/// Emits one event record for `sk` (a verifier-typed socket pointer) with its cookie; `extra`
+/// replaces the `pid` and `err` fields (probe events carry their counts there).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit_for<C: EbpfContext>(
+    ctx: &C,
+    prog: u32,
+    kind: u8,
+    sk: *const c_void,
+    cookie: u64,
+    old: u8,
+    new: Option<u8>,
+    extra: Option<(u32, i32)>,
+) {
     let base = sk as *const u8;
     match ld::<u16>(base, off!(sk_protocol)) {
         Ok(p) if p == IPPROTO_TCP => {}
@@ -175,22 +199,25 @@ fn emit(ctx: &BtfTracePointContext, prog: u32, kind: u8, sk: *const c_void, old:
         Some(s) => s,
         None => ld::<u8>(base, off!(skc_state)).unwrap_or(0),
     };
-    let err = if kind == kind::ERROR_REPORT {
-        ld::<i32>(base, off!(sk_err)).unwrap_or(0)
-    } else {
-        0
+    let (pid, err) = match extra {
+        Some(x) => x,
+        None if kind == kind::ERROR_REPORT => (
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            ld::<i32>(base, off!(sk_err)).unwrap_or(0),
+        ),
+        None => ((bpf_get_current_pid_tgid() >> 32) as u32, 0),
     };
     let Some(mut entry) = EVENTS.reserve::<EventRecord>(0) else {
         return bump(stat::LOST_BASE + prog);
     };
-    // SAFETY: plain helper calls; `sk` is the BTF pointer the verifier typed from the tracepoint.
-    let (cookie, ts_ns) = unsafe { (bpf_get_socket_cookie(sk as *mut c_void), bpf_ktime_get_ns()) };
+    // SAFETY: plain helper call.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
     entry.write(EventRecord {
         kind,
         ipver: t.ipver,
         old_state: if new.is_some() { old } else { state },
         new_state: state,
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        pid,
         cookie,
         ts_ns,
         saddr: t.saddr,
@@ -198,7 +225,8 @@ fn emit(ctx: &BtfTracePointContext, prog: u32, kind: u8, sk: *const c_void, old:
         sport: t.sport,
         dport: t.dport,
         err,
-        comm: current_comm(),
+        // Probe events run in timer or softirq context: no task of interest is current.
+        comm: if extra.is_some() { [0; 2] } else { current_comm() },
         netns: netns_of(base),
         flags: match ld::<u64>(base, off!(sk_socket)) {
             Ok(sock) if sock != 0 => event_flag::HAD_FILE,
@@ -224,6 +252,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
         if SEEN.get_ptr(&cookie).is_some() {
             let _ = SEEN.remove(&cookie);
+        }
+        // So does its probe watch (the flag goes with the socket).
+        if PROBE_WATCH.get_ptr(&cookie).is_some() {
+            let _ = PROBE_WATCH.remove(&cookie);
         }
     }
     0
@@ -649,6 +681,199 @@ pub fn keepalive_at_connect(ctx: SockOpsContext) -> u32 {
         bump(stat::SOCKOPS_FAILED);
     }
     1
+}
+
+/// Sets or clears the watch flag on the sockets named in PROBE_WATCH (bpf_setsockopt of
+/// TCP_BPF_SOCK_OPS_CB_FLAGS from the tcp iterator, under the socket lock), and writes one
+/// `WatchFlagRecord` for every socket of the namespace that carries the flag afterwards (the
+/// census that shows nothing stray is left).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn probe_select(ctx: *mut IterTcp) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_iter__tcp context.
+    let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: helper call; null for time-wait and request sockets.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *mut c_void;
+    if tp.is_null() {
+        return 0;
+    }
+    // SAFETY: helper call on the verifier-typed sock_common pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let entry = PROBE_WATCH.get_ptr_mut(&cookie);
+    let mut flags = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_BPF_SOCK_OPS_CB_FLAGS);
+    if let Some(w) = entry {
+        // SAFETY: `w` points into the map value for this cookie; the iterator runs alone.
+        let w = unsafe { &mut *w };
+        w.done = 1;
+        if flags >= 0 {
+            let want = if w.want == 1 {
+                flags as u32 | WATCH_CB_FLAG
+            } else {
+                flags as u32 & !WATCH_CB_FLAG
+            };
+            if want != flags as u32 {
+                w.rc = setopt(
+                    tp,
+                    sockopt::SOL_TCP,
+                    sockopt::TCP_BPF_SOCK_OPS_CB_FLAGS,
+                    want as i32,
+                );
+            }
+            flags = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_BPF_SOCK_OPS_CB_FLAGS);
+        } else {
+            w.rc = flags;
+        }
+        w.flags = flags;
+    }
+    if flags > 0 && flags as u32 & WATCH_CB_FLAG != 0 {
+        let rec = WatchFlagRecord {
+            cookie,
+            flags: flags as u32,
+            watched: u32::from(entry.is_some()),
+        };
+        // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
+        unsafe {
+            bpf_seq_write(
+                (*meta).seq,
+                &rec as *const WatchFlagRecord as *const c_void,
+                size_of::<WatchFlagRecord>() as u32,
+            )
+        };
+    }
+    0
+}
+
+/// BPF_SOCK_OPS_HDR_OPT_LEN_CB: the kernel is about to send a segment on a socket with the
+/// watch flag (and asks how much option space to reserve: none).
+const OP_HDR_OPT_LEN: u32 = 14;
+/// `args[0]` of HDR_OPT_LEN_CB when the call sizes the MSS, not a segment.
+const WRITE_HDR_TCP_CURRENT_MSS: u32 = 1;
+/// TCPHDR_ACK.
+const TCP_FLAG_ACK: u32 = 0x10;
+
+/// Sees the keepalive probes of watched sockets leave. A keepalive probe is the bare ACK the
+/// keepalive timer sends (`tcp_write_wakeup` -> `tcp_xmit_probe_skb`, sequence snd_una - 1)
+/// with nothing in flight. It is told from every other bare ACK by where it is sent from: while
+/// the keepalive timer's handler runs the timer is not pending (the timer core detaches it
+/// first), whereas any other bare ACK of a socket with SO_KEEPALIVE leaves with the timer armed.
+/// Attached at the cgroup v2 root (every socket of the host, in every namespace); a socket
+/// without the flag never reaches it for these callbacks.
+#[sock_ops]
+pub fn probe_watch(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != OP_HDR_OPT_LEN {
+        return 1;
+    }
+    bump(stat::PROBE_CALLBACKS);
+    let ops = ctx.ops;
+    // SAFETY: reads of the sock_ops context fields the verifier allows for this program type.
+    let (len, tcp_flags, una, nxt, state, sk) = unsafe {
+        (
+            (*ops).skb_len,
+            (*ops).skb_tcp_flags,
+            (*ops).snd_una,
+            (*ops).snd_nxt,
+            (*ops).state,
+            (*ops).__bindgen_anon_2.sk,
+        )
+    };
+    if ctx.arg(0) == WRITE_HDR_TCP_CURRENT_MSS || len != 0 || tcp_flags != TCP_FLAG_ACK || una != nxt {
+        return 1;
+    }
+    if state == u32::from(tcp_state::FIN_WAIT2) || sk.is_null() {
+        // In FIN_WAIT2 sk_timer is the FIN_WAIT2 timer, not keepalive.
+        return 1;
+    }
+    // SAFETY: helper call on the context's socket pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ops as *mut c_void) };
+    let Some(w) = PROBE_WATCH.get_ptr_mut(&cookie) else {
+        // A flag holdfast no longer wants (the agent restarted, or lost the entry): clear it.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() & !WATCH_CB_FLAG) as i32);
+        bump(stat::PROBE_STRAY);
+        return 1;
+    };
+    // SAFETY: helper call; `sk` is the context's full socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
+        return 1;
+    }
+    let keepopen = ld::<u64>(tp, off!(skc_flags)).map_or(false, |f| f & (1 << 3) != 0);
+    let timer_armed = ld::<u64>(tp, off!(sk_timer_pprev)).map_or(true, |p| p != 0);
+    if !keepopen || timer_armed {
+        return 1;
+    }
+    let probes_out: u8 = ld(tp, off!(icsk_probes_out)).unwrap_or(0);
+    // SAFETY: `w` points into the map value; concurrent updates only lose a count.
+    let w = unsafe { &mut *w };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    w.sent = w.sent.wrapping_add(1);
+    w.pending = 1;
+    w.probes_out = u32::from(probes_out);
+    w.last_sent_ns = now;
+    bump(stat::PROBE_SENT);
+    emit_for(
+        &ctx,
+        5,
+        kind::PROBE_SENT,
+        tp as *const c_void,
+        cookie,
+        0,
+        None,
+        Some((w.sent, i32::from(probes_out))),
+    );
+    1
+}
+
+/// Sees the answers: any segment arriving on a watched socket while a probe is outstanding
+/// proves the peer alive and the path open (`tcp:tcp_probe` runs for every segment an
+/// established socket receives, before it is processed). Attached only while some socket is
+/// watched; an unwatched socket costs one flag test.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn probe_answer(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: helper call on the tracepoint's BTF socket pointer.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
+        return 0;
+    }
+    match ld::<u8>(tp, off!(tp_cb_flags)) {
+        Ok(f) if u32::from(f) & WATCH_CB_FLAG != 0 => {}
+        _ => return 0,
+    }
+    // SAFETY: helper call on the BTF socket pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    let Some(w) = PROBE_WATCH.get_ptr_mut(&cookie) else {
+        return 0;
+    };
+    // SAFETY: `w` points into the map value.
+    let w = unsafe { &mut *w };
+    if w.pending == 0 {
+        return 0;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    w.pending = 0;
+    w.answered = w.answered.wrapping_add(1);
+    w.last_answer_ns = now;
+    let rtt_us = (now.saturating_sub(w.last_sent_ns) / 1000).min(i32::MAX as u64) as i32;
+    bump(stat::PROBE_ANSWERED);
+    emit_for(
+        &ctx,
+        6,
+        kind::PROBE_ANSWERED,
+        tp as *const c_void,
+        cookie,
+        0,
+        None,
+        Some((w.answered, rtt_us)),
+    );
+    0
 }
 
 #[cfg(not(test))]

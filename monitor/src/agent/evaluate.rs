@@ -184,25 +184,38 @@ pub fn flows(
                 .iter()
                 .find(|(k, _)| k.scope == Scope::Flow(c))
                 .map(|(_, a)| a);
-            if let Some(ch) = st.remedies.keepalive.verify(f, a, &mut st.store) {
+            if let Some(ch) = st.remedies.keepalive.verify(now, f, a, &mut st.store) {
                 out.push(ch);
             }
         }
     }
+    // A flow the keepalive remedy acted on that ended: its action says whether it ever worked.
+    for (f, _) in &closed {
+        if let Some(cause) = pass.closed.get(&f.cookie)
+            && let Some(ch) = st.remedies.keepalive.on_closed(f, cause, &mut st.store)
+        {
+            out.push(ch);
+        }
+    }
     let ka = &st.remedies.keepalive;
     let dead = &pass.closed;
-    out.extend(st.store.reconcile(Family::Eviction, pass.verdicts, now, |k, _| {
+    out.extend(st.store.reconcile_until(Family::Eviction, pass.verdicts, now, |k, _| {
         let Scope::Flow(c) = k.scope else {
-            return "no longer at risk".into();
+            return Some("no longer at risk".into());
         };
-        match (dead.get(&c), ka.resolution(c)) {
+        Some(match (dead.get(&c), ka.resolution(c)) {
+            (Some(cause), Some(_)) if ka.awaiting_answer(c) => format!(
+                "the connection ended ({cause}) after keepalive was applied, before any probe was answered: unresolved"
+            ),
             (Some(cause), Some(_)) => {
                 format!("the connection ended ({cause}) after keepalive was applied")
             }
             (Some(cause), None) => format!("the connection ended ({cause}) while this finding was open"),
+            // Probes are watched: open until one is answered (see KeepaliveRemedy::verify).
+            (None, Some(_)) if ka.awaiting_answer(c) => return None,
             (None, Some(r)) => r,
             (None, None) => "the flow is no longer at risk (activity or keepalive)".into(),
-        }
+        })
     }));
     for v in pass.postmortems {
         let (id, t) = st.store.upsert(v, now);
@@ -262,6 +275,7 @@ pub fn flows(
     for (f, _) in &closed {
         st.remedies.keepalive.forget(f.cookie);
         st.remedies.close.forget(f.cookie);
+        st.watch.forget(f.cookie);
     }
     (out, requests)
 }

@@ -135,6 +135,17 @@ pub async fn run(
                 if !requests.is_empty() {
                     let _ = rt.workers.send(WorkerMsg::Keepalive(requests));
                 }
+                // Probes on the wire for the sockets the keepalive remedy acted on.
+                let want: Vec<(u64, crate::model::observe::NetnsId)> = state
+                    .remedies
+                    .keepalive
+                    .wire_wanted()
+                    .into_iter()
+                    .filter_map(|c| state.table.get(c).map(|f| (c, f.netns)))
+                    .collect();
+                if let Some(plan) = state.watch.plan(&want) {
+                    let _ = rt.workers.send(WorkerMsg::Watch(plan));
+                }
                 if state.table.len() < SMALL_TABLE || ledger_updated.elapsed() >= LEDGER_EVERY {
                     step = "flows and ledger round";
                     ledger_updated = Instant::now();
@@ -283,6 +294,7 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::FlowIds { .. } => "flows query (select)",
         Msg::FlowPage { .. } => "flows query (page)",
         Msg::Keepalive(_) => "keepalive results",
+        Msg::Watched(_) => "probe watch results",
         Msg::Metrics(_) => "metrics",
     }
 }
@@ -449,6 +461,23 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
         }
         Msg::Metrics(reply) => {
             let _ = reply.send(metrics(state, rt));
+        }
+        Msg::Watched(reports) => {
+            for r in &reports {
+                for (c, why) in state.watch.apply(r) {
+                    tracing::warn!(
+                        flow = c,
+                        "keepalive probes of this socket cannot be watched: {why}; its keepalive is judged from the timer"
+                    );
+                }
+                if r.stray > 0 {
+                    tracing::warn!(
+                        netns = r.netns,
+                        stray = r.stray,
+                        "sockets carry the probe-watch flag without being watched; it is cleared at their next send"
+                    );
+                }
+            }
         }
         Msg::Keepalive(results) => {
             let now = sys::monotonic_ns();

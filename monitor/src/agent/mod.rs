@@ -62,6 +62,8 @@ pub enum Msg {
         scope: crate::track::held::HeldScope,
         owners: HashMap<u32, Arc<crate::model::observe::Owner>>,
     },
+    /// What the probe-watch selection did, per namespace.
+    Watched(Vec<crate::track::watch::WatchOutcome>),
     /// The namespaces found (with their sysctls and last errors), and those that are gone.
     Namespaces {
         /// Which namespaces are watched, in words.
@@ -252,6 +254,14 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
             socket: cfg.agent.socket.clone(),
         },
     );
+    // Probes on the wire: eBPF mode, where loading proved the kernel can do it.
+    let wire = state
+        .info
+        .features
+        .iter()
+        .any(|f| f.name == "probe_watch" && f.available);
+    state.watch = crate::track::watch::WatchSet::new(wire);
+    state.remedies.keepalive.wire = wire;
     state.netns.insert(
         own,
         state::NetnsInfo {

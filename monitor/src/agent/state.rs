@@ -114,6 +114,8 @@ pub struct State {
     pub stats: Stats,
     /// Keepalive requests queued by queries (manual remedies), sent by the main loop.
     pub outbox: Vec<KaRequest>,
+    /// Sockets whose keepalive probes the kernel watches (eBPF mode).
+    pub watch: crate::track::watch::WatchSet,
     /// Cookies counted as leaked at the last ledger count.
     pub leaked: HashSet<u64>,
     /// What the host's flows taught about each path's idle timeout.
@@ -141,6 +143,7 @@ impl State {
                 ..Default::default()
             },
             outbox: Vec::new(),
+            watch: Default::default(),
             leaked: HashSet::new(),
             paths: Default::default(),
             learned: Default::default(),

@@ -148,6 +148,24 @@ fn flow(v: &FlowExplanation) -> String {
             ))
         ));
     }
+    if let Some(w) = &f.wire_probes {
+        let last = match (w.last_answer_ago_ms, w.last_rtt_us) {
+            (Some(ago), Some(rtt)) => format!(
+                ", last answered {} ago in {}",
+                fmt_ms(ago),
+                crate::model::probe::rtt_words(rtt)
+            ),
+            _ => ", none answered yet".into(),
+        };
+        o.push_str(&format!(
+            "probes:     {} sent, {} answered, {} unanswered{last}{} (seen on the wire)\n",
+            w.sent,
+            w.answered,
+            w.unanswered,
+            w.last_sent_ago_ms
+                .map_or(String::new(), |s| format!(", last sent {} ago", fmt_ms(s)))
+        ));
+    }
     if !v.findings.is_empty() {
         o.push_str(&super::findings::render(&v.findings));
     }

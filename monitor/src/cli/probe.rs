@@ -35,6 +35,16 @@ pub enum ProbeCmd {
         #[arg(long, default_value_t = 3)]
         repeat: u32,
     },
+    /// The keepalive-probe watch: flags N loopback connections from the tcp iterator, checks
+    /// with getsockopt (the iterator's census) that exactly they carry the flag, sends traffic on
+    /// them to time the sock_ops callback, releases them and checks that no flag is left.
+    Watch {
+        #[arg(long, default_value_t = 1000)]
+        sockets: usize,
+        /// Segments sent per socket while watched (each is one or two callbacks).
+        #[arg(long, default_value_t = 20)]
+        segments: usize,
+    },
     /// The /proc zombie scan.
     Procs {
         #[arg(long, default_value_t = 3)]
@@ -145,6 +155,64 @@ fn namespaces(mode: Mode, repeat: u32) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// See `ProbeCmd::Watch`.
+fn watch(sockets: usize, segments: usize) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let mut l = load(Mode::Ebpf)?.ok_or("eBPF did not load")?;
+    let ns = NsHandle {
+        id: own_id(),
+        path: "/proc/self/ns/net".into(),
+    };
+    let lst = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = lst.local_addr().map_err(|e| e.to_string())?;
+    let mut pairs = Vec::with_capacity(sockets);
+    let mut cookies = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let c = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let (s, _) = lst.accept().map_err(|e| format!("accept: {e}"))?;
+        cookies.push(crate::kernel::sys::socket_cookie(c.as_fd()).map_err(|e| e.to_string())?);
+        pairs.push((c, s));
+    }
+    // Run-time statistics only while this descriptor is open (nothing left switched on).
+    let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+    let stats = |l: &mut ebpf::Loaded| l.watch_program_stats();
+    let before = stats(&mut l);
+    let t0 = Instant::now();
+    let on = l.select(&cookies, &[], &ns).map_err(|e| e.to_string())?;
+    let select_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut buf = [0u8; 64];
+    for (c, s) in pairs.iter_mut() {
+        for _ in 0..segments {
+            c.write_all(b"x").map_err(|e| e.to_string())?;
+            s.read_exact(&mut buf[..1]).map_err(|e| e.to_string())?;
+            s.write_all(b"y").map_err(|e| e.to_string())?;
+            c.read_exact(&mut buf[..1]).map_err(|e| e.to_string())?;
+        }
+    }
+    let traffic_s = t1.elapsed().as_secs_f64();
+    let after = stats(&mut l);
+    let t2 = Instant::now();
+    let off = l.select(&[], &cookies, &ns).map_err(|e| e.to_string())?;
+    let release_s = t2.elapsed().as_secs_f64();
+    // A last census with nothing asked: what is left flagged in the namespace.
+    let left = l.select(&[], &[], &ns).map_err(|e| e.to_string())?;
+    let runs = after.0.saturating_sub(before.0);
+    let ns_total = after.1.saturating_sub(before.1);
+    Ok(json!({
+        "sockets": sockets, "segments_per_socket": segments,
+        "watching": on.watching.len(), "refused": on.failed.len(),
+        "flagged_while_watched": on.flagged, "stray_while_watched": on.stray,
+        "released": off.released.len(), "flagged_after_release": left.flagged,
+        "select_s": select_s, "release_s": release_s, "traffic_s": traffic_s,
+        "callbacks": runs,
+        "ns_per_callback": if runs > 0 { ns_total as f64 / runs as f64 } else { 0.0 },
+        "callbacks_per_segment": runs as f64 / (2 * sockets * segments).max(1) as f64,
+        "run_time_measured": after.2,
+    }))
+}
+
 /// Times `repeat` /proc zombie scans.
 fn procs(repeat: u32) -> serde_json::Value {
     let mut best = f64::MAX;
@@ -167,6 +235,7 @@ pub fn run(what: ProbeCmd) -> Result<(), ExitCode> {
         } => snapshot(mode, owners, repeat, filtered_ms),
         ProbeCmd::Namespaces { mode, repeat } => namespaces(mode, repeat),
         ProbeCmd::Procs { repeat } => Ok(procs(repeat)),
+        ProbeCmd::Watch { sockets, segments } => watch(sockets, segments),
     };
     match r {
         Ok(v) => {

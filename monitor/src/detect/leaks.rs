@@ -59,6 +59,43 @@ pub fn half_open(f: &Flow, now: Nanos, cfg: &LeaksSection) -> Option<Evidence> {
     })
 }
 
+/// Half-open evidence seen on the wire (eBPF mode, watched sockets): a keepalive probe that
+/// went unanswered is evidence at once, with no silence threshold. It makes a finding, not a
+/// close candidate: one lost probe is not proof (the close remedy waits for `half_open`).
+pub fn wire_evidence(f: &Flow, now: Nanos) -> Option<Evidence> {
+    if f.state != tcp_state::ESTABLISHED {
+        return None;
+    }
+    let w = f.wire.as_deref()?;
+    let lost = w.unanswered(now);
+    if lost == 0 {
+        return None;
+    }
+    let first = w.streak_from.unwrap_or(w.last_sent);
+    let silence_ms = f.ages_ms(now).map_or(0, |(_, _, a)| a);
+    let mut reasons = vec![format!(
+        "{lost} keepalive probe(s) unanswered on the wire, the first sent {} ago",
+        fmt_ms(ms(now.saturating_sub(first)))
+    )];
+    if let Some(a) = w.last_answer {
+        reasons.push(format!(
+            "the last answer came {} ago",
+            fmt_ms(ms(now.saturating_sub(a)))
+        ));
+    } else {
+        reasons.push("no probe was ever answered".into());
+    }
+    Some(Evidence {
+        silence_ms,
+        unanswered_probes: lost.min(255) as u8,
+        retransmits: f.tcp.as_ref().map_or(0, |t| t.retransmits),
+        unacked: f.tcp.as_ref().map_or(0, |t| t.unacked),
+        zero_window_probing: false,
+        keepalive_probing: true,
+        reasons,
+    })
+}
+
 /// How long `f` has been in its state (since first seen if it entered it before holdfast).
 pub fn state_age_ms(f: &Flow, now: Nanos) -> u64 {
     ms(now.saturating_sub(f.state_since.unwrap_or(f.first_seen)))
@@ -143,19 +180,29 @@ pub fn evaluate<'a>(
 ) -> LeakPass {
     let mut pass = LeakPass::default();
     for f in flows.clone() {
-        let Some(ev) = half_open(f, now, cfg) else {
-            continue;
+        let wire = wire_evidence(f, now);
+        let (ev, candidate) = match (half_open(f, now, cfg), wire) {
+            (Some(mut ev), w) => {
+                if let Some(w) = w {
+                    ev.reasons.insert(0, w.reasons[0].clone());
+                }
+                (ev, true)
+            }
+            (None, Some(w)) => (w, false),
+            (None, None) => continue,
         };
         let key = Key {
             family: Family::HalfOpen,
             kind: FindingKind::HalfOpen,
             scope: Scope::Flow(f.cookie),
         };
-        pass.candidates.push(Candidate {
-            cookie: f.cookie,
-            key: key.clone(),
-            evidence: ev.reasons.join(", "),
-        });
+        if candidate {
+            pass.candidates.push(Candidate {
+                cookie: f.cookie,
+                key: key.clone(),
+                evidence: ev.reasons.join(", "),
+            });
+        }
         pass.half_open.push(Verdict {
             key,
             severity: Severity::Warning,

@@ -109,6 +109,18 @@ impl FindingStore {
         now: Nanos,
         mut why_gone: impl FnMut(&Key, &Finding) -> String,
     ) -> Vec<Change> {
+        self.reconcile_until(family, verdicts, now, |k, f| Some(why_gone(k, f)))
+    }
+
+    /// As [`Self::reconcile`], but a finding whose verdict is gone stays open while `why_gone`
+    /// says None (a remedy whose effect is not yet seen).
+    pub fn reconcile_until(
+        &mut self,
+        family: Family,
+        verdicts: Vec<Verdict>,
+        now: Nanos,
+        mut why_gone: impl FnMut(&Key, &Finding) -> Option<String>,
+    ) -> Vec<Change> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for v in verdicts {
@@ -125,8 +137,8 @@ impl FindingStore {
             .map(|(k, id)| (k.clone(), *id))
             .collect();
         for (key, id) in stale {
-            let why = match self.get(id) {
-                Some(f) => why_gone(&key, f),
+            let why = match self.get(id).and_then(|f| why_gone(&key, f)) {
+                Some(w) => w,
                 None => continue,
             };
             if let Some(c) = self.resolve(&key, why, now) {

@@ -283,6 +283,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         inode_i_mode: btf.offset("inode", "i_mode")?,
         inode_i_ino: btf.offset("inode", "i_ino")?,
         file_private_data: btf.offset("file", "private_data")?,
+        // Optional: without it the probe watch is unavailable, nothing else.
+        tp_cb_flags: tp("bpf_sock_ops_cb_flags").unwrap_or(u32::MAX),
     })
 }
 

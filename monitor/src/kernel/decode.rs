@@ -50,6 +50,8 @@ pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
         kind::SEND_RST => EventKind::SendRst,
         kind::ERROR_REPORT => EventKind::Error,
         kind::RETRANSMIT => EventKind::Retransmit,
+        kind::PROBE_SENT => EventKind::ProbeSent,
+        kind::PROBE_ANSWERED => EventKind::ProbeAnswered,
         other => return Err(DecodeError::Kind(other)),
     };
     let ipver = b[1];
@@ -77,6 +79,11 @@ pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
         pid_hint: (in_process && pid != 0).then_some(PidHint { pid, comm }),
         err: u32_at(b, 60) as i32,
         had_file: u32_at(b, 84) & monitor_common::event_flag::HAD_FILE != 0,
+        count: if matches!(kind, EventKind::ProbeSent | EventKind::ProbeAnswered) {
+            pid
+        } else {
+            0
+        },
     })
 }
 
@@ -139,6 +146,16 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
 }
 
 /// Decodes one socket-file record of the task_file iterator.
+/// Decodes one census record of the `probe_select` iterator.
+pub fn watch_flag(bytes: &[u8]) -> Result<monitor_common::WatchFlagRecord, DecodeError> {
+    let b = exact::<{ size_of::<monitor_common::WatchFlagRecord>() }>(bytes)?;
+    Ok(monitor_common::WatchFlagRecord {
+        cookie: u64_at(b, 0),
+        flags: u32_at(b, 8),
+        watched: u32_at(b, 12),
+    })
+}
+
 pub fn owner(bytes: &[u8]) -> Result<OwnerRecord, DecodeError> {
     let b = exact::<{ size_of::<OwnerRecord>() }>(bytes)?;
     Ok(OwnerRecord {

@@ -54,6 +54,28 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
     })
 }
 
+/// The socket's cookie (SO_COOKIE, Linux 4.12): the key the eBPF programs and sock_diag use.
+/// nix 0.32 lacks it.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = 8 as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` (8) bytes into `v`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The supplementary groups of the peer of a connected unix socket (SO_PEERGROUPS, Linux 4.13):
 /// taken at connect time, so a pid reused since cannot lie about them. nix 0.32 lacks it.
 pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {

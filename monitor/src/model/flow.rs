@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::eviction::RiskView;
 use super::observe::{NetnsId, Owner, PidHint, TcpSample, Timer, state_name};
+use super::probe::{ProbeLog, ProbeView};
 use super::time::{Nanos, ms};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct Flow {
     /// `tcp` was aged by a filtered read that left the flow out (its idle values are capped
     /// estimates, not the kernel's): not evidence for path learning.
     pub sample_aged: bool,
+    /// Keepalive probes seen on the wire (watched sockets, eBPF mode); boxed: few flows have it.
+    pub wire: Option<Box<ProbeLog>>,
 }
 
 /// Counters of what the flow table has seen.
@@ -104,6 +107,9 @@ pub struct FlowView {
     /// Eviction risk, where a middlebox applies (filled in by the agent).
     #[serde(default)]
     pub risk: Option<RiskView>,
+    /// Keepalive probes seen on the wire, for a socket holdfast watches (eBPF mode).
+    #[serde(default)]
+    pub wire_probes: Option<ProbeView>,
 }
 
 impl Flow {
@@ -137,6 +143,7 @@ impl Flow {
             trouble_idle_ms: 0,
             sample_aged: false,
             last_error: None,
+            wire: None,
         }
     }
 
@@ -210,6 +217,7 @@ impl Flow {
             last_error: self.last_error,
             sample_age_ms: t.map(|_| ms(now.saturating_sub(self.tcp_at))),
             risk: None,
+            wire_probes: self.wire.as_ref().map(|w| w.view(now)),
         }
     }
 }

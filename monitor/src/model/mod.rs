@@ -7,5 +7,6 @@ pub mod flow;
 pub mod health;
 pub mod leaks;
 pub mod observe;
+pub mod probe;
 pub mod process;
 pub mod time;

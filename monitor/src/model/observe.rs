@@ -18,6 +18,12 @@ pub enum EventKind {
     SendRst,
     Error,
     Retransmit,
+    /// A keepalive probe left a watched socket; `count` is its number, `err` the probes already
+    /// outstanding (icsk_probes_out) when it left.
+    ProbeSent,
+    /// A segment answered the outstanding probe of a watched socket; `count` is the number of
+    /// answered probes, `err` the time since the probe left, in microseconds.
+    ProbeAnswered,
 }
 
 /// A process seen as current when an event happened in process context.
@@ -44,6 +50,8 @@ pub struct Event {
     pub err: i32,
     /// A process still held a descriptor to the socket at the event.
     pub had_file: bool,
+    /// Probe events: see [`EventKind::ProbeSent`] and [`EventKind::ProbeAnswered`].
+    pub count: u32,
 }
 
 /// Which timer the kernel has armed on a socket (inet_diag `idiag_timer` semantics).

@@ -35,7 +35,9 @@ enum Stage {
     Sent,
     /// Set on the socket; its effect not yet seen.
     Applied,
-    /// The effect was seen.
+    /// Seen on and armed in a sample; waiting for a probe to be answered (probes watched).
+    Armed,
+    /// The effect was seen: a probe answered (probes watched), or keepalive armed (otherwise).
     Verified,
     /// The executor failed or was refused: reported once, never retried.
     Failed,
@@ -59,6 +61,9 @@ pub struct KeepaliveRemedy {
     /// Poll mode's keepalive-at-first-sight for the configured cgroups (cookies already done).
     prevented: std::collections::HashSet<u64>,
     limit: Option<RateLimit>,
+    /// Keepalive probes and their answers are seen on the wire (eBPF mode, probe watch
+    /// available): a remedy is verified by an answered probe, not by an armed timer.
+    pub wire: bool,
 }
 
 impl KeepaliveRemedy {
@@ -66,16 +71,44 @@ impl KeepaliveRemedy {
     pub fn watches(&self, cookie: u64) -> bool {
         self.jobs
             .get(&cookie)
-            .is_some_and(|j| matches!(j.stage, Stage::Sent | Stage::Applied))
+            .is_some_and(|j| matches!(j.stage, Stage::Sent | Stage::Applied | Stage::Armed))
     }
 
-    /// The flows whose keepalive was set and not yet seen armed.
+    /// The flows whose keepalive was set and whose effect is not yet seen.
     pub fn watched(&self) -> Vec<u64> {
         self.jobs
             .iter()
-            .filter(|(_, j)| matches!(j.stage, Stage::Sent | Stage::Applied))
+            .filter(|(_, j)| matches!(j.stage, Stage::Sent | Stage::Applied | Stage::Armed))
             .map(|(c, _)| *c)
             .collect()
+    }
+
+    /// The sockets whose probes should be watched on the wire: every socket this remedy set
+    /// keepalive on (until it closes), oldest first.
+    pub fn wire_wanted(&self) -> Vec<u64> {
+        let mut v: Vec<(Nanos, u64)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                matches!(
+                    j.stage,
+                    Stage::Sent | Stage::Applied | Stage::Armed | Stage::Verified
+                )
+            })
+            .map(|(c, j)| (j.at, *c))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// While probes are watched, a finding this remedy acted on stays open until a probe is
+    /// answered (or the flow carries traffic again): true while that wait lasts.
+    pub fn awaiting_answer(&self, cookie: u64) -> bool {
+        self.wire
+            && self
+                .jobs
+                .get(&cookie)
+                .is_some_and(|j| matches!(j.stage, Stage::Sent | Stage::Applied | Stage::Armed))
     }
 
     /// Acts on flows at risk: plans (dry-run), or asks the executor to set keepalive (enforce).
@@ -242,10 +275,21 @@ impl KeepaliveRemedy {
     }
 
     /// After an apply, a newer sample must show keepalive on and its timer (or a probe) armed.
-    pub fn verify(&mut self, f: &Flow, a: Option<&Assessment>, store: &mut FindingStore) -> Option<Change> {
+    /// With probes watched, the remedy is verified only by an answered probe (or by traffic the
+    /// peer acknowledged after the change); an unanswered one says so.
+    pub fn verify(
+        &mut self,
+        now: Nanos,
+        f: &Flow,
+        a: Option<&Assessment>,
+        store: &mut FindingStore,
+    ) -> Option<Change> {
+        let wire = self.wire;
         let job = self.jobs.get_mut(&f.cookie)?;
-        if job.stage != Stage::Applied || f.tcp_at <= job.at {
-            return None;
+        match job.stage {
+            Stage::Applied if f.tcp_at > job.at => {}
+            Stage::Armed => return verify_on_wire(job, now, f, store),
+            _ => return None,
         }
         let t = f.tcp.as_ref()?;
         let on = a.is_some_and(|a| a.keepalive.on == Some(true)) || t.keepalive == Some(true);
@@ -254,21 +298,30 @@ impl KeepaliveRemedy {
                 t.timer,
                 crate::model::observe::Timer::Keepalive | crate::model::observe::Timer::None
             );
-        job.stage = Stage::Verified;
         let refresh = job.values.refresh_s();
+        if armed && wire {
+            job.stage = Stage::Armed;
+            let ch = store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
+                act.outcome = crate::model::finding::Outcome::new(
+                    OutcomeStatus::Pending,
+                    format!(
+                        "{}; armed (a probe every {} once the flow idles): waiting for the first probe to be answered",
+                        base_text(&act.outcome.text),
+                        fmt_ms(u64::from(refresh) * 1000)
+                    ),
+                );
+            });
+            // An answer may already be in.
+            return verify_on_wire(job, now, f, store).or(ch);
+        }
+        job.stage = Stage::Verified;
         store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
-            let base = act
-                .outcome
-                .text
-                .split("; waiting")
-                .next()
-                .unwrap_or("")
-                .to_string();
+            let base = base_text(&act.outcome.text);
             act.outcome = if armed {
                 crate::model::finding::Outcome::new(
                     OutcomeStatus::Succeeded,
                     format!(
-                        "{base}; verified: keepalive on, refresh every {}",
+                        "{base}; verified: keepalive on and armed, a probe every {} once the flow idles (probes on the wire are not visible in this mode)",
                         fmt_ms(u64::from(refresh) * 1000)
                     ),
                 )
@@ -281,17 +334,45 @@ impl KeepaliveRemedy {
         })
     }
 
+    /// A flow this remedy acted on ended: the action says whether its effect was ever seen.
+    pub fn on_closed(&mut self, f: &Flow, cause: &str, store: &mut FindingStore) -> Option<Change> {
+        let job = self.jobs.get(&f.cookie)?;
+        if !matches!(job.stage, Stage::Applied | Stage::Armed | Stage::Sent) {
+            return None;
+        }
+        let finding = job.finding;
+        let sent = f.wire.as_deref().map_or(0, |w| w.sent);
+        let text = if sent > 0 {
+            format!(
+                "the connection ended ({cause}) before any probe was answered: {sent} probe(s) sent, none answered"
+            )
+        } else {
+            format!("the connection ended ({cause}) before the keepalive was seen working")
+        };
+        store.amend_action(finding, RemedyAction::Keepalive, |act| {
+            act.outcome = crate::model::finding::Outcome::new(
+                OutcomeStatus::Ineffective,
+                format!("{}; {text}", base_text(&act.outcome.text)),
+            );
+        })
+    }
+
     /// Why a finding on this flow no longer holds, if the remedy is the reason.
     pub fn resolution(&self, cookie: u64) -> Option<String> {
         let j = self.jobs.get(&cookie)?;
         match j.stage {
-            // Only what was seen: the socket's keepalive armed, not a probe answered (holdfast
-            // does not watch probes on the wire yet).
+            Stage::Verified if self.wire => Some(format!(
+                "keepalive verified on the wire (a probe answered, or traffic acknowledged): refreshed every {}",
+                fmt_ms(u64::from(j.values.refresh_s()) * 1000)
+            )),
+            // Only what was seen: the socket's keepalive armed (probes are not watched here).
             Stage::Verified => Some(format!(
                 "keepalive applied and seen armed: a probe every {} once the flow idles, in time for its timeout",
                 fmt_ms(u64::from(j.values.refresh_s()) * 1000)
             )),
-            Stage::Applied | Stage::Sent => Some("keepalive applied; not yet seen armed in a sample".into()),
+            Stage::Applied | Stage::Sent | Stage::Armed => {
+                Some("keepalive applied; its effect is not yet seen".into())
+            }
             _ => None,
         }
     }
@@ -335,6 +416,96 @@ impl KeepaliveRemedy {
         self.jobs.retain(|c, _| live.contains(c));
         self.prevented.retain(|c| live.contains(c));
     }
+}
+
+/// An outcome text without what was appended while waiting.
+fn base_text(text: &str) -> String {
+    let mut t = text;
+    for cut in [
+        "; waiting",
+        "; armed",
+        "; verified",
+        "; NOT verified",
+        "; the connection ended",
+    ] {
+        t = t.split(cut).next().unwrap_or("");
+    }
+    if let Some(i) = t.find(" probe(s) unanswered") {
+        t = t[..i].rsplit_once("; ").map_or(t, |(a, _)| a);
+    }
+    t.to_string()
+}
+
+/// Armed and watched: verified by the first probe answered after the change, or by traffic the
+/// peer acknowledged after it; unanswered probes are said (once per count).
+fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore) -> Option<Change> {
+    let refresh = fmt_ms(u64::from(job.values.refresh_s()) * 1000);
+    let at = job.at;
+    if let Some(w) = f.wire.as_deref()
+        && w.last_answer.is_some_and(|t| t > at)
+    {
+        job.stage = Stage::Verified;
+        let idle = crate::model::time::ms(w.last_sent.saturating_sub(at));
+        let rtt = crate::model::probe::rtt_words(w.last_rtt_us.unwrap_or(0));
+        return store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
+            act.outcome = crate::model::finding::Outcome::new(
+                OutcomeStatus::Succeeded,
+                format!(
+                    "{}; verified on the wire: a probe sent {} after the change was answered in {rtt}; refreshed every {refresh}",
+                    base_text(&act.outcome.text),
+                    fmt_ms(idle)
+                ),
+            );
+        });
+    }
+    // Traffic the peer acknowledged after the change also proves the path open.
+    if let Some((_, _, ack_ms)) = f.ages_ms(now)
+        && ack_ms.saturating_mul(1_000_000) < now.saturating_sub(at)
+        && f.wire.as_deref().is_none_or(|w| w.outstanding == 0)
+    {
+        job.stage = Stage::Verified;
+        return store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
+            act.outcome = crate::model::finding::Outcome::new(
+                OutcomeStatus::Succeeded,
+                format!(
+                    "{}; verified: the peer acknowledged traffic after the change; refreshed every {refresh}",
+                    base_text(&act.outcome.text)
+                ),
+            );
+        });
+    }
+    let w = f.wire.as_deref()?;
+    let lost = w.unanswered(now);
+    if lost == 0 {
+        return None;
+    }
+    let since = fmt_ms(crate::model::time::ms(
+        now.saturating_sub(w.streak_from.unwrap_or(now)),
+    ));
+    let text = |base: &str| {
+        format!(
+            "{base}; {lost} probe(s) unanswered, the first sent {since} ago: the peer or the path is not answering"
+        )
+    };
+    let finding = job.finding;
+    let current = store
+        .get(finding)
+        .and_then(|fd| {
+            fd.actions
+                .iter()
+                .rev()
+                .find(|a| a.action == RemedyAction::Keepalive)
+        })
+        .map(|a| a.outcome.text.clone())?;
+    if current.contains(&format!("; {lost} probe(s) unanswered")) {
+        return None;
+    }
+    store.amend_action(finding, RemedyAction::Keepalive, |act| {
+        act.outcome = crate::model::finding::Outcome::new(
+            OutcomeStatus::Ineffective,
+            text(&base_text(&act.outcome.text)),
+        );
+    })
 }
 
 /// The executor request for a flow.

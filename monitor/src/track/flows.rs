@@ -147,6 +147,22 @@ impl FlowTable {
 
     /// Applies one kernel event. Returns true if it created a flow whose owner is unknown.
     pub fn apply_event(&mut self, e: &Event) -> bool {
+        if matches!(e.kind, EventKind::ProbeSent | EventKind::ProbeAnswered) {
+            // Probes never create a flow: they are about sockets already watched.
+            let flow = match self.flows.get_mut(&e.cookie) {
+                Some(f) => f,
+                None => match self.closed.iter_mut().rev().find(|(f, _)| f.cookie == e.cookie) {
+                    Some((f, _)) => f,
+                    None => return false,
+                },
+            };
+            let log = flow.wire.get_or_insert_with(Default::default);
+            match e.kind {
+                EventKind::ProbeSent => log.on_sent(e.ts, e.err.max(0) as u32),
+                _ => log.on_answered(e.ts, e.err.max(0) as u32),
+            }
+            return false;
+        }
         if self.tombstones.contains_key(&e.cookie) {
             // The error report and reset that end a flow can follow its close event: they
             // belong to the flow's last record (its post-mortem reads them).
@@ -208,6 +224,7 @@ impl FlowTable {
                 }
             }
             EventKind::Error => flow.last_error = Some(e.err),
+            EventKind::ProbeSent | EventKind::ProbeAnswered => {}
         }
         if let Some(h) = &e.pid_hint {
             flow.pid_hint = Some(h.clone());

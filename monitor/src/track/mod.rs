@@ -2,4 +2,5 @@
 pub mod flows;
 pub mod held;
 pub mod paths;
+pub mod watch;
 pub mod zombies;

@@ -34,6 +34,9 @@ pub enum WorkerMsg {
     /// Poll mode: the processes whose descriptors to dead sockets are looked for (ledger
     /// services, processes with leak findings or closes).
     HeldPids(Vec<u32>),
+    /// eBPF mode: watch the keepalive probes of these sockets and stop watching those
+    /// ((cookie, namespace) each).
+    Watch(crate::track::watch::Plan),
     Stop,
 }
 

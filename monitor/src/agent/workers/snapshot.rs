@@ -97,6 +97,52 @@ impl Source {
         }
     }
 
+    /// Sets and clears the probe-watch flag, each socket in its namespace.
+    fn watch(
+        &mut self,
+        plan: &crate::track::watch::Plan,
+        spaces: &[NsEntry],
+    ) -> Vec<crate::track::watch::WatchOutcome> {
+        let Source::Ebpf(l) = self else {
+            return Vec::new();
+        };
+        let on = ebpf::watch::by_netns(&plan.0);
+        let off = ebpf::watch::by_netns(&plan.1);
+        let spaces_touched: HashSet<NetnsId> = on.keys().chain(off.keys()).copied().collect();
+        let mut out = Vec::new();
+        for ns in spaces_touched {
+            let on = on.get(&ns).cloned().unwrap_or_default();
+            let off = off.get(&ns).cloned().unwrap_or_default();
+            let res = match handle_of(spaces, ns) {
+                Some(h) => l.select(&on, &off, &h).map_err(|e| e.to_string()),
+                None => Err("the socket's namespace is gone".into()),
+            };
+            out.push(match res {
+                Ok(r) => crate::track::watch::WatchOutcome {
+                    netns: ns,
+                    watching: r.watching,
+                    released: r.released,
+                    failed: r.failed,
+                    flagged: r.flagged,
+                    stray: r.stray,
+                },
+                Err(e) => {
+                    // The sockets went with their namespace: nothing is left flagged.
+                    l.forget_watched(&off);
+                    crate::track::watch::WatchOutcome {
+                        netns: ns,
+                        released: off,
+                        failed: on.into_iter().map(|c| (c, format!("gone: {e}"))).collect(),
+                        ..Default::default()
+                    }
+                }
+            });
+        }
+        // Sockets that closed left the kernel map by themselves: detach what only they needed.
+        l.forget_watched(&[]);
+        out
+    }
+
     /// One namespace's table (see `kernel::tables::read`).
     fn snapshot(
         &mut self,
@@ -485,6 +531,12 @@ pub fn snapshot_worker(
                 held_due = Some(held_due.map_or(soon, |t| t.min(soon)));
             }
             Ok(WorkerMsg::HeldPids(p)) => held_pids = p,
+            Ok(WorkerMsg::Watch(plan)) => {
+                let reports = source.watch(&plan, &spaces);
+                if tx.blocking_send(Msg::Watched(reports)).is_err() {
+                    return;
+                }
+            }
             Ok(WorkerMsg::Pacing(p)) => {
                 if p.connect_values != pacing.connect_values
                     && let Source::Ebpf(l) = &mut source

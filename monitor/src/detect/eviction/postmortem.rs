@@ -46,6 +46,56 @@ pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
         .then(|| u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at)))
 }
 
+/// The post-mortem of a flow that keepalive found dead (eBPF mode, probes watched): it timed out
+/// with probes unanswered on the wire and no middlebox timeout explains it.
+fn dead_peer(f: &Flow, closed_at: Nanos, cause: &str, env: &mut dyn Env) -> Option<Verdict> {
+    let w = f.wire.as_deref()?;
+    if f.last_error != Some(ETIMEDOUT) || w.outstanding == 0 {
+        return None;
+    }
+    let first = w.streak_from.unwrap_or(w.last_sent);
+    let last_answer = w
+        .last_answer
+        .map_or("no probe was ever answered".to_string(), |a| {
+            format!(
+                "the last answer came {} before the end",
+                fmt_ms(ms(closed_at.saturating_sub(a)))
+            )
+        });
+    let silence_ms = f.ages_ms(closed_at).map_or(0, |(_, _, a)| a);
+    let reasons = vec![
+        format!(
+            "{} keepalive probe(s) unanswered over {}",
+            w.outstanding,
+            fmt_ms(ms(closed_at.saturating_sub(first)))
+        ),
+        last_answer,
+        format!("the kernel ended the connection ({cause})"),
+    ];
+    Some(Verdict {
+        key: Key {
+            family: Family::PostMortem,
+            kind: FindingKind::HalfOpen,
+            scope: Scope::Flow(f.cookie),
+        },
+        severity: Severity::Warning,
+        subject: flow_subject(f, env.netns_name(f.netns)),
+        summary: format!("dead peer found by keepalive: {}", reasons.join(", ")),
+        details: Details::HalfOpen {
+            evidence: crate::model::leaks::Evidence {
+                silence_ms,
+                unanswered_probes: w.outstanding.min(255) as u8,
+                retransmits: 0,
+                unacked: 0,
+                zero_window_probing: false,
+                keepalive_probing: true,
+                reasons,
+            },
+        },
+        notable: false,
+    })
+}
+
 /// The post-mortem of a closed flow, if it died badly after idling past its timeout.
 pub fn judge(
     f: &Flow,
@@ -58,14 +108,26 @@ pub fn judge(
     if !died_badly {
         return None;
     }
-    let app = applicable(f, pol, env).ok()?;
-    let t = f.tcp.as_ref()?;
-    let silent_ms = u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at));
-    if silent_ms < app.timeout_s.saturating_mul(1000) {
-        return None;
-    }
+    let evicted = applicable(f, pol, env).ok().and_then(|app| {
+        let t = f.tcp.as_ref()?;
+        let silent_ms = u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at));
+        (silent_ms >= app.timeout_s.saturating_mul(1000)).then_some((app, silent_ms))
+    });
+    let Some((app, silent_ms)) = evicted else {
+        return dead_peer(f, closed_at, cause, env);
+    };
+    let probe = f
+        .wire
+        .as_deref()
+        .filter(|w| w.outstanding > 0)
+        .map_or(String::new(), |w| {
+            format!(
+                "; the keepalive probe sent {} before the end went unanswered",
+                fmt_ms(ms(closed_at.saturating_sub(w.streak_from.unwrap_or(w.last_sent))))
+            )
+        });
     let summary = format!(
-        "connection {cause} after {} without an ACK, longer than the {} idle timeout of {}: the middlebox most likely evicted it",
+        "connection {cause} after {} without an ACK, longer than the {} idle timeout of {}: the middlebox most likely evicted it{probe}",
         fmt_ms(silent_ms),
         fmt_ms(app.timeout_s * 1000),
         app.profile

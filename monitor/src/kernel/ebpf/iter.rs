@@ -19,7 +19,11 @@ const READ_CHUNK: usize = 1 << 20;
 impl Loaded {
     /// Runs iterator `name` once and returns everything it wrote. A tcp iterator walks the table
     /// of the namespace it is created in: `ns` (the agent's own when None).
-    fn run_iter(&mut self, name: &'static str, ns: Option<&NsHandle>) -> Result<Vec<u8>, EbpfError> {
+    pub(super) fn run_iter(
+        &mut self,
+        name: &'static str,
+        ns: Option<&NsHandle>,
+    ) -> Result<Vec<u8>, EbpfError> {
         let iter: &mut Iter = program(&mut self.ebpf, name)?;
         let id = iter.attach().map_err(perr(name))?;
         let link = iter.take_link(id).map_err(perr(name))?;

@@ -3,6 +3,7 @@
 //! (snapshots per namespace, owners, targeted keepalive).
 mod events;
 mod iter;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -93,6 +94,7 @@ pub struct Loaded {
     pub sockops: String,
     /// What loading found this kernel can do.
     pub features: Vec<crate::model::health::Feature>,
+    watch: watch::WatchState,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -186,13 +188,30 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         }
     };
     let hz = sys::kernel_hz();
-    Ok((
-        Loaded {
-            ebpf,
-            hz,
-            sockops,
-            features,
+    let mut loaded = Loaded {
+        ebpf,
+        hz,
+        sockops,
+        features,
+        watch: watch::WatchState::default(),
+    };
+    let watch = loaded.setup_watch(&btf);
+    if let Err(e) = &watch {
+        tracing::warn!(
+            "keepalive probes cannot be watched on the wire: {e}; keepalive is judged from its timer"
+        );
+        loaded.watch.unavailable = Some(e.clone());
+    }
+    loaded.features.push(feat(
+        "probe_watch",
+        watch.is_ok(),
+        match watch {
+            Ok(()) => "keepalive probes and answers seen per socket (sock_ops flag set from the tcp iterator; probe_watch at the cgroup root)".into(),
+            Err(e) => e,
         },
+    ));
+    Ok((
+        loaded,
         Events {
             ring,
             procs,

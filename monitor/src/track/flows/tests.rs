@@ -17,6 +17,7 @@ fn ev(cookie: u64, state: u8, ts: Nanos) -> Event {
         pid_hint: None,
         err: 0,
         had_file: false,
+        count: 0,
     }
 }
 
