@@ -389,7 +389,10 @@ pub struct KaTarget {
     pub after_idle: i32,
     pub after_intvl: i32,
     pub after_cnt: i32,
-    pub _pad: [i32; 2],
+    /// 1: also watch the socket's keepalive probes (set the flag and a PROBE_WATCH entry)
+    /// before the values change.
+    pub watch: i32,
+    pub _pad: i32,
 }
 
 const _: () = assert!(size_of::<KaTarget>() == 64);

@@ -647,6 +647,28 @@ pub fn apply_keepalive(ctx: *mut IterTcp) -> i32 {
     t.before_idle = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPIDLE);
     t.before_intvl = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPINTVL);
     t.before_cnt = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_KEEPCNT);
+    if t.set == 1 && t.watch == 1 {
+        // Watch first: setting TCP_KEEPIDLE on a flow idle past it sends a probe at once.
+        let w = ProbeWatch {
+            want: 1,
+            done: 1,
+            flags: -1,
+            ..ProbeWatch::default()
+        };
+        if PROBE_WATCH.insert(&cookie, &w, 1 /* BPF_NOEXIST */).is_ok()
+            || PROBE_WATCH.get_ptr(&cookie).is_some()
+        {
+            let flags = getopt(tp, sockopt::SOL_TCP, sockopt::TCP_BPF_SOCK_OPS_CB_FLAGS);
+            if flags >= 0 {
+                let _ = setopt(
+                    tp,
+                    sockopt::SOL_TCP,
+                    sockopt::TCP_BPF_SOCK_OPS_CB_FLAGS,
+                    (flags as u32 | WATCH_CB_FLAG) as i32,
+                );
+            }
+        }
+    }
     if t.set == 1 {
         t.rc = set_keepalive(tp, t);
     }

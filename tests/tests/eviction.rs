@@ -132,13 +132,19 @@ fn keepalive_keeps_the_flow_alive(mode: &str) {
     assert_eq!(a["before"]["so_keepalive"], false, "{a}");
     assert_eq!(a["after"]["so_keepalive"], true, "{a}");
     assert_eq!(a["after"]["idle_s"], 5, "half of the 10 s timeout: {a}");
-    // Verified on the next snapshot; the finding resolves as the flow is now refreshed in time.
+    // Verified (eBPF: by the first probe answered on the wire; poll: keepalive seen armed); the
+    // finding resolves once the effect is seen.
+    let want = if mode == "ebpf" {
+        "verified on the wire: a probe sent"
+    } else {
+        "verified: keepalive on and armed"
+    };
     wait_for(Duration::from_secs(5), "verification and resolution", || {
         let f = findings(&agent, "idle-near-eviction", &local)
             .into_iter()
             .next()
             .ok_or("gone")?;
-        let verified = outcome(&f["actions"][0]).contains("verified: keepalive on");
+        let verified = outcome(&f["actions"][0]).contains(want);
         if verified && f["active"] == false {
             Ok(())
         } else {

@@ -80,6 +80,14 @@ impl State {
             slowest_step_ms: s.slowest.0.as_secs_f64() * 1000.0,
             slowest_step: s.slowest.1.to_string(),
             keepalive_at_connect: self.info.sockops.clone(),
+            probe_watch: if self.watch.enabled {
+                self.watch.describe()
+            } else if self.info.mode == "poll" {
+                "off: poll mode cannot see probes on the wire; keepalive is judged from its timer and tcpi_probes".into()
+            } else {
+                "off: the kernel cannot do it (see missing features); keepalive is judged from its timer"
+                    .into()
+            },
             config: self.info.config_desc.clone(),
             config_reloads: s.reloads,
             last_reload_error: s.last_reload_error.clone(),

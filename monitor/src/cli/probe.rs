@@ -159,6 +159,8 @@ fn namespaces(mode: Mode, repeat: u32) -> Result<serde_json::Value, String> {
 fn watch(sockets: usize, segments: usize) -> Result<serde_json::Value, String> {
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
+    // Two sockets per connection: room for them.
+    let _ = crate::kernel::sys::raise_nofile();
     let mut l = load(Mode::Ebpf)?.ok_or("eBPF did not load")?;
     let ns = NsHandle {
         id: own_id(),

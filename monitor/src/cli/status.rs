@@ -110,6 +110,7 @@ pub fn render(s: &Status) -> String {
         ),
     );
     line("connect:", s.keepalive_at_connect.clone());
+    line("probes:", s.probe_watch.clone());
     line(
         "config:",
         format!(

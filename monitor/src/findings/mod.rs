@@ -209,6 +209,19 @@ impl FindingStore {
             .map(|i| &self.items[i])
     }
 
+    /// Adds what was learnt later to a resolved finding's resolution (a remedy that seemed to
+    /// work, and then the connection died anyway).
+    pub fn annotate_resolution(&mut self, id: FindingId, extra: &str) -> Option<Change> {
+        let f = self.get_mut(id)?;
+        let r = f.resolution.as_mut()?;
+        if r.contains(extra) {
+            return None;
+        }
+        r.push_str("; ");
+        r.push_str(extra);
+        Some((id, Transition::Action))
+    }
+
     fn get_mut(&mut self, id: FindingId) -> Option<&mut Finding> {
         self.items
             .binary_search_by_key(&id, |f| f.id)

@@ -184,6 +184,9 @@ pub struct Status {
     pub slowest_step_ms: f64,
     pub slowest_step: String,
     pub keepalive_at_connect: String,
+    /// Keepalive probes watched on the wire (eBPF mode): how many sockets, and the last census.
+    #[serde(default)]
+    pub probe_watch: String,
     pub config: String,
     pub config_reloads: u64,
     pub last_reload_error: Option<String>,

@@ -190,6 +190,9 @@ pub struct KaRequest {
     pub pid: Option<u32>,
     /// None: only read the socket's current values.
     pub set: Option<KaValues>,
+    /// Watch the socket's probes from the same moment (eBPF): the first probe, which leaves at
+    /// once when the flow idled past the new TCP_KEEPIDLE, is seen too.
+    pub watch: bool,
 }
 
 /// What an executor did: values before and after as (SO_KEEPALIVE, values).

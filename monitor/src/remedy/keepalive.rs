@@ -48,6 +48,9 @@ struct Job {
     finding: FindingId,
     values: KaValues,
     at: Nanos,
+    /// When the change was asked for (before the executor ran): probes and answers after it
+    /// are its effect.
+    requested: Nanos,
     stage: Stage,
     /// Idle and timeout when it was applied (the margin achieved).
     idle_ms: u64,
@@ -140,6 +143,7 @@ impl KeepaliveRemedy {
             finding,
             values,
             at: now,
+            requested: now,
             stage,
             idle_ms: a.idle_ms,
             timeout_ms: app.timeout_s * 1000,
@@ -200,7 +204,9 @@ impl KeepaliveRemedy {
             return (None, None);
         }
         self.jobs.insert(f.cookie, job(Stage::Sent, v));
-        (None, Some(request(f, Some(v))))
+        let mut req = request(f, Some(v));
+        req.watch = self.wire;
+        (None, Some(req))
     }
 
     /// A manual `holdfast remedy keepalive`: always sent (an operator asked), recorded on `finding`.
@@ -219,12 +225,15 @@ impl KeepaliveRemedy {
                 finding,
                 values: v,
                 at: now,
+                requested: now,
                 stage: Stage::Sent,
                 idle_ms: a.idle_ms,
                 timeout_ms,
             },
         );
-        request(f, Some(v))
+        let mut req = request(f, Some(v));
+        req.watch = self.wire;
+        req
     }
 
     /// Records what an executor did.
@@ -286,18 +295,26 @@ impl KeepaliveRemedy {
     ) -> Option<Change> {
         let wire = self.wire;
         let job = self.jobs.get_mut(&f.cookie)?;
+        // A probe seen leaving after the change proves keepalive on and armed.
+        let probed = wire
+            && f.wire
+                .as_deref()
+                .is_some_and(|w| w.sent > 0 && w.last_sent >= job.requested);
         match job.stage {
-            Stage::Applied if f.tcp_at > job.at => {}
+            Stage::Applied if probed => {}
+            // A sample aged by a filtered read carries the values from before the change.
+            Stage::Applied if f.tcp_at > job.at && !f.sample_aged => {}
             Stage::Armed => return verify_on_wire(job, now, f, store),
             _ => return None,
         }
         let t = f.tcp.as_ref()?;
-        let on = a.is_some_and(|a| a.keepalive.on == Some(true)) || t.keepalive == Some(true);
-        let armed = on
-            && matches!(
-                t.timer,
-                crate::model::observe::Timer::Keepalive | crate::model::observe::Timer::None
-            );
+        let on = probed || a.is_some_and(|a| a.keepalive.on == Some(true)) || t.keepalive == Some(true);
+        let armed = probed
+            || on
+                && matches!(
+                    t.timer,
+                    crate::model::observe::Timer::Keepalive | crate::model::observe::Timer::None
+                );
         let refresh = job.values.refresh_s();
         if armed && wire {
             job.stage = Stage::Armed;
@@ -314,7 +331,8 @@ impl KeepaliveRemedy {
             // An answer may already be in.
             return verify_on_wire(job, now, f, store).or(ch);
         }
-        job.stage = Stage::Verified;
+        // Not seen on: the failure is reported once and the finding stays with the detector.
+        job.stage = if armed { Stage::Verified } else { Stage::Failed };
         store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
             let base = base_text(&act.outcome.text);
             act.outcome = if armed {
@@ -337,6 +355,28 @@ impl KeepaliveRemedy {
     /// A flow this remedy acted on ended: the action says whether its effect was ever seen.
     pub fn on_closed(&mut self, f: &Flow, cause: &str, store: &mut FindingStore) -> Option<Change> {
         let job = self.jobs.get(&f.cookie)?;
+        if job.stage == Stage::Verified {
+            // It seemed to work, then the connection died with probes unanswered (on the wire,
+            // or in the last sample's tcpi_probes): the peer stopped answering. Said on the
+            // action and on the finding's resolution.
+            let unanswered = f
+                .wire
+                .as_deref()
+                .map(|w| w.outstanding)
+                .filter(|&n| n > 0)
+                .or_else(|| f.tcp.as_ref().map(|t| u32::from(t.probes)).filter(|&n| n > 0))?;
+            let finding = job.finding;
+            let text = format!(
+                "afterwards the connection ended ({cause}) with {unanswered} keepalive probe(s) unanswered: the peer stopped answering"
+            );
+            let ch = store.amend_action(finding, RemedyAction::Keepalive, |act| {
+                act.outcome = crate::model::finding::Outcome::new(
+                    OutcomeStatus::Ineffective,
+                    format!("{}; {text}", act.outcome.text),
+                );
+            });
+            return store.annotate_resolution(finding, &text).or(ch);
+        }
         if !matches!(job.stage, Stage::Applied | Stage::Armed | Stage::Sent) {
             return None;
         }
@@ -440,7 +480,7 @@ fn base_text(text: &str) -> String {
 /// peer acknowledged after it; unanswered probes are said (once per count).
 fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore) -> Option<Change> {
     let refresh = fmt_ms(u64::from(job.values.refresh_s()) * 1000);
-    let at = job.at;
+    let at = job.requested;
     if let Some(w) = f.wire.as_deref()
         && w.last_answer.is_some_and(|t| t > at)
     {
@@ -459,8 +499,9 @@ fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore)
         });
     }
     // Traffic the peer acknowledged after the change also proves the path open.
-    if let Some((_, _, ack_ms)) = f.ages_ms(now)
-        && ack_ms.saturating_mul(1_000_000) < now.saturating_sub(at)
+    if !f.sample_aged
+        && let Some((_, _, ack_ms)) = f.ages_ms(now)
+        && ack_ms.saturating_mul(1_000_000) < now.saturating_sub(job.at)
         && f.wire.as_deref().is_none_or(|w| w.outstanding == 0)
     {
         job.stage = Stage::Verified;
@@ -516,6 +557,7 @@ pub fn request(f: &Flow, set: Option<KaValues>) -> KaRequest {
         inode: f.inode,
         pid: f.pid_comm().map(|(p, _)| p),
         set,
+        watch: false,
     }
 }
 

@@ -85,6 +85,29 @@ fn main() {
                             println!("keepalive {}", getopt(st, libc::SOL_SOCKET, libc::SO_KEEPALIVE));
                         }
                     }
+                    // What the program sees without touching the session: the socket's TCP
+                    // state (tcpi_state, 1 = ESTABLISHED, 7 = CLOSE) and pending error.
+                    "state" => {
+                        if let Some(st) = s.as_ref() {
+                            let mut info = [0u8; 8];
+                            let mut len = info.len() as libc::socklen_t;
+                            // SAFETY: getsockopt writes at most `len` bytes into `info`.
+                            let rc = unsafe {
+                                libc::getsockopt(
+                                    std::os::fd::AsRawFd::as_raw_fd(st),
+                                    libc::IPPROTO_TCP,
+                                    libc::TCP_INFO,
+                                    info.as_mut_ptr().cast(),
+                                    &mut len,
+                                )
+                            };
+                            let state = if rc == 0 { i32::from(info[0]) } else { -1 };
+                            println!(
+                                "state {state} err {}",
+                                getopt(st, libc::SOL_SOCKET, libc::SO_ERROR)
+                            );
+                        }
+                    }
                     "close" => {
                         s.take();
                         println!("closed");

@@ -116,6 +116,15 @@ pub fn judge(
     let Some((app, silent_ms)) = evicted else {
         return dead_peer(f, closed_at, cause, env);
     };
+    // Probes watched: a probe that went unanswered while the flow had idled less than the
+    // middlebox's timeout reached a middlebox that still knew the flow: the peer is gone.
+    if let Some(w) = f.wire.as_deref().filter(|w| w.outstanding > 0) {
+        let last_ack = closed_at.saturating_sub(silent_ms.saturating_mul(1_000_000));
+        let first = w.streak_from.unwrap_or(w.last_sent);
+        if ms(first.saturating_sub(last_ack)) < app.timeout_s.saturating_mul(1000) {
+            return dead_peer(f, closed_at, cause, env);
+        }
+    }
     let probe = f
         .wire
         .as_deref()

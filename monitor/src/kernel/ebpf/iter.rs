@@ -112,10 +112,14 @@ impl Loaded {
                     intvl: v.intvl_s as i32,
                     cnt: v.cnt as i32,
                     set: i32::from(r.set.is_some()),
+                    watch: i32::from(r.watch),
                     ..Default::default()
                 };
                 m.insert(&r.cookie, &t, 0).map_err(merr("KA_TARGETS"))?;
             }
+        }
+        if reqs.iter().any(|r| r.watch) {
+            self.attach_answers()?;
         }
         let run = self.run_iter("apply_keepalive", Some(ns)).map(|_| ());
         let mut m: BpfHashMap<&mut MapData, u64, KaTarget> = BpfHashMap::try_from(

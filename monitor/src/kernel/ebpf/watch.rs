@@ -209,7 +209,7 @@ impl Loaded {
 
     /// `tcp_probe` runs for every segment an established socket receives: attached only while
     /// some socket is watched.
-    fn attach_answers(&mut self) -> Result<(), EbpfError> {
+    pub(super) fn attach_answers(&mut self) -> Result<(), EbpfError> {
         if self.watch.answer_link.is_some() {
             return Ok(());
         }

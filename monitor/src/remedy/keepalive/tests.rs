@@ -96,7 +96,10 @@ fn finding_then_remedy_then_verified_resolution() {
     f2.tcp.as_mut().unwrap().timer = crate::model::observe::Timer::Keepalive;
     let p = pass(&mut d, 102 * S, &f2, &r);
     assert!(p.verdicts.is_empty());
-    assert_eq!(r.verify(&f2, None, &mut store), Some((1, Transition::Action)));
+    assert_eq!(
+        r.verify(102 * S, &f2, None, &mut store),
+        Some((1, Transition::Action))
+    );
     let changes = store.reconcile(Family::Eviction, p.verdicts, 102 * S, |k, _| {
         r.resolution(match k.scope {
             crate::findings::Scope::Flow(c) => c,
@@ -199,6 +202,7 @@ fn sets_keepalive_on_a_socket_of_this_process_through_a_pidfd() {
         inode,
         pid: Some(std::process::id()),
         set,
+        watch: false,
     };
     let r = pidfd_keepalive(&req(inode, Some(v)));
     if r.error
