@@ -544,6 +544,19 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Findings of `kind` (open and resolved) about the flow with local address `local`.
+    pub fn flow_findings(&self, kind: &str, local: &str) -> Vec<Value> {
+        self.findings(kind)
+            .into_iter()
+            .filter(|f| about_flow(f, local))
+            .collect()
+    }
+
+    /// The flow with local address `local`, as `flows --json` lists it.
+    pub fn flow_at(&self, local: &str) -> Option<Value> {
+        self.flows().into_iter().find(|f| f["local"] == local)
+    }
+
     pub fn status(&self) -> Value {
         self.json(&["status", "--json"]).expect("status")
     }

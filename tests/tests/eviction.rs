@@ -3,8 +3,7 @@
 use std::time::{Duration, Instant};
 
 use holdfast_tests::{
-    Agent, CgroupDir, NAT_SERVER_IP, NatBed, Netns, Peer, about_flow, both_modes, outcome, require_root,
-    skip, wait_for,
+    Agent, CgroupDir, NAT_SERVER_IP, NatBed, Netns, Peer, both_modes, outcome, require_root, skip, wait_for,
 };
 use serde_json::Value;
 
@@ -15,18 +14,6 @@ fn config(keepalive_mode: &str) -> String {
     format!(
         "[keepalive]\nmode = \"{keepalive_mode}\"\nfloor = \"2s\"\n\n[[profiles]]\nname = \"lab-nat\"\nidle_timeout = \"{TIMEOUT_S}s\"\n\n[[rules]]\ncidr = \"10.77.2.0/24\"\nprofile = \"lab-nat\"\n"
     )
-}
-
-fn findings(agent: &Agent, kind: &str, local: &str) -> Vec<Value> {
-    agent
-        .findings(kind)
-        .into_iter()
-        .filter(|f| about_flow(f, local))
-        .collect()
-}
-
-fn flow(agent: &Agent, local: &str) -> Option<Value> {
-    agent.flows().into_iter().find(|f| f["local"] == local)
 }
 
 struct Session {
@@ -64,7 +51,8 @@ fn eviction_breaks_an_idle_flow(mode: &str) {
         Duration::from_secs(TIMEOUT_S),
         "idle-near-eviction before the timeout",
         || {
-            findings(&agent, "idle-near-eviction", &local)
+            agent
+                .flow_findings("idle-near-eviction", &local)
                 .into_iter()
                 .next()
                 .ok_or_else(|| "none yet".to_string())
@@ -78,7 +66,7 @@ fn eviction_breaks_an_idle_flow(mode: &str) {
         near["actions"].as_array().unwrap().is_empty(),
         "remedy off: nothing done"
     );
-    let f = flow(&agent, &local).expect("flow listed");
+    let f = agent.flow_at(&local).expect("flow listed");
     assert_eq!(f["risk"]["profile"], "lab-nat", "{f}");
     assert!(
         f["risk"]["eta_ms"].as_i64().unwrap() < (TIMEOUT_S * 1000) as i64,
@@ -95,7 +83,8 @@ fn eviction_breaks_an_idle_flow(mode: &str) {
         "the evicted flow fails on its next send"
     );
     let dead = wait_for(Duration::from_secs(10), "likely-evicted", || {
-        findings(&agent, "likely-evicted", &local)
+        agent
+            .flow_findings("likely-evicted", &local)
             .into_iter()
             .next()
             .ok_or_else(|| "none yet".to_string())
@@ -116,7 +105,8 @@ fn keepalive_keeps_the_flow_alive(mode: &str) {
         Duration::from_secs(TIMEOUT_S),
         "the keepalive remedy before the timeout",
         || {
-            let f = findings(&agent, "idle-near-eviction", &local)
+            let f = agent
+                .flow_findings("idle-near-eviction", &local)
                 .into_iter()
                 .next()
                 .ok_or("no finding yet")?;
@@ -140,7 +130,8 @@ fn keepalive_keeps_the_flow_alive(mode: &str) {
         "verified: keepalive on and armed"
     };
     wait_for(Duration::from_secs(5), "verification and resolution", || {
-        let f = findings(&agent, "idle-near-eviction", &local)
+        let f = agent
+            .flow_findings("idle-near-eviction", &local)
             .into_iter()
             .next()
             .ok_or("gone")?;
@@ -151,7 +142,7 @@ fn keepalive_keeps_the_flow_alive(mode: &str) {
             Err(f.to_string())
         }
     });
-    let fl = flow(&agent, &local).expect("flow");
+    let fl = agent.flow_at(&local).expect("flow");
     assert_eq!(fl["keepalive"], true, "{fl}");
     assert_eq!(fl["risk"]["eta_ms"], Value::Null, "refreshed in time: {fl}");
     std::thread::sleep(Duration::from_secs(3 * TIMEOUT_S).saturating_sub(idle_from.elapsed()));
@@ -166,7 +157,7 @@ fn keepalive_keeps_the_flow_alive(mode: &str) {
         out.contains("lab-nat") && out.contains("keepalive:  on") && out.contains("forecast:   safe"),
         "{out}"
     );
-    assert!(findings(&agent, "likely-evicted", &local).is_empty());
+    assert!(agent.flow_findings("likely-evicted", &local).is_empty());
 }
 both_modes!(keepalive_keeps_the_flow_alive);
 
@@ -177,7 +168,8 @@ fn dry_run_leaves_the_socket_untouched(mode: &str) {
     let agent = Agent::start(&s.bed.client, mode, &config("dry-run"));
     let local = s.client.addr();
     let f = wait_for(Duration::from_secs(TIMEOUT_S), "the planned action", || {
-        let f = findings(&agent, "idle-near-eviction", &local)
+        let f = agent
+            .flow_findings("idle-near-eviction", &local)
             .into_iter()
             .next()
             .ok_or("no finding yet")?;
@@ -197,9 +189,10 @@ fn dry_run_leaves_the_socket_untouched(mode: &str) {
     // Several evaluations later: still untouched, planned once, and the finding still open
     // (a plan is not a fix).
     agent.wait_rounds("flows", 4);
-    let fl = flow(&agent, &local).expect("flow");
+    let fl = agent.flow_at(&local).expect("flow");
     assert_eq!(fl["keepalive"], false, "untouched: {fl}");
-    let f = findings(&agent, "idle-near-eviction", &local)
+    let f = agent
+        .flow_findings("idle-near-eviction", &local)
         .into_iter()
         .next()
         .unwrap();
@@ -219,7 +212,8 @@ fn manual_remedy(mode: &str) {
     let agent = Agent::start(&s.bed.client, mode, &config("off"));
     let local = s.client.addr();
     wait_for(Duration::from_secs(5), "the flow with its owner", || {
-        flow(&agent, &local)
+        agent
+            .flow_at(&local)
             .filter(|f| f["pid"] == s.client.pid())
             .ok_or("not yet".to_string())
     });
@@ -227,7 +221,7 @@ fn manual_remedy(mode: &str) {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("queued: SO_KEEPALIVE=1 TCP_KEEPIDLE=5"), "{out}");
     wait_for(Duration::from_secs(5), "keepalive on the socket", || {
-        let f = flow(&agent, &local).ok_or("gone")?;
+        let f = agent.flow_at(&local).ok_or("gone")?;
         if f["keepalive"] == true {
             Ok(())
         } else {
@@ -266,7 +260,7 @@ fn cgroup_connections_get_keepalive(mode: &str) {
         Duration::from_secs(5),
         "keepalive on the cgroup's connection",
         || {
-            let f = flow(&agent, &inside.addr()).ok_or("not listed")?;
+            let f = agent.flow_at(&inside.addr()).ok_or("not listed")?;
             if f["keepalive"] == true {
                 Ok(f)
             } else {
@@ -285,7 +279,7 @@ fn cgroup_connections_get_keepalive(mode: &str) {
             "{st}"
         );
     }
-    let o = flow(&agent, &outside.addr()).expect("outside flow");
+    let o = agent.flow_at(&outside.addr()).expect("outside flow");
     assert_eq!(
         o["keepalive"], false,
         "connections outside the cgroup are untouched: {o}"

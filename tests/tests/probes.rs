@@ -9,8 +9,7 @@
 use std::time::{Duration, Instant};
 
 use holdfast_tests::{
-    Agent, NAT_SERVER_IP, NatBed, Netns, Peer, about_flow, both_modes, holdfast_bin, outcome, require_root,
-    wait_for,
+    Agent, NAT_SERVER_IP, NatBed, Netns, Peer, both_modes, holdfast_bin, outcome, require_root, wait_for,
 };
 use serde_json::Value;
 
@@ -21,18 +20,6 @@ fn config(profile_timeout_s: u64) -> String {
     format!(
         "[keepalive]\nmode = \"enforce\"\nfloor = \"2s\"\n\n[[profiles]]\nname = \"lab-nat\"\nidle_timeout = \"{profile_timeout_s}s\"\n\n[[rules]]\ncidr = \"10.77.2.2/32\"\nprofile = \"lab-nat\"\n"
     )
-}
-
-fn findings(agent: &Agent, kind: &str, local: &str) -> Vec<Value> {
-    agent
-        .findings(kind)
-        .into_iter()
-        .filter(|f| about_flow(f, local))
-        .collect()
-}
-
-fn flow(agent: &Agent, local: &str) -> Option<Value> {
-    agent.flows().into_iter().find(|f| f["local"] == local)
 }
 
 /// Counts bare ACKs of the session on the client's interface: sent to the server (probes) and
@@ -99,7 +86,8 @@ fn session() -> Session {
 /// The keepalive action of the flow's idle-near-eviction finding, once applied.
 fn applied(agent: &Agent, local: &str, within: Duration) -> Value {
     wait_for(within, "the keepalive remedy applied", || {
-        let f = findings(agent, "idle-near-eviction", local)
+        let f = agent
+            .flow_findings("idle-near-eviction", local)
             .into_iter()
             .next()
             .ok_or("no finding yet")?;
@@ -137,7 +125,8 @@ fn a_remedied_flow_shows_its_probes_answered(mode: &str) {
         "verified: keepalive on and armed"
     };
     wait_for(Duration::from_secs(refresh_s + 5), "the remedy verified", || {
-        let f = findings(&agent, "idle-near-eviction", &local)
+        let f = agent
+            .flow_findings("idle-near-eviction", &local)
             .into_iter()
             .next()
             .ok_or("gone")?;
@@ -158,7 +147,7 @@ fn a_remedied_flow_shows_its_probes_answered(mode: &str) {
         sent_wire >= expected && answered_wire + 1 >= sent_wire,
         "the wire shows a probe answered every {refresh_s} s: {sent_wire} sent, {answered_wire} answered"
     );
-    let f = flow(&agent, &local).expect("flow listed");
+    let f = agent.flow_at(&local).expect("flow listed");
     if mode == "ebpf" {
         let p = &f["wire_probes"];
         let sent = p["sent"].as_u64().expect("probes seen") as i64;
@@ -234,22 +223,12 @@ fn a_vanished_peer_is_found_dead(mode: &str) {
         let st = s.client.tell("state");
         if st == "state 7 err 110" { Ok(()) } else { Err(st) }
     });
-    let ev = wait_for(Duration::from_secs(10), "the eviction finding resolved", || {
-        let f = findings(&agent, "idle-near-eviction", &local)
-            .into_iter()
-            .next()
-            .ok_or("no finding")?;
-        if f["active"] == false {
-            Ok(f)
-        } else {
-            Err(f.to_string())
-        }
-    });
     let ev = wait_for(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the resolution says the connection ended",
         || {
-            let f = findings(&agent, "idle-near-eviction", &local)
+            let f = agent
+                .flow_findings("idle-near-eviction", &local)
                 .into_iter()
                 .next()
                 .ok_or("no finding")?;
@@ -259,10 +238,9 @@ fn a_vanished_peer_is_found_dead(mode: &str) {
             if ended { Ok(f) } else { Err(f.to_string()) }
         },
     );
-    let _ = ev["active"];
     let why = ev["resolution"].as_str().unwrap_or_default();
     assert!(!why.contains("verified") && !why.contains("refreshed"), "{ev}");
-    let half_open = findings(&agent, "half-open", &local);
+    let half_open = agent.flow_findings("half-open", &local);
     if mode == "ebpf" {
         assert!(why.contains("before any probe was answered"), "{ev}");
         let act = &ev["actions"][0];
@@ -278,14 +256,15 @@ fn a_vanished_peer_is_found_dead(mode: &str) {
         // ...and the post-mortem: the first probe went unanswered before the router's timeout,
         // so the middlebox still had the flow: the peer is gone.
         let pm = wait_for(Duration::from_secs(5), "the dead-peer post-mortem", || {
-            findings(&agent, "half-open", &local)
+            agent
+                .flow_findings("half-open", &local)
                 .into_iter()
                 .find(|f| {
                     f["summary"]
                         .as_str()
                         .is_some_and(|s| s.starts_with("dead peer found by keepalive"))
                 })
-                .ok_or_else(|| format!("{:?}", findings(&agent, "half-open", &local)))
+                .ok_or_else(|| format!("{:?}", agent.flow_findings("half-open", &local)))
         });
         let summary = pm["summary"].as_str().unwrap();
         assert!(
@@ -301,7 +280,7 @@ fn a_vanished_peer_is_found_dead(mode: &str) {
                 Err(w)
             }
         });
-        assert!(findings(&agent, "likely-evicted", &local).is_empty());
+        assert!(agent.flow_findings("likely-evicted", &local).is_empty());
     } else {
         // Poll mode: keepalive was seen armed (all it can see); the kernel's probe counter
         // (tcpi_probes) gives the half-open evidence.
@@ -340,7 +319,8 @@ fn a_late_keepalive_meets_silence(mode: &str) {
         Duration::from_secs(intvl * cnt + 10)
     };
     let f = wait_for(limit, "half-open evidence", || {
-        findings(&agent, "half-open", &local)
+        agent
+            .flow_findings("half-open", &local)
             .into_iter()
             .next()
             .ok_or_else(|| "none yet".to_string())
@@ -358,7 +338,7 @@ fn a_late_keepalive_meets_silence(mode: &str) {
         assert!(applied_at.elapsed() <= Duration::from_secs(intvl + 2), "{f}");
     }
     // No data was sent by the program: the evidence came from keepalive alone.
-    let fl = flow(&agent, &local);
+    let fl = agent.flow_at(&local);
     if let Some(fl) = fl {
         assert_eq!(fl["unacked"], 0, "{fl}");
     }

@@ -598,6 +598,16 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         json!({ "holdfast": v, "ps_eo_stat_s": ps })
     };
     results["procs"] = procs;
+    // The keepalive-probe watch: flag 1000 loopback connections, time the callbacks, release.
+    eprintln!("bench: probe watch");
+    results["probe_watch"] = serde_json::from_str(&run_ok(Command::new(bin).args([
+        "probe",
+        "watch",
+        "--sockets",
+        "1000",
+        "--segments",
+        "20",
+    ]))?)?;
     // Keep the figures even if printing fails.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -686,6 +696,19 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
             p["ps_eo_stat_s"].as_f64().unwrap_or(0.0),
             p["holdfast"]["best_s"].as_f64().unwrap_or(0.0)
         )
+    );
+    let w = &r["probe_watch"];
+    let _ = writeln!(
+        out,
+        "Probe watch, {} sockets: select {:.1} ms, release {:.1} ms, {} left flagged; probe_watch {:.0} ns per callback ({:.2} callbacks per segment sent); tcp_probe {:.0} ns per received segment; one core watches {:.1}M sockets sending a segment a second",
+        w["sockets"],
+        w["select_s"].as_f64().unwrap_or(0.0) * 1e3,
+        w["release_s"].as_f64().unwrap_or(0.0) * 1e3,
+        w["flagged_after_release"],
+        w["ns_per_callback"].as_f64().unwrap_or(0.0),
+        w["callbacks_per_segment"].as_f64().unwrap_or(0.0),
+        w["answer_ns_per_run"].as_f64().unwrap_or(0.0),
+        w["sockets_per_core_at_1_segment_per_s"].as_f64().unwrap_or(0.0) / 1e6
     );
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     for n in [&r["namespaces"], &r["namespaces_own_hash"]] {

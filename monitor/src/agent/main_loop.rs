@@ -135,14 +135,30 @@ pub async fn run(
                 if !requests.is_empty() {
                     let _ = rt.workers.send(WorkerMsg::Keepalive(requests));
                 }
-                // Probes on the wire for the sockets the keepalive remedy acted on.
-                let want: Vec<(u64, crate::model::observe::NetnsId)> = state
+                // Probes on the wire for the sockets the keepalive remedy acted on, then for
+                // half-open suspects whose keepalive is on (their next probe or answer decides).
+                let suspects = state
+                    .store
+                    .open_in(crate::findings::Family::HalfOpen)
+                    .filter_map(|(k, _)| match k.scope {
+                        crate::findings::Scope::Flow(c) => Some(c),
+                        _ => None,
+                    });
+                let mut want: Vec<(u64, crate::model::observe::NetnsId)> = state
                     .remedies
                     .keepalive
                     .wire_wanted()
                     .into_iter()
                     .filter_map(|c| state.table.get(c).map(|f| (c, f.netns)))
                     .collect();
+                for c in suspects {
+                    if let Some(f) = state.table.get(c)
+                        && f.tcp.as_ref().is_some_and(|t| t.keepalive == Some(true))
+                        && !want.iter().any(|(w, _)| *w == c)
+                    {
+                        want.push((c, f.netns));
+                    }
+                }
                 if let Some(plan) = state.watch.plan(&want) {
                     let _ = rt.workers.send(WorkerMsg::Watch(plan));
                 }

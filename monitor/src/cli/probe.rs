@@ -200,8 +200,18 @@ fn watch(sockets: usize, segments: usize) -> Result<serde_json::Value, String> {
     let release_s = t2.elapsed().as_secs_f64();
     // A last census with nothing asked: what is left flagged in the namespace.
     let left = l.select(&[], &[], &ns).map_err(|e| e.to_string())?;
-    let runs = after.0.saturating_sub(before.0);
-    let ns_total = after.1.saturating_sub(before.1);
+    let measured = before.is_some() && after.is_some();
+    let (b, a) = (before.unwrap_or_default(), after.unwrap_or_default());
+    let runs = a[0].0.saturating_sub(b[0].0);
+    let ns_total = a[0].1.saturating_sub(b[0].1);
+    let answer_runs = a[1].0.saturating_sub(b[1].0);
+    let answer_ns = a[1].1.saturating_sub(b[1].1);
+    let per_callback = if runs > 0 {
+        ns_total as f64 / runs as f64
+    } else {
+        0.0
+    };
+    let per_segment = runs as f64 / (2 * sockets * segments).max(1) as f64;
     Ok(json!({
         "sockets": sockets, "segments_per_socket": segments,
         "watching": on.watching.len(), "refused": on.failed.len(),
@@ -209,9 +219,15 @@ fn watch(sockets: usize, segments: usize) -> Result<serde_json::Value, String> {
         "released": off.released.len(), "flagged_after_release": left.flagged,
         "select_s": select_s, "release_s": release_s, "traffic_s": traffic_s,
         "callbacks": runs,
-        "ns_per_callback": if runs > 0 { ns_total as f64 / runs as f64 } else { 0.0 },
-        "callbacks_per_segment": runs as f64 / (2 * sockets * segments).max(1) as f64,
-        "run_time_measured": after.2,
+        "ns_per_callback": per_callback,
+        "callbacks_per_segment": per_segment,
+        // tcp_probe runs for every segment received by any socket while some socket is watched
+        // (here half of the receivers are watched, half not).
+        "answer_runs": answer_runs,
+        "answer_ns_per_run": if answer_runs > 0 { answer_ns as f64 / answer_runs as f64 } else { 0.0 },
+        // One core's worth of callbacks, for watched sockets each sending one segment a second.
+        "sockets_per_core_at_1_segment_per_s": if per_callback > 0.0 { 1e9 / (per_callback * per_segment.max(1.0)) } else { 0.0 },
+        "run_time_measured": measured,
     }))
 }
 

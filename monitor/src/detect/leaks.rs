@@ -56,6 +56,7 @@ pub fn half_open(f: &Flow, now: Nanos, cfg: &LeaksSection) -> Option<Evidence> {
         zero_window_probing,
         keepalive_probing,
         reasons,
+        wire: f.wire.as_ref().map(|w| w.view(now)),
     })
 }
 
@@ -93,6 +94,7 @@ pub fn wire_evidence(f: &Flow, now: Nanos) -> Option<Evidence> {
         zero_window_probing: false,
         keepalive_probing: true,
         reasons,
+        wire: Some(w.view(now)),
     })
 }
 

@@ -14,6 +14,9 @@ pub struct Evidence {
     pub zero_window_probing: bool,
     pub keepalive_probing: bool,
     pub reasons: Vec<String>,
+    /// Keepalive probes seen on the wire (eBPF mode, watched sockets).
+    #[serde(default)]
+    pub wire: Option<super::probe::ProbeView>,
 }
 
 /// One socket stuck in a closing state, as a close-wait-leak finding lists it.

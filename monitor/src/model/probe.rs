@@ -92,6 +92,22 @@ pub fn rtt_words(us: u32) -> String {
     }
 }
 
+/// What one run of the probe-watch selection did in one network namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchOutcome {
+    pub netns: super::observe::NetnsId,
+    /// Cookies now watched (flag confirmed set).
+    pub watching: Vec<u64>,
+    /// Cookies released (flag confirmed clear, or the socket is gone).
+    pub released: Vec<u64>,
+    /// (cookie, why) for sockets whose flag could not be changed.
+    pub failed: Vec<(u64, String)>,
+    /// Sockets of the namespace carrying the flag after the run, and how many of them holdfast
+    /// does not watch (must be 0).
+    pub flagged: usize,
+    pub stray: usize,
+}
+
 /// The probe record as the CLI sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeView {

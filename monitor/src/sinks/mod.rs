@@ -33,6 +33,14 @@ pub struct Notice {
     pub action: Option<RemedyAction>,
     pub mode: Option<RemedyMode>,
     pub outcome: Option<Outcome>,
+    /// Keepalive probes (half-open evidence): unanswered, and sent/answered where they were seen
+    /// on the wire.
+    #[serde(default)]
+    pub probes_unanswered: Option<u32>,
+    #[serde(default)]
+    pub probes_sent: Option<u32>,
+    #[serde(default)]
+    pub probes_answered: Option<u32>,
 }
 
 impl Notice {
@@ -63,7 +71,17 @@ pub fn notice(f: &Finding, t: Transition) -> Notice {
         ),
         (None, _) => format!("{} {}: {}", f.kind, f.subject, f.summary),
     };
+    let evidence = match &f.details {
+        crate::model::finding::Details::HalfOpen { evidence } => Some(evidence),
+        _ => None,
+    };
+    let wire = evidence.and_then(|e| e.wire.as_ref());
     Notice {
+        probes_unanswered: evidence
+            .filter(|e| e.keepalive_probing || e.zero_window_probing)
+            .map(|e| wire.map_or(u32::from(e.unanswered_probes), |w| w.unanswered)),
+        probes_sent: wire.map(|w| w.sent),
+        probes_answered: wire.map(|w| w.answered),
         time_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
@@ -122,6 +140,15 @@ pub fn journal_fields(n: &Notice) -> Vec<(&'static str, String)> {
     opt("HOLDFAST_PROFILE", n.profile.clone());
     opt("HOLDFAST_IDLE_S", n.idle_s.map(|v| v.to_string()));
     opt("HOLDFAST_ETA_S", n.eta_s.map(|v| v.to_string()));
+    opt(
+        "HOLDFAST_PROBES_UNANSWERED",
+        n.probes_unanswered.map(|v| v.to_string()),
+    );
+    opt("HOLDFAST_PROBES_SENT", n.probes_sent.map(|v| v.to_string()));
+    opt(
+        "HOLDFAST_PROBES_ANSWERED",
+        n.probes_answered.map(|v| v.to_string()),
+    );
     opt("HOLDFAST_ACTION", n.action.map(|a| a.as_str().into()));
     opt("HOLDFAST_MODE", n.mode.map(|m| m.as_str().into()));
     opt("HOLDFAST_OUTCOME", n.outcome.as_ref().map(|o| o.text.clone()));

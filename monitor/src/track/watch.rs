@@ -8,17 +8,7 @@ use crate::model::observe::NetnsId;
 /// Sockets watched at most by default (the kernel map holds 4096).
 pub const DEFAULT_MAX: usize = 1024;
 
-/// One run's result for one namespace, as the snapshot thread reports it.
-#[derive(Clone, Debug, Default)]
-pub struct WatchOutcome {
-    pub netns: NetnsId,
-    pub watching: Vec<u64>,
-    pub released: Vec<u64>,
-    pub failed: Vec<(u64, String)>,
-    /// Sockets of the namespace carrying the flag after the run, and those not watched.
-    pub flagged: usize,
-    pub stray: usize,
-}
+pub use crate::model::probe::WatchOutcome;
 
 #[derive(Debug, Default)]
 pub struct WatchSet {

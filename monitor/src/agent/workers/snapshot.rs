@@ -118,14 +118,7 @@ impl Source {
                 None => Err("the socket's namespace is gone".into()),
             };
             out.push(match res {
-                Ok(r) => crate::track::watch::WatchOutcome {
-                    netns: ns,
-                    watching: r.watching,
-                    released: r.released,
-                    failed: r.failed,
-                    flagged: r.flagged,
-                    stray: r.stray,
-                },
+                Ok(r) => r,
                 Err(e) => {
                     // The sockets went with their namespace: nothing is left flagged.
                     l.forget_watched(&off);

@@ -90,6 +90,7 @@ fn dead_peer(f: &Flow, closed_at: Nanos, cause: &str, env: &mut dyn Env) -> Opti
                 zero_window_probing: false,
                 keepalive_probing: true,
                 reasons,
+                wire: Some(w.view(closed_at)),
             },
         },
         notable: false,

@@ -23,21 +23,7 @@ use crate::model::observe::NetnsId;
 /// Entries of PROBE_WATCH (the map's size): the most sockets watched at once.
 pub const WATCH_MAX: usize = 4096;
 
-/// What a selection run did in one namespace.
-#[derive(Clone, Debug, Default)]
-pub struct WatchReport {
-    pub netns: NetnsId,
-    /// Cookies now watched (flag confirmed set).
-    pub watching: Vec<u64>,
-    /// Cookies released (flag confirmed clear, or the socket is gone).
-    pub released: Vec<u64>,
-    /// (cookie, why) for sockets whose flag could not be changed.
-    pub failed: Vec<(u64, String)>,
-    /// Sockets of the namespace carrying the flag after the run, and how many of them holdfast
-    /// does not watch (must be 0).
-    pub flagged: usize,
-    pub stray: usize,
-}
+pub use crate::model::probe::WatchOutcome as WatchReport;
 
 /// State of the probe watch inside `Loaded`.
 #[derive(Default)]
@@ -47,7 +33,7 @@ pub struct WatchState {
     answer_link: Option<aya::programs::tp_btf::BtfTracePointLinkId>,
 }
 
-fn map<'a>(l: &'a mut Loaded) -> Result<BpfHashMap<&'a mut MapData, u64, ProbeWatch>, EbpfError> {
+fn map(l: &mut Loaded) -> Result<BpfHashMap<&mut MapData, u64, ProbeWatch>, EbpfError> {
     BpfHashMap::try_from(
         l.ebpf
             .map_mut("PROBE_WATCH")
@@ -135,8 +121,9 @@ impl Loaded {
         }
         self.attach_answers()?;
         let buf = self.run_iter("probe_select", Some(ns))?;
+        let rec = std::mem::size_of::<WatchFlagRecord>();
         let census: Vec<WatchFlagRecord> = buf
-            .chunks_exact(std::mem::size_of::<WatchFlagRecord>())
+            .chunks_exact(rec)
             .filter_map(|c| decode::watch_flag(c).ok())
             .collect();
         let mut rep = WatchReport {
@@ -183,7 +170,6 @@ impl Loaded {
             }
             rep.released.push(c);
         }
-        drop(m);
         self.detach_answers_if_idle();
         Ok(rep)
     }
@@ -230,16 +216,21 @@ impl Loaded {
         }
     }
 
-    /// (runs, run time in ns, measured) of the probe_watch program, from the kernel's program
-    /// statistics (counted only while a caller holds `aya::sys::enable_stats`).
-    pub fn watch_program_stats(&mut self) -> (u64, u64, bool) {
-        let Ok(p) = program::<SockOps>(&mut self.ebpf, "probe_watch") else {
-            return (0, 0, false);
-        };
-        match p.info() {
-            Ok(i) => (i.run_count(), i.run_time().as_nanos() as u64, true),
-            Err(_) => (0, 0, false),
-        }
+    /// (runs, run time in ns) of probe_watch and of probe_answer, from the kernel's program
+    /// statistics (counted only while a caller holds `aya::sys::enable_stats`); None if unreadable.
+    pub fn watch_program_stats(&mut self) -> Option<[(u64, u64); 2]> {
+        let w = program::<SockOps>(&mut self.ebpf, "probe_watch")
+            .ok()?
+            .info()
+            .ok()?;
+        let a = program::<BtfTracePoint>(&mut self.ebpf, "probe_answer")
+            .ok()?
+            .info()
+            .ok()?;
+        Some([
+            (w.run_count(), w.run_time().as_nanos() as u64),
+            (a.run_count(), a.run_time().as_nanos() as u64),
+        ])
     }
 
     /// Whether the answer tracepoint is attached now (status, tests).

@@ -228,3 +228,96 @@ fn sets_keepalive_on_a_socket_of_this_process_through_a_pidfd() {
     let missing = pidfd_keepalive(&req(inode + 999_999, None));
     assert!(missing.error.unwrap().contains("no longer holds"));
 }
+
+/// With probes watched, the finding stays open until a probe is answered; an unanswered probe is
+/// said once; the answer verifies; a death before any answer is said on the action.
+/// A flow at risk, keepalive asked for at 100 s (watched on the wire) and applied at 101 s.
+fn applied_on_the_wire() -> (KeepaliveRemedy, FindingStore) {
+    let pol = policy();
+    let mut d = EvictionDetector::default();
+    let mut r = KeepaliveRemedy {
+        wire: true,
+        ..Default::default()
+    };
+    let mut store = FindingStore::default();
+    let f = flow("10.77.2.2:80", 16_000, Some(false));
+    let p = pass(&mut d, 100 * S, &f, &r);
+    store.reconcile(Family::Eviction, p.verdicts, 100 * S, |_, _| "gone".into());
+    let (key, a) = &p.remediable[0];
+    let req = r
+        .consider(100 * S, key, a, &f, &pol.keepalive, &mut store)
+        .1
+        .unwrap();
+    assert!(req.watch, "watched from the same iterator run");
+    assert_eq!(r.wire_wanted(), vec![9]);
+    let v = KaValues {
+        idle_s: 10,
+        intvl_s: 2,
+        cnt: 4,
+    };
+    let res = KaResult {
+        cookie: 9,
+        before: Some((false, v)),
+        after: Some((true, v)),
+        error: None,
+        via: "test",
+    };
+    r.on_result(&res, 101 * S, &mut store);
+    (r, store)
+}
+
+#[test]
+fn on_the_wire_a_remedy_is_verified_by_an_answer() {
+    let (mut r, mut store) = applied_on_the_wire();
+    // A probe left (seen on the wire): armed, not yet verified; the finding stays open.
+    let mut g = flow("10.77.2.2:80", 17_000, Some(true));
+    g.tcp_at = 100 * S;
+    g.wire = Some(Box::default());
+    g.wire.as_mut().unwrap().on_sent(100 * S + 5, 0);
+    assert!(r.verify(101 * S, &g, None, &mut store).is_some());
+    assert!(r.awaiting_answer(9));
+    let text = |s: &FindingStore| s.get(1).unwrap().actions[0].outcome.text.clone();
+    assert!(
+        text(&store).contains("waiting for the first probe"),
+        "{}",
+        text(&store)
+    );
+    let kept = store.reconcile_until(Family::Eviction, vec![], 101 * S, |_, _| None);
+    assert!(
+        kept.is_empty() && store.get(1).unwrap().active,
+        "open until an answer"
+    );
+    // Unanswered after the wait: said once.
+    assert!(r.verify(102 * S, &g, None, &mut store).is_some());
+    assert!(text(&store).contains("1 probe(s) unanswered"), "{}", text(&store));
+    assert!(
+        r.verify(102 * S + 1, &g, None, &mut store).is_none(),
+        "not said twice"
+    );
+    // The answer verifies.
+    g.wire.as_mut().unwrap().on_answered(102 * S + 10, 300);
+    assert!(r.verify(103 * S, &g, None, &mut store).is_some());
+    assert!(text(&store).contains("verified on the wire"), "{}", text(&store));
+    assert!(!text(&store).contains("unanswered"), "{}", text(&store));
+    assert!(!r.awaiting_answer(9));
+    assert!(r.resolution(9).unwrap().contains("verified on the wire"));
+}
+
+#[test]
+fn a_death_before_any_answer_is_said() {
+    let (mut r, mut store) = applied_on_the_wire();
+    let mut g = flow("10.77.2.2:80", 17_000, Some(true));
+    let mut w = crate::model::probe::ProbeLog::default();
+    for i in 0..4 {
+        w.on_sent(101 * S + i * 2 * S, i as u32);
+    }
+    g.wire = Some(Box::new(w));
+    assert!(r.on_closed(&g, "timed out", &mut store).is_some());
+    let act = &store.get(1).unwrap().actions[0];
+    assert_eq!(act.outcome.status, OutcomeStatus::Ineffective);
+    assert!(
+        act.outcome.text.contains("4 probe(s) sent, none answered"),
+        "{}",
+        act.outcome.text
+    );
+}
