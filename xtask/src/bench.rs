@@ -430,8 +430,105 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// The bench's stages, each printed as it starts with the time the previous one took.
+struct Stages {
+    current: Option<(String, Instant)>,
+    done: Vec<Value>,
+}
+
+impl Stages {
+    fn begin(&mut self, name: String) {
+        self.end();
+        eprintln!("bench: {name}");
+        self.current = Some((name, Instant::now()));
+    }
+
+    fn end(&mut self) {
+        if let Some((name, t0)) = self.current.take() {
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!("bench:   ({name}: {s:.1}s)");
+            self.done.push(json!({ "stage": name, "seconds": s }));
+        }
+    }
+}
+
+/// Figures compared with the previous run: (label, JSON pointer, lower is better).
+fn compared_figures(r: &Value) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    if let Some(sizes) = r["sizes"].as_array() {
+        for (i, s) in sizes.iter().enumerate() {
+            let n = s["sockets"].as_u64().unwrap_or(0);
+            for (what, path, lower) in [
+                ("eBPF read", "holdfast_ebpf/best_read_s", true),
+                ("eBPF read with owners", "holdfast_ebpf/best_total_s", true),
+                ("at-risk read", "holdfast_ebpf/filtered/best_s", true),
+                ("poll read", "holdfast_poll/best_read_s", true),
+                ("poll read with owners", "holdfast_poll/best_total_s", true),
+                ("eBPF CPU %", "steady_ebpf/cpu_pct", true),
+                ("poll CPU %", "steady_poll/cpu_pct", true),
+                ("eBPF B/flow", "steady_ebpf/bytes_per_flow", true),
+                ("poll B/flow", "steady_poll/bytes_per_flow", true),
+            ] {
+                out.push((
+                    format!("{n} sockets: {what}"),
+                    format!("/sizes/{i}/{path}"),
+                    lower,
+                ));
+            }
+        }
+    }
+    for (what, path) in [
+        ("churn eBPF added %", "/churn/ebpf/added_pct"),
+        ("churn ns per program run", "/churn/ebpf/ns_per_program_run"),
+        ("zombie latency median ms", "/zombie_latency_ms/median"),
+        ("/proc scan s", "/procs/holdfast/best_s"),
+        ("probe watch ns per callback", "/probe_watch/ns_per_callback"),
+        ("idle RSS eBPF", "/agent_rss_empty_bytes/ebpf"),
+        ("idle RSS poll", "/agent_rss_empty_bytes/poll"),
+    ] {
+        out.push((what.into(), path.into(), true));
+    }
+    out
+}
+
+/// Compares with the previous results: every figure both runs have, with a flag where this run
+/// is more than 10 % worse. Sizes are matched by position only when their socket counts agree.
+fn compare(prev: &Value, now: &Value) -> Value {
+    let mut rows = Vec::new();
+    for (label, ptr, lower) in compared_figures(now) {
+        if ptr.starts_with("/sizes/") {
+            let idx = ptr.split('/').nth(2).unwrap_or("");
+            let same = prev.pointer(&format!("/sizes/{idx}/sockets"))
+                == now.pointer(&format!("/sizes/{idx}/sockets"));
+            if !same {
+                continue;
+            }
+        }
+        let (Some(a), Some(b)) = (
+            prev.pointer(&ptr).and_then(Value::as_f64),
+            now.pointer(&ptr).and_then(Value::as_f64),
+        ) else {
+            continue;
+        };
+        if a <= 0.0 {
+            continue;
+        }
+        let change = (b - a) / a * 100.0;
+        let worse = if lower { change > 10.0 } else { change < -10.0 };
+        rows.push(
+            json!({ "figure": label, "previous": a, "now": b, "change_pct": change, "regression": worse }),
+        );
+    }
+    json!(rows)
+}
+
 pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
     let _ns = Ns::new()?;
+    let mut st = Stages {
+        current: None,
+        done: Vec::new(),
+    };
+    st.begin("idle agents (RSS with no flows)".into());
     let mut results = json!({ "machine": { "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim() } });
     // Baseline agent RSS with no flows, per mode.
     let mut base = std::collections::HashMap::new();
@@ -444,7 +541,7 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
     let mut table = Vec::new();
     let mut sizes_out = Vec::new();
     for &conns in sizes {
-        eprintln!("bench: {conns} connections ({} sockets)", 2 * conns);
+        st.begin(format!("{conns} connections ({} sockets)", 2 * conns));
         let held = load(tools, conns)?;
         let sockets = (2 * conns) as u64;
         let ebpf = probe(bin, "ebpf")?;
@@ -501,10 +598,12 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
             r["sockets"].as_u64().unwrap_or(1).max(1),
         )
     });
+    st.begin("50 namespaces, shared TCP hash table".into());
     results["namespaces"] = namespaces(bin, tools, one_ns, None)?;
+    st.begin("50 namespaces, own TCP hash tables".into());
     results["namespaces_own_hash"] = namespaces(bin, tools, one_ns, Some(4096))?;
     // Churn: the same loop bare and with the agent in each mode.
-    eprintln!("bench: churn");
+    st.begin("churn".into());
     let cycles = 100_000;
     let bare = churn(tools, cycles)?;
     let _ = Command::new("sysctl")
@@ -537,7 +636,7 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         .status();
     results["churn"] = churn_out;
     // Zombie exit -> finding latency, eBPF mode, age threshold 0.
-    eprintln!("bench: zombie latency");
+    st.begin("zombie latency".into());
     let mut lat = Vec::new();
     {
         let a = Agent::start(bin, "ebpf", "[zombies]\nmin_age = \"0s\"\n")?;
@@ -577,7 +676,7 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
     results["zombie_latency_ms"] =
         json!({ "samples": lat, "median": lat.get(lat.len() / 2), "max": lat.last() });
     // /proc scan with 10k processes (100 zombies) vs ps.
-    eprintln!("bench: 10k processes");
+    st.begin("10k processes".into());
     let procs = {
         let mut c = Command::new(tools.join("hf-load"));
         c.args(["procs", "10000", "100"]);
@@ -599,7 +698,7 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
     };
     results["procs"] = procs;
     // The keepalive-probe watch: flag 1000 loopback connections, time the callbacks, release.
-    eprintln!("bench: probe watch");
+    st.begin("probe watch".into());
     results["probe_watch"] = serde_json::from_str(&run_ok(Command::new(bin).args([
         "probe",
         "watch",
@@ -608,9 +707,17 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         "--segments",
         "20",
     ]))?)?;
-    // Keep the figures even if printing fails.
+    st.end();
+    results["stages"] = json!(st.done);
+    // Keep the figures even if printing fails; the previous run's are compared first.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir)?;
+    if let Some(prev) = std::fs::read_to_string(dir.join("results.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    {
+        results["compared_with_previous"] = compare(&prev, &results);
+    }
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     print_table(&table, &results);
     Ok(results)
@@ -697,6 +804,40 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
             p["holdfast"]["best_s"].as_f64().unwrap_or(0.0)
         )
     );
+    if let Some(rows) = r["compared_with_previous"].as_array() {
+        let bad = rows.iter().filter(|x| x["regression"] == true).count();
+        let _ = writeln!(
+            out,
+            "\nCompared with the previous target/bench/results.json: {} figures, {bad} more than 10 % worse",
+            rows.len()
+        );
+        for x in rows {
+            let _ = writeln!(
+                out,
+                "  {}{}: {:.4} -> {:.4} ({:+.1} %)",
+                if x["regression"] == true {
+                    "REGRESSION "
+                } else {
+                    ""
+                },
+                x["figure"].as_str().unwrap_or(""),
+                x["previous"].as_f64().unwrap_or(0.0),
+                x["now"].as_f64().unwrap_or(0.0),
+                x["change_pct"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    if let Some(stages) = r["stages"].as_array() {
+        let _ = writeln!(out, "\nStages:");
+        for s in stages {
+            let _ = writeln!(
+                out,
+                "  {:<45} {:>7.1}s",
+                s["stage"].as_str().unwrap_or(""),
+                s["seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
     let w = &r["probe_watch"];
     let _ = writeln!(
         out,
