@@ -56,7 +56,7 @@ pub mod stat {
     pub const PROBE_SENT: u32 = 22;
     /// Probes seen answered.
     pub const PROBE_ANSWERED: u32 = 23;
-    /// Watch flags found on sockets holdfast no longer watches, and cleared.
+    /// Probe-watch callbacks of flagged sockets this loader does not watch.
     pub const PROBE_STRAY: u32 = 24;
     /// Runs of the probe-watch sock_ops program (every callback of a watched socket).
     pub const PROBE_CALLBACKS: u32 = 25;

@@ -811,8 +811,9 @@ pub fn probe_watch(ctx: SockOpsContext) -> u32 {
     // SAFETY: helper call on the context's socket pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ops as *mut c_void) };
     let Some(w) = PROBE_WATCH.get_ptr_mut(&cookie) else {
-        // A flag holdfast no longer wants (the agent restarted, or lost the entry): clear it.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() & !WATCH_CB_FLAG) as i32);
+        // Flagged by another loader of these programs (`holdfast probe watch` next to the
+        // agent), or left by an agent that was killed: counted, never cleared here (clearing
+        // would undo the other loader's watch).
         bump(stat::PROBE_STRAY);
         return 1;
     };

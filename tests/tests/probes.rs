@@ -199,6 +199,20 @@ fn a_remedied_flow_shows_its_probes_answered(mode: &str) {
         "sent true",
         "the session answers after 60 s idle"
     );
+    if mode == "ebpf" {
+        // A stopped agent leaves no socket flagged (getsockopt through the tcp iterator).
+        drop(agent);
+        let out = s
+            .bed
+            .client
+            .cmd(&holdfast_bin())
+            .args(["probe", "watch", "--census"])
+            .output()
+            .expect("holdfast probe watch --census");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert_eq!(text.trim(), r#"{"flagged":0}"#, "after the agent stopped");
+    }
 }
 both_modes!(a_remedied_flow_shows_its_probes_answered);
 

@@ -480,17 +480,18 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
         }
         Msg::Watched(reports) => {
             for r in &reports {
+                let stray_before = state.watch.census.get(&r.netns).map_or(0, |c| c.1);
                 for (c, why) in state.watch.apply(r) {
                     tracing::warn!(
                         flow = c,
                         "keepalive probes of this socket cannot be watched: {why}; its keepalive is judged from the timer"
                     );
                 }
-                if r.stray > 0 {
+                if r.stray > stray_before {
                     tracing::warn!(
                         netns = r.netns,
                         stray = r.stray,
-                        "sockets carry the probe-watch flag without being watched; it is cleared at their next send"
+                        "sockets carry the probe-watch flag without this agent watching them (another `holdfast probe watch`, or an agent that was killed): each costs one callback per segment it sends until it closes"
                     );
                 }
             }

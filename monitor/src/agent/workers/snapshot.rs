@@ -544,7 +544,18 @@ pub fn snapshot_worker(
                 pacing = p;
                 due = due.min(Instant::now() + pacing.interval);
             }
-            Ok(WorkerMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            Ok(WorkerMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                // Nothing stays flagged when the programs go.
+                if let Source::Ebpf(l) = &mut source {
+                    let mut handles = vec![own_handle()];
+                    handles.extend(spaces.iter().map(|e| e.found.handle.clone()));
+                    let left = l.release_all(&handles);
+                    if left > 0 {
+                        tracing::warn!(left, "sockets still carry the probe-watch flag at shutdown");
+                    }
+                }
+                return;
+            }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
         }
     }

@@ -103,6 +103,18 @@ impl Loaded {
     /// Watches `on` and releases `off` in namespace `ns` (one tcp iterator run). Released
     /// entries leave the map; watched ones keep their counters.
     pub fn select(&mut self, on: &[u64], off: &[u64], ns: &NsHandle) -> Result<WatchReport, EbpfError> {
+        self.select_in(on, off, ns, true)
+    }
+
+    /// As `select`; with `unseen_gone` false, a released socket the iterator did not see stays in
+    /// the map (it lives in another namespace).
+    fn select_in(
+        &mut self,
+        on: &[u64],
+        off: &[u64],
+        ns: &NsHandle,
+        unseen_gone: bool,
+    ) -> Result<WatchReport, EbpfError> {
         {
             let mut m = map(self)?;
             for &c in on {
@@ -119,7 +131,9 @@ impl Loaded {
                 }
             }
         }
-        self.attach_answers()?;
+        if !on.is_empty() {
+            self.attach_answers()?;
+        }
         let buf = self.run_iter("probe_select", Some(ns))?;
         let rec = std::mem::size_of::<WatchFlagRecord>();
         let census: Vec<WatchFlagRecord> = buf
@@ -166,12 +180,44 @@ impl Loaded {
                         .push((c, format!("the flag could not be cleared (errno {})", -w.rc)));
                     continue;
                 }
+                if w.done == 0 && !unseen_gone {
+                    continue;
+                }
                 let _ = m.remove(&c);
             }
             rep.released.push(c);
         }
         self.detach_answers_if_idle();
         Ok(rep)
+    }
+
+    /// At shutdown: clears the flag of every watched socket, in each namespace given (one
+    /// iterator pass each), so that nothing is left flagged when the programs go. Returns the
+    /// sockets still flagged in those namespaces afterwards.
+    pub fn release_all(&mut self, spaces: &[NsHandle]) -> usize {
+        let all: Vec<u64> = match map(self) {
+            Ok(m) => m.keys().filter_map(Result::ok).collect(),
+            Err(_) => return 0,
+        };
+        if all.is_empty() {
+            return 0;
+        }
+        let mut left = 0;
+        for ns in spaces {
+            // Each run clears the sockets of its namespace; the others are not seen there.
+            let pending: Vec<u64> = match map(self) {
+                Ok(m) => m.keys().filter_map(Result::ok).collect(),
+                Err(_) => break,
+            };
+            if pending.is_empty() {
+                break;
+            }
+            match self.select_in(&[], &pending, ns, false) {
+                Ok(r) => left += r.flagged,
+                Err(e) => tracing::debug!("releasing watched sockets in {}: {e}", ns.id),
+            }
+        }
+        left
     }
 
     /// Forgets sockets that closed (their flag went with them).
