@@ -152,6 +152,10 @@ fn a_remedied_flow_shows_its_probes_answered(mode: &str) {
         let p = &f["wire_probes"];
         let sent = p["sent"].as_u64().expect("probes seen") as i64;
         let answered = p["answered"].as_u64().unwrap() as i64;
+        eprintln!(
+            "wire: holdfast {sent} sent / {answered} answered (last RTT {} µs); nftables on the client's interface {sent_wire} / {answered_wire}",
+            p["last_rtt_us"]
+        );
         // The counters run from the first probe after the watch began (the wire's from start).
         assert!(
             (sent - sent_wire as i64).abs() <= 1 && (answered - answered_wire as i64).abs() <= 1,

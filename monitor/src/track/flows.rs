@@ -52,6 +52,28 @@ fn tracked(state: u8) -> bool {
     state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV && state != tcp_state::CLOSE
 }
 
+/// An answered probe is an ACK from the peer at `at`: the flow's sample moves to that moment
+/// (the ACK idle restarts, the probes outstanding go to 0, the next probe is one keepalive idle
+/// away), so `flows` and the detectors see a watched flow as fresh as the kernel does, without
+/// waiting for the next snapshot. The data idles are aged to `at` (upper bounds).
+fn fresh_after_answer(flow: &mut Flow, at: Nanos) {
+    let Some(t) = flow.tcp.as_mut() else { return };
+    if at <= flow.tcp_at {
+        return;
+    }
+    let grown = ((at - flow.tcp_at) / 1_000_000).min(u64::from(u32::MAX)) as u32;
+    t.last_data_sent_ms = t.last_data_sent_ms.saturating_add(grown);
+    t.last_data_recv_ms = t.last_data_recv_ms.saturating_add(grown);
+    t.last_ack_recv_ms = 0;
+    t.probes = 0;
+    if t.timer == crate::model::observe::Timer::Keepalive
+        && let Some(idle) = t.keepalive_idle_s
+    {
+        t.timer_expires_ms = Some(i64::from(idle) * 1000);
+    }
+    flow.tcp_at = at;
+}
+
 impl FlowTable {
     pub fn len(&self) -> usize {
         self.flows.len()
@@ -159,7 +181,10 @@ impl FlowTable {
             let log = flow.wire.get_or_insert_with(Default::default);
             match e.kind {
                 EventKind::ProbeSent => log.on_sent(e.ts, e.err.max(0) as u32),
-                _ => log.on_answered(e.ts, e.err.max(0) as u32),
+                _ => {
+                    log.on_answered(e.ts, e.err.max(0) as u32);
+                    fresh_after_answer(flow, e.ts);
+                }
             }
             return false;
         }

@@ -312,3 +312,41 @@ fn samples_record_survived_idles_and_the_idle_before_trouble() {
     q.apply_snapshot(&snap(32 * S, 32 * S, vec![idle(31_500, 1)]), &none);
     assert_eq!(q.get(1).unwrap().trouble_idle_ms, 31_500);
 }
+
+#[test]
+fn an_answered_probe_makes_the_flow_fresh() {
+    let mut t = FlowTable::default();
+    let mut s = sock(1, tcp_state::ESTABLISHED, 5);
+    {
+        let x = s.tcp.as_mut().unwrap();
+        x.last_ack_recv_ms = 9_000;
+        x.probes = 1;
+        x.timer = crate::model::observe::Timer::Keepalive;
+        x.keepalive_idle_s = Some(10);
+        x.timer_expires_ms = Some(0);
+    }
+    t.apply_snapshot(&snap(0, 10 * S, vec![s]), &HashMap::new());
+    let mut sent = ev(1, tcp_state::ESTABLISHED, 10 * S + 1);
+    sent.kind = EventKind::ProbeSent;
+    t.apply_event(&sent);
+    let mut ans = ev(1, tcp_state::ESTABLISHED, 12 * S);
+    ans.kind = EventKind::ProbeAnswered;
+    ans.err = 80;
+    t.apply_event(&ans);
+    let f = t.get(1).unwrap();
+    let x = f.tcp.as_ref().unwrap();
+    assert_eq!(
+        (x.last_ack_recv_ms, x.probes, x.timer_expires_ms),
+        (0, 0, Some(10_000))
+    );
+    assert_eq!(x.last_data_sent_ms, 500 + 2_000, "data idles aged to the answer");
+    assert_eq!(f.tcp_at, 12 * S);
+    assert_eq!(f.idle_ms(13 * S), Some(1_000));
+    let w = f.wire.as_ref().unwrap();
+    assert_eq!((w.sent, w.answered, w.last_rtt_us), (1, 1, Some(80)));
+    // Probe events never create a flow.
+    let mut stray = ev(2, tcp_state::ESTABLISHED, 12 * S);
+    stray.kind = EventKind::ProbeSent;
+    t.apply_event(&stray);
+    assert!(t.get(2).is_none());
+}
