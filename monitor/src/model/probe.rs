@@ -2,7 +2,7 @@
 //! sock_ops program sees each probe leave, `probe_answer` the segment that answers it).
 use serde::{Deserialize, Serialize};
 
-use super::time::{Nanos, fmt_ms, ms};
+use super::time::{Nanos, ms};
 
 /// A probe counts as unanswered once it is this old with nothing received (or once the kernel
 /// sent the next one). 1 s is far above any RTT a keepalive crosses in practice and far below any
@@ -58,17 +58,6 @@ impl ProbeLog {
         }
         let latest_late = now.saturating_sub(self.last_sent) >= ANSWER_WAIT;
         self.outstanding - u32::from(!latest_late)
-    }
-
-    /// "probe at 12:00:01 answered in 0.3 ms" style words for the latest answer, relative to
-    /// `now` ("3.2s ago").
-    pub fn last_answer_words(&self, now: Nanos) -> Option<String> {
-        let at = self.last_answer?;
-        Some(format!(
-            "probe answered {} ago in {}",
-            fmt_ms(ms(now.saturating_sub(at))),
-            rtt_words(self.last_rtt_us.unwrap_or(0))
-        ))
     }
 
     pub fn view(&self, now: Nanos) -> ProbeView {
@@ -141,6 +130,5 @@ mod tests {
         p.on_answered(12 * S + 1000, 1);
         assert_eq!(p.unanswered(20 * S), 0);
         assert_eq!((p.sent, p.answered), (2, 1));
-        assert!(p.last_answer_words(13 * S).unwrap().contains("answered"));
     }
 }

@@ -230,11 +230,6 @@ impl Loaded {
         self.detach_answers_if_idle();
     }
 
-    /// Counters kept in the kernel for one watched socket.
-    pub fn watch_entry(&mut self, cookie: u64) -> Option<ProbeWatch> {
-        map(self).ok()?.get(&cookie, 0).ok()
-    }
-
     fn watched_count(&mut self) -> usize {
         map(self).map(|m| m.keys().count()).unwrap_or(0)
     }
@@ -277,11 +272,6 @@ impl Loaded {
             (w.run_count(), w.run_time().as_nanos() as u64),
             (a.run_count(), a.run_time().as_nanos() as u64),
         ])
-    }
-
-    /// Whether the answer tracepoint is attached now (status, tests).
-    pub fn answers_attached(&self) -> bool {
-        self.watch.answer_link.is_some()
     }
 }
 
