@@ -51,9 +51,11 @@ static KA_CONNECT: Array<KaTarget> = Array::with_max_entries(1, 0);
 #[map]
 static SNAP_FILTER: Array<SnapFilter> = Array::with_max_entries(1, 0);
 
-/// Sockets the filtered snapshot has already reported with their file (so their owner is known).
+/// Sockets the filtered snapshot has already reported with their file (so their owner is known),
+/// with the jiffies of their last activity at that report (`skip_seen`: an idle socket reported
+/// once is not reported again until it moves).
 #[map]
-static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1 << 20, 0);
+static SEEN: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1 << 20, 0);
 
 /// Sockets whose keepalive probes are watched, by cookie (see `ProbeWatch`).
 #[map]
@@ -392,7 +394,11 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     });
     // SAFETY: helper call; null for time-wait and request sockets.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-    if filter != 0 && SEEN.get_ptr(&cookie).is_some() && skip_seen(base, tp, now as u32, filter) {
+    if filter != 0
+        && let Some(reported) = SEEN.get_ptr(&cookie)
+        // SAFETY: a value pointer of this map, read once.
+        && skip_seen(base, tp, now as u32, filter, unsafe { *reported })
+    {
         bump(stat::ITER_SKIPPED);
         return 0;
     }
@@ -432,8 +438,9 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
         fill_full(tp, &mut r);
     }
     if filter != 0 && (r.inode != 0 || r.flags & SNAP_FULL == 0) {
-        // Reported with its file: later filtered reads may leave it out while it is calm.
-        let _ = SEEN.insert(&r.cookie, &1, 0);
+        // Reported with its file: later filtered reads may leave it out while it is calm, or
+        // while it has not moved since this report.
+        let _ = SEEN.insert(&r.cookie, &idle_mark(tp, now as u32, filter), 0);
     }
     // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
     let ret = unsafe {
@@ -449,11 +456,31 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     0
 }
 
-/// Whether a filtered snapshot may leave out a socket it has already reported: a listener, or an
-/// ESTABLISHED socket with no retransmission or probe outstanding that was active within
-/// `min_idle` jiffies. Reads only the fields this decision needs.
+/// The jiffies of a socket's last activity: the newest of its last send, last data received
+/// and last ACK received.
 #[inline(always)]
-fn skip_seen(base: *const u8, tp: *const u8, now: u32, min_idle: u32) -> bool {
+fn last_activity(tp: *const u8, now: u32) -> u32 {
+    let age = |off: u32| now.wrapping_sub(ld::<u32>(tp, off).unwrap_or(0));
+    let a = age(off!(tp_lsndtime));
+    let b = age(off!(icsk_lrcvtime));
+    let c = age(off!(tp_rcv_tstamp));
+    let newest = if a < b {
+        if a < c { a } else { c }
+    } else if b < c {
+        b
+    } else {
+        c
+    };
+    now.wrapping_sub(newest)
+}
+
+/// Whether a filtered snapshot may leave out a socket it has already reported: a listener, or an
+/// ESTABLISHED socket with no retransmission or probe outstanding that was either calm when
+/// reported and active within `min_idle` jiffies since, or idle when reported and has not moved
+/// since (`reported`, see `idle_mark`: the agent extrapolates its idle exactly; once it moves it
+/// is reported again). Reads only the fields this decision needs.
+#[inline(always)]
+fn skip_seen(base: *const u8, tp: *const u8, now: u32, min_idle: u32, reported: u32) -> bool {
     let state: u8 = ld(base, off!(skc_state)).unwrap_or(0);
     if state == tcp_state::LISTEN {
         return true;
@@ -467,18 +494,28 @@ fn skip_seen(base: *const u8, tp: *const u8, now: u32, min_idle: u32) -> bool {
     if trouble != 0 {
         return false;
     }
-    let age = |off: u32| now.wrapping_sub(ld::<u32>(tp, off).unwrap_or(0));
-    let a = age(off!(tp_lsndtime));
-    let b = age(off!(icsk_lrcvtime));
-    let c = age(off!(tp_rcv_tstamp));
-    let newest = if a < b {
-        if a < c { a } else { c }
-    } else if b < c {
-        b
+    let last = last_activity(tp, now);
+    if reported == 0 {
+        now.wrapping_sub(last) < min_idle
     } else {
-        c
-    };
-    newest < min_idle
+        last | 1 == reported
+    }
+}
+
+/// What SEEN keeps of a socket reported now: 0 if it was not idle past `min_idle` (left out
+/// later while calm), else its last activity with the low bit set (left out later until it
+/// moves; the low bit keeps the mark apart from 0).
+#[inline(always)]
+fn idle_mark(tp: *const u8, now: u32, min_idle: u32) -> u32 {
+    if tp.is_null() {
+        return 0;
+    }
+    let last = last_activity(tp, now);
+    if now.wrapping_sub(last) < min_idle {
+        0
+    } else {
+        last | 1
+    }
 }
 
 /// One socket file of a process (task_file iterator; threads sharing the table are skipped).

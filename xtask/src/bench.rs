@@ -284,6 +284,32 @@ fn churn(tools: &Path, cycles: usize) -> Result<f64> {
         .context("churn output")
 }
 
+/// Two churn loops at once (the machine's maximum with 2 cores), each on its own listener: the
+/// slower loop's seconds.
+fn churn_parallel(tools: &Path, cycles: usize) -> Result<f64> {
+    let spawn = |addr: &str| -> Result<Child> {
+        Ok(Ns::cmd(&tools.join("hf-load"))
+            .args(["churn", addr, &cycles.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()?)
+    };
+    let (a, b) = (spawn("127.0.0.1:6001")?, spawn("127.0.0.2:6002")?);
+    let mut worst: f64 = 0.0;
+    for c in [a, b] {
+        let o = c.wait_with_output()?;
+        if !o.status.success() {
+            bail!("hf-load churn failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let secs: f64 = String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .context("churn output")?;
+        worst = worst.max(secs);
+    }
+    Ok(worst)
+}
+
 /// Sums run_cnt and run_time_ns of holdfast's socket tracepoint programs (kernel bpf stats).
 fn bpf_stats() -> (u64, u64) {
     let Ok(out) = run_ok(Command::new("bpftool").args(["prog", "show", "--json"])) else {
@@ -480,6 +506,11 @@ fn compared_figures(r: &Value) -> Vec<(String, String, bool)> {
     for (what, path) in [
         ("churn eBPF added %", "/churn/ebpf/added_pct"),
         ("churn ns per program run", "/churn/ebpf/ns_per_program_run"),
+        ("parallel churn eBPF added %", "/churn/parallel/added_pct"),
+        (
+            "parallel churn ns per program run",
+            "/churn/parallel/ns_per_program_run",
+        ),
         ("zombie latency median ms", "/zombie_latency_ms/median"),
         ("/proc scan s", "/procs/holdfast/best_s"),
         ("probe watch ns per callback", "/probe_watch/ns_per_callback"),
@@ -627,6 +658,31 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
             "added_pct": (t / bare - 1.0) * 100.0,
             "events": events,
             "events_per_s": events as f64 / t,
+            "lost": s1["events_lost"],
+            "ns_per_program_run": if c1 > c0 { Some((n1 - n0) as f64 / (c1 - c0) as f64) } else { None },
+        });
+    }
+    // Two loops at once: the most connections per second this machine makes.
+    let bare2 = churn_parallel(tools, cycles)?;
+    {
+        let a = Agent::start(bin, "ebpf", "")?;
+        let (c0, n0) = bpf_stats();
+        let s0 = a.status().unwrap_or_default();
+        let t = churn_parallel(tools, cycles)?;
+        std::thread::sleep(Duration::from_millis(700));
+        let s1 = a.status().unwrap_or_default();
+        let (c1, n1) = bpf_stats();
+        let events = s1["events"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(s0["events"].as_u64().unwrap_or(0));
+        churn_out["parallel"] = json!({
+            "loops": 2,
+            "bare_s": bare2,
+            "connections_per_s": (2 * cycles) as f64 / bare2,
+            "ebpf_s": t,
+            "added_pct": (t / bare2 - 1.0) * 100.0,
+            "events": events,
             "lost": s1["events_lost"],
             "ns_per_program_run": if c1 > c0 { Some((n1 - n0) as f64 / (c1 - c0) as f64) } else { None },
         });
@@ -784,6 +840,48 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
             x["ns_per_program_run"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.0}"))
+        );
+    }
+    let x = &c["parallel"];
+    let _ = writeln!(
+        out,
+        "  two loops at once: bare {:.2}s ({:.0} connections/s), eBPF {:.2}s (+{:.1}%), {} events, lost {}, {} ns per program run",
+        x["bare_s"].as_f64().unwrap_or(0.0),
+        x["connections_per_s"].as_f64().unwrap_or(0.0),
+        x["ebpf_s"].as_f64().unwrap_or(0.0),
+        x["added_pct"].as_f64().unwrap_or(0.0),
+        x["events"],
+        x["lost"],
+        x["ns_per_program_run"]
+            .as_f64()
+            .map_or("-".into(), |v| format!("{v:.0}"))
+    );
+    // Per 100k sockets: a row that stays flat as the size grows is linear growth.
+    let _ = writeln!(
+        out,
+        "\nPer 100k sockets (s, and CPU % of one core):\n{:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>11}",
+        "sockets", "ebpf+own", "poll+own", "ss -tin", "ss -tnp", "at-risk", "cpu% e/p"
+    );
+    for sz in r["sizes"].as_array().into_iter().flatten() {
+        let k = sz["sockets"].as_f64().unwrap_or(0.0) / 100_000.0;
+        if k <= 0.0 {
+            continue;
+        }
+        let per = |v: &Value| v.as_f64().map_or("-".into(), |v| format!("{:.3}", v / k));
+        let _ = writeln!(
+            out,
+            "{:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>11}",
+            sz["sockets"],
+            per(&sz["holdfast_ebpf"]["best_total_s"]),
+            per(&sz["holdfast_poll"]["best_total_s"]),
+            per(&sz["ss_tin_s"]),
+            per(&sz["ss_tnp_s"]),
+            per(&sz["holdfast_ebpf"]["filtered"]["best_s"]),
+            format!(
+                "{:.2}/{:.2}",
+                sz["steady_ebpf"]["cpu_pct"].as_f64().unwrap_or(0.0) / k,
+                sz["steady_poll"]["cpu_pct"].as_f64().unwrap_or(0.0) / k
+            ),
         );
     }
     let z = &r["zombie_latency_ms"];

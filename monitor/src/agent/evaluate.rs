@@ -170,6 +170,7 @@ pub fn flows(
         &mut env,
         &|c| ka.watches(c),
     );
+    st.table.set_quiet(&pass.quiet);
     learn_paths(st, &pass.breaks);
     for c in &pass.reads {
         if let Some(f) = st.table.get(*c) {

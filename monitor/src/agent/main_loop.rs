@@ -11,7 +11,7 @@ use super::workers::WorkerMsg;
 use super::{Msg, Runtime, State, evaluate, reload};
 use crate::ipc::{Reply, Request};
 use crate::kernel::{sockdiag, sys};
-use crate::model::observe::ProcEventKind;
+use crate::model::observe::{EventKind, ProcEventKind};
 use crate::remedy::close::{LiveHolders, SockDiagCloser};
 use crate::remedy::sigchld::{LiveProc, PidfdNudger};
 use crate::sinks::metrics::MetricsView;
@@ -117,6 +117,9 @@ pub async fn run(
                 let mut closer = SockDiagCloser { destroy: &mut destroy };
                 let (changes, mut requests) = evaluate::flows(now, state, &mut closer, &mut LiveHolders);
                 state.stats.rounds.flows += 1;
+                if rt.ebpf && let Some(idle) = state.policy.pacing.filter_idle_ms {
+                    state.gate.set_calm_until(state.table.calm_until(idle));
+                }
                 rt.sinks.publish(&state.store, changes);
                 // What the flows taught about their paths: a new or changed timeout changes which
                 // flows need a look (the policy's shortest timeout and the kernel filter).
@@ -232,6 +235,7 @@ fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
 fn repolicy(state: &mut State, rt: &mut Runtime) {
     let before = state.policy.pacing;
     state.policy = crate::config::policy::Policy::build(&rt.cfg, rt.ebpf, state.shortest_external_s());
+    state.table.unquiet(None);
     if state.policy.pacing != before {
         let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
     }
@@ -331,13 +335,17 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             let mut unknown_owner = false;
             let mut unknown_netns = false;
             let (all, own) = (state.policy.pacing.all_netns, crate::kernel::netns::own_id());
+            let mut socket_events = 0;
             for e in &events {
                 if !all && e.netns != 0 && e.netns != own {
                     continue;
                 }
+                socket_events +=
+                    u64::from(!matches!(e.kind, EventKind::ProbeSent | EventKind::ProbeAnswered));
                 unknown_owner |= state.table.apply_event(e);
                 unknown_netns |= e.netns != 0 && !state.netns.contains_key(&e.netns);
             }
+            state.gate.note_events(socket_events);
             if unknown_owner {
                 let _ = rt.workers.send(WorkerMsg::Soon);
             }
@@ -426,6 +434,8 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                     tracing::info!(netns = %name, id, "watching network namespace");
                 }
             }
+            // Names, sysctls or the set changed: forecasts judged quiet are judged again.
+            state.table.unquiet(None);
         }
         Msg::ProcScan {
             scan,
@@ -504,6 +514,7 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                     r.cookie,
                     r.after.or(r.before).filter(|_| r.error.is_none()).map(|x| x.1),
                 );
+                state.table.unquiet(Some(r.cookie));
                 match state.remedies.keepalive.on_result(r, now, &mut state.store) {
                     Some(c) => changes.push(c),
                     None if r.error.is_none() && r.before.is_some_and(|b| !b.0) => tracing::info!(

@@ -230,9 +230,11 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
     };
     let snap_tx = tx.clone();
     let pacing = policy.pacing;
+    let gate = Arc::new(workers::ReadGate::default());
+    let snap_gate = gate.clone();
     let snapshot_thread = std::thread::Builder::new()
         .name("holdfast-snapshot".into())
-        .spawn(move || workers::snapshot_worker(source, pacing, wrx, snap_tx))
+        .spawn(move || workers::snapshot_worker(source, pacing, snap_gate, wrx, snap_tx))
         .context("spawning the snapshot thread")?;
     let proc_tx = tx.clone();
     let proc_interval = policy.proc_interval;
@@ -254,6 +256,7 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
             socket: cfg.agent.socket.clone(),
         },
     );
+    state.gate = gate;
     // Probes on the wire: eBPF mode, where loading proved the kernel can do it.
     let wire = state
         .info

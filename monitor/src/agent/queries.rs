@@ -63,6 +63,7 @@ impl State {
             program_errors: s.kernel.errors,
             kernel_counters: s.kernel.clone(),
             snapshots: s.snapshots,
+            snapshots_skipped: self.gate.skipped(),
             snapshot_interval_ms: self.policy.pacing.interval.as_millis() as u64,
             last_snapshot_ms: s.last_snapshot.as_secs_f64() * 1000.0,
             last_snapshot_sockets: s.last_snapshot_sockets,

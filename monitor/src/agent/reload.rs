@@ -60,6 +60,7 @@ pub fn apply(state: &mut State, rt: &mut Runtime) -> Result<ReloadReply, String>
     state.relearn();
     let ct = state.shortest_external_s();
     state.policy = Policy::build(&applied, rt.ebpf, ct);
+    state.table.unquiet(None);
     rt.cfg = applied;
     let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
     let _ = rt.procs.send(ProcMsg::Interval(state.policy.proc_interval));

@@ -122,6 +122,8 @@ pub struct State {
     pub paths: crate::track::paths::PathBook,
     /// The timeouts learnt from `paths` (seconds, evidence), as the forecasts use them.
     pub learned: std::collections::HashMap<crate::track::paths::PathKey, (u64, String)>,
+    /// Shared with the snapshot thread: whether a filtered read can find anything (eBPF mode).
+    pub gate: std::sync::Arc<super::workers::ReadGate>,
 }
 
 impl State {
@@ -147,6 +149,7 @@ impl State {
             leaked: HashSet::new(),
             paths: Default::default(),
             learned: Default::default(),
+            gate: Default::default(),
         }
     }
 

@@ -88,9 +88,17 @@ pub fn render(s: &Status) -> String {
     line(
         "snapshots:",
         format!(
-            "{} every {}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
+            "{} every {}{}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
             s.snapshots,
             fmt_ms(s.snapshot_interval_ms),
+            if s.snapshots_skipped > 0 {
+                format!(
+                    " ({} filtered reads skipped: nothing new could be found)",
+                    s.snapshots_skipped
+                )
+            } else {
+                String::new()
+            },
             s.last_snapshot_ms,
             s.last_snapshot_sockets,
             s.netns.len(),

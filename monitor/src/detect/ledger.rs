@@ -1,6 +1,7 @@
 //! The session ledger: per service (and its processes) how many sessions opened, closed, are
 //! live and leaked, against what limit, and when the trend reaches it (`session-budget`).
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use monitor_common::tcp_state;
 
@@ -11,6 +12,7 @@ use crate::kernel::procfs::nofile;
 use crate::model::finding::{Details, FindingKind, Severity, Subject};
 use crate::model::flow::Flow;
 pub use crate::model::leaks::LedgerRow;
+use crate::model::observe::Owner;
 use crate::model::time::{Nanos, SEC, fmt_ms};
 /// Trend samples: one every SAMPLE_EVERY over TREND_WINDOW.
 const SAMPLE_EVERY: Nanos = 2 * SEC;
@@ -27,10 +29,29 @@ struct Acc {
     held: u64,
 }
 
+/// A flow the ledger counts.
+struct Counted {
+    /// The service it was counted as opened by (its close is counted there).
+    opened_as: u32,
+    /// Its service now.
+    svc: u32,
+    /// The owner `svc` was found for (held: the same `Arc` means the same owner); None after
+    /// the services changed.
+    owner: Option<Arc<Owner>>,
+    /// The last update that saw it.
+    round: u32,
+}
+
 #[derive(Default)]
 pub struct Ledger {
     /// Flows counted as opened, with their service (an index into `names`).
-    counted: HashMap<u64, u32>,
+    counted: HashMap<u64, Counted>,
+    /// The service of each (owner address, local port) looked up in this update (owners are
+    /// shared `Arc`s, one per process).
+    round_owner: HashMap<(usize, u16), u32>,
+    /// The services the lookups were made with.
+    services: Vec<ServiceConfig>,
+    round: u32,
     names: Vec<String>,
     ids: HashMap<String, u32>,
     acc: BTreeMap<String, Acc>,
@@ -85,36 +106,97 @@ impl Ledger {
                 }
             }
         }
-        let mut seen = HashSet::with_capacity(self.counted.len());
-        for f in flows.filter(|f| f.state != tcp_state::LISTEN) {
-            let Some(svc) = service_of(f, services) else {
-                continue;
-            };
-            seen.insert(f.cookie);
-            if !self.counted.contains_key(&f.cookie) {
-                let id = self.intern(svc.clone());
-                self.counted.insert(f.cookie, id);
-                self.acc.entry(svc.clone()).or_default().opened += 1;
+        // The configured services changed (a reload): every flow's service is looked up again.
+        if self.services != services {
+            self.services = services.to_vec();
+            for c in self.counted.values_mut() {
+                c.owner = None;
             }
-            let a = self.acc.entry(svc).or_default();
-            a.live += 1;
-            a.leaked += u64::from(leaked.contains(&f.cookie));
-            if let Some(o) = &f.owner
-                && !a.pids.contains(&o.pid)
-            {
-                a.pids.push(o.pid);
+        }
+        self.round = self.round.wrapping_add(1);
+        let round = self.round;
+        // Per service id this round: live, leaked, pids (a handful of services; no string work
+        // per flow: a flow's service is looked up once per owner and kept by id).
+        let mut per: Vec<(u64, u64, Vec<u32>)> = vec![Default::default(); self.names.len()];
+        for f in flows.filter(|f| f.state != tcp_state::LISTEN) {
+            let Some(owner) = f.owner.as_ref() else { continue };
+            let known = self
+                .counted
+                .get(&f.cookie)
+                .filter(|c| c.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, owner)))
+                .map(|c| c.svc);
+            // Within one update every owner is held by its flows: its address names it.
+            let key = (Arc::as_ptr(owner) as usize, f.local.port());
+            let svc = match known.or_else(|| self.round_owner.get(&key).copied()) {
+                Some(id) => id,
+                None => {
+                    let Some(name) = service_of(f, services) else {
+                        continue;
+                    };
+                    let id = self.intern(name);
+                    self.round_owner.insert(key, id);
+                    id
+                }
+            };
+            if per.len() <= svc as usize {
+                per.resize(svc as usize + 1, Default::default());
+            }
+            match self.counted.get_mut(&f.cookie) {
+                Some(c) => {
+                    c.svc = svc;
+                    if known.is_none() {
+                        c.owner = Some(owner.clone());
+                    }
+                    c.round = round;
+                }
+                None => {
+                    self.counted.insert(
+                        f.cookie,
+                        Counted {
+                            opened_as: svc,
+                            svc,
+                            owner: Some(owner.clone()),
+                            round,
+                        },
+                    );
+                    if let Some(name) = self.names.get(svc as usize) {
+                        self.acc.entry(name.clone()).or_default().opened += 1;
+                    }
+                }
+            }
+            let p = &mut per[svc as usize];
+            p.0 += 1;
+            p.1 += u64::from(leaked.contains(&f.cookie));
+            if !p.2.contains(&owner.pid) {
+                p.2.push(owner.pid);
+            }
+        }
+        for (id, (live, leaked, pids)) in per.into_iter().enumerate() {
+            if live == 0 {
+                continue;
+            }
+            let Some(name) = self.names.get(id) else { continue };
+            let a = self.acc.entry(name.clone()).or_default();
+            a.live += live;
+            a.leaked += leaked;
+            for p in pids {
+                if !a.pids.contains(&p) {
+                    a.pids.push(p);
+                }
             }
         }
         let (names, acc) = (&self.names, &mut self.acc);
-        self.counted.retain(|c, id| {
-            if seen.contains(c) {
+        self.counted.retain(|_, c| {
+            if c.round == round {
                 return true;
             }
-            if let Some(name) = names.get(*id as usize) {
+            if let Some(name) = names.get(c.opened_as as usize) {
                 acc.entry(name.clone()).or_default().closed += 1;
             }
             false
         });
+        // Addresses name owners only while their flows hold them: this update's lookups end here.
+        self.round_owner.clear();
         if self.counted.capacity() > 4 * self.counted.len() + 4096 {
             self.counted.shrink_to_fit();
         }

@@ -166,6 +166,10 @@ pub struct Status {
     pub program_errors: u64,
     pub kernel_counters: KernelCounters,
     pub snapshots: u64,
+    /// Filtered reads skipped: no socket event since the last read, and no flow left out could
+    /// have reached the kernel filter's threshold yet (eBPF mode).
+    #[serde(default)]
+    pub snapshots_skipped: u64,
     pub snapshot_interval_ms: u64,
     pub last_snapshot_ms: f64,
     pub last_snapshot_sockets: usize,

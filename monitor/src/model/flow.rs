@@ -49,6 +49,11 @@ pub struct Flow {
     pub sample_aged: bool,
     /// Keepalive probes seen on the wire (watched sockets, eBPF mode); boxed: few flows have it.
     pub wire: Option<Box<ProbeLog>>,
+    /// The eviction forecast found the flow calm and not at risk before this time (no
+    /// middlebox, kept by keepalive, or idle short of the warn point); it is not assessed again
+    /// before then. 0 whenever the flow changes (a new sample, an event), the policy or the
+    /// namespaces change, or keepalive values are learnt.
+    pub quiet_until: Nanos,
 }
 
 /// Counters of what the flow table has seen.
@@ -144,6 +149,7 @@ impl Flow {
             sample_aged: false,
             last_error: None,
             wire: None,
+            quiet_until: 0,
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::WorkerMsg;
+use super::{ReadGate, WorkerMsg};
 use crate::agent::Msg;
 use crate::config::policy::Pacing;
 use crate::kernel::netns::discover::{Discovery, Found};
@@ -276,6 +276,7 @@ fn refresh_facts(spaces: &mut [NsEntry]) {
 pub fn snapshot_worker(
     mut source: Source,
     mut pacing: Pacing,
+    gate: std::sync::Arc<ReadGate>,
     rx: std_mpsc::Receiver<WorkerMsg>,
     tx: mpsc::Sender<Msg>,
 ) {
@@ -310,6 +311,10 @@ pub fn snapshot_worker(
     let mut discovered: Option<Instant> = None;
     let mut discover_asked = false;
     let ebpf = matches!(source, Source::Ebpf(_));
+    // Socket events counted at the last read, and whether the next read was asked for (a new
+    // namespace, a flow of unknown owner, a reload): such a read is never skipped.
+    let mut events_at_read = gate.events();
+    let mut asked = true;
     loop {
         let now = Instant::now();
         let discover_due = discovered.is_none_or(|t| {
@@ -327,15 +332,24 @@ pub fn snapshot_worker(
             match found {
                 None => return,
                 // A namespace found now is read at once.
-                Some(true) => due = due.min(now),
+                Some(true) => {
+                    due = due.min(now);
+                    asked = true;
+                }
                 Some(false) => {}
             }
         }
-        if now >= due {
+        let full = !ebpf
+            || pacing.filter_idle_ms.is_none()
+            || last_full.is_none_or(|t| t.elapsed() >= pacing.full_every);
+        if now >= due && !full && !asked && gate.may_skip(crate::kernel::sys::monotonic_ns(), events_at_read)
+        {
+            // Nothing a filtered read would report has happened: look again in an interval.
+            due = now + pacing.interval;
+        } else if now >= due {
             last_start = now;
-            let full = !ebpf
-                || pacing.filter_idle_ms.is_none()
-                || last_full.is_none_or(|t| t.elapsed() >= pacing.full_every);
+            asked = false;
+            events_at_read = gate.events();
             let filter = if full { None } else { pacing.filter_idle_ms };
             // Every full interval, empty tables are sent too (heals a flow a lost event left).
             let heal = last_heal.is_none_or(|t| t.elapsed() >= pacing.full_every);
@@ -425,6 +439,7 @@ pub fn snapshot_worker(
             spacing = (cost * SOON_DUTY).max(MIN_SNAPSHOT_SPACING);
             let periodic = (cost * SNAPSHOT_DUTY).max(pacing.interval);
             due = Instant::now() + if fresh_no_file > 0 { spacing } else { periodic };
+            asked |= fresh_no_file > 0;
             if snaps.is_empty() {
                 due = Instant::now() + pacing.interval.max(spacing);
             }
@@ -517,6 +532,7 @@ pub fn snapshot_worker(
             Ok(WorkerMsg::Soon) => {
                 let soon = (last_start + spacing).max(Instant::now() + OWNER_LOOKUP_DELAY);
                 due = due.min(soon);
+                asked = true;
             }
             Ok(WorkerMsg::Discover) => discover_asked = true,
             Ok(WorkerMsg::HeldSoon) => {
@@ -543,6 +559,9 @@ pub fn snapshot_worker(
                 }
                 pacing = p;
                 due = due.min(Instant::now() + pacing.interval);
+                // The filter may have changed: the state owner's bound was for the old one.
+                gate.set_calm_until(None);
+                asked = true;
             }
             Ok(WorkerMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                 // Nothing stays flagged when the programs go.

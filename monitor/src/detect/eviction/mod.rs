@@ -33,6 +33,9 @@ struct Memo {
     reading: bool,
 }
 
+/// A quiet flow is assessed again at least this often (routes may change under it).
+const QUIET_MAX: Nanos = 30 * crate::model::time::SEC;
+
 /// One pass of the detector.
 #[derive(Debug, Default)]
 pub struct Pass {
@@ -51,6 +54,9 @@ pub struct Pass {
     /// Flows through a gateway that broke after idling: (cookie, namespace, gateway,
     /// destination, idle ms), for the path learner.
     pub breaks: Vec<(u64, NetnsId, String, std::net::IpAddr, u64)>,
+    /// Flows judged quiet, with the time until which they are (`Flow::quiet_until`: the
+    /// caller marks them in the table).
+    pub quiet: Vec<(u64, Nanos)>,
 }
 
 #[derive(Default)]
@@ -104,6 +110,21 @@ fn verdict(f: &Flow, a: &Assessment, env: &dyn Env) -> Option<Verdict> {
     })
 }
 
+/// Until when a calm flow's assessment cannot change while its sample stays the same: no
+/// middlebox or kept safe by keepalive (until routes or policy change: QUIET_MAX), or idle until
+/// it reaches the warn point. None for anything at risk.
+fn quiet_until(a: &Assessment, now: Nanos, pol: &EvictionPolicy) -> Option<Nanos> {
+    let ms = match a.verdict {
+        Forecast::NoMiddlebox | Forecast::Safe => QUIET_MAX / 1_000_000,
+        Forecast::Idle => {
+            let timeout_ms = a.applicable.as_ref()?.timeout_s.saturating_mul(1000);
+            pol.warn_at_ms(timeout_ms).checked_sub(a.idle_ms)?
+        }
+        _ => return None,
+    };
+    Some(now + (ms * 1_000_000).min(QUIET_MAX))
+}
+
 impl EvictionDetector {
     /// Judges every ESTABLISHED flow and the flows closed since the last pass. `watched` says
     /// which flows the keepalive remedy is following (they are always assessed).
@@ -120,6 +141,11 @@ impl EvictionDetector {
         let quick = pol.warn_at_ms(pol.min_timeout_ms);
         for f in flows.filter(|f| f.state == monitor_common::tcp_state::ESTABLISHED) {
             let Some(t) = f.tcp.as_ref() else { continue };
+            // Judged quiet on this very sample (`Flow::quiet_until`): no lookup, no assessment.
+            // At 100k flows the memo lookup alone is a cache miss per flow per round.
+            if now < f.quiet_until && !watched(f.cookie) {
+                continue;
+            }
             let memo = self.memo.get(&f.cookie);
             // Quick reject (no allocation, no lookups): recently active, keepalive off or already
             // judged on this sample, no retransmissions, and not followed by the remedy.
@@ -157,6 +183,12 @@ impl EvictionDetector {
                 continue;
             }
             memo.at_risk = a.at_risk().then(|| Box::new(a.clone()));
+            if calm
+                && t.backoff == 0
+                && let Some(u) = quiet_until(&a, now, pol)
+            {
+                pass.quiet.push((f.cookie, u));
+            }
             let Some(v) = verdict(f, &a, env) else { continue };
             if matches!(a.verdict, Forecast::NearEviction | Forecast::KeepaliveTooSlow) {
                 pass.remediable.push((v.key.clone(), a));

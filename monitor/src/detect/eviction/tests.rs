@@ -347,3 +347,38 @@ fn a_flow_that_broke_bounds_its_path_and_a_learnt_timeout_applies_without_a_rule
         a.why
     );
 }
+
+#[test]
+fn a_quiet_flow_is_skipped_until_its_warn_point() {
+    let pol = policy();
+    let mut env = FakeEnv::default();
+    let mut d = EvictionDetector::default();
+    let no = |_: u64| false;
+    // home-router (600 s, warn at 480 s): idle 470 s at its sample, 10 s short of the warn point.
+    let mut f = flow("192.0.2.9:22", 470_000, None);
+    let p = d.evaluate(100 * S, [&f].into_iter(), &[], &pol, &mut env, &no);
+    assert!(p.verdicts.is_empty());
+    assert_eq!(p.quiet, vec![(9, 110 * S)], "quiet until the warn point");
+    f.quiet_until = 110 * S;
+    let p = d.evaluate(105 * S, [&f].into_iter(), &[], &pol, &mut env, &no);
+    assert!(
+        p.verdicts.is_empty() && p.quiet.is_empty(),
+        "skipped, not assessed"
+    );
+    // Followed by the keepalive remedy: always assessed.
+    let yes = |_: u64| true;
+    let p = d.evaluate(105 * S, [&f].into_iter(), &[], &pol, &mut env, &yes);
+    assert_eq!(p.quiet.len(), 1, "assessed");
+    let p = d.evaluate(110 * S, [&f].into_iter(), &[], &pol, &mut env, &no);
+    assert_eq!(p.verdicts.len(), 1, "at the warn point");
+    assert_eq!(p.verdicts[0].key.kind, FindingKind::IdleNearEviction);
+    assert!(p.quiet.is_empty(), "at risk is never quiet");
+    // No middlebox: quiet for QUIET_MAX (routes may change).
+    let mut onlink = FakeEnv {
+        path: RoutePath::OnLink,
+        ..Default::default()
+    };
+    let f = flow("192.0.2.9:22", 470_000, None);
+    let p = d.evaluate(100 * S, [&f].into_iter(), &[], &pol, &mut onlink, &no);
+    assert_eq!(p.quiet, vec![(9, 100 * S + QUIET_MAX)]);
+}

@@ -70,6 +70,104 @@ fn filtered_snapshots_keep_absent_flows_and_bound_their_idle() {
     assert_eq!(v.idle_ms, Some(2_000), "bounded by the filter, not 100 s");
 }
 
+fn idle_sock(cookie: u64, idle_ms: u32) -> SockSample {
+    let mut s = sock(cookie, tcp_state::ESTABLISHED, cookie + 100);
+    s.tcp = Some(TcpSample {
+        last_data_sent_ms: idle_ms,
+        last_data_recv_ms: idle_ms,
+        last_ack_recv_ms: idle_ms,
+        ..Default::default()
+    });
+    s
+}
+
+#[test]
+fn a_flow_idle_past_the_filter_and_left_out_keeps_its_exact_idle() {
+    let mut t = FlowTable::default();
+    // Reported idle 500 s (past the 460 s threshold), then left out: it has not moved.
+    t.apply_snapshot(
+        &snap(S, S, vec![idle_sock(1, 500_000), idle_sock(2, 1_000)]),
+        &HashMap::new(),
+    );
+    let filtered = Snapshot {
+        netns: 0,
+        started: 61 * S,
+        finished: 61 * S,
+        socks: vec![],
+        filtered_idle_ms: Some(460_000),
+        time_wait: None,
+    };
+    t.apply_snapshot(&filtered, &HashMap::new());
+    let idle = |c: u64| t.get(c).unwrap().view(61 * S, None).idle_ms;
+    assert_eq!(
+        idle(1),
+        Some(560_000),
+        "extrapolated exactly, not capped at the threshold"
+    );
+    assert_eq!(idle(2), Some(61_000), "a calm flow ages as before");
+    assert!(
+        !t.get(1).unwrap().sample_aged,
+        "the idle flow's sample is the kernel's"
+    );
+}
+
+#[test]
+fn calm_until_is_the_first_moment_a_left_out_flow_can_reach_the_filter() {
+    let mut t = FlowTable::default();
+    assert_eq!(
+        t.calm_until(460_000),
+        Some(Nanos::MAX),
+        "no flows: nothing can cross"
+    );
+    t.apply_snapshot(
+        &snap(10 * S, 10 * S, vec![idle_sock(1, 100_000), idle_sock(2, 400_000)]),
+        &HashMap::new(),
+    );
+    // Flow 2 reaches 460 s of idle 60 s after its sample; one second of slack.
+    assert_eq!(t.calm_until(460_000), Some(10 * S + 59 * S));
+    // One already past the threshold needs every read.
+    t.apply_snapshot(
+        &snap(20 * S, 20 * S, vec![idle_sock(3, 470_000)]),
+        &HashMap::new(),
+    );
+    assert_eq!(t.calm_until(460_000), None);
+    // So does one in trouble.
+    let mut t = FlowTable::default();
+    let mut s = idle_sock(4, 1_000);
+    if let Some(x) = s.tcp.as_mut() {
+        x.retransmits = 1;
+    }
+    t.apply_snapshot(&snap(S, S, vec![s]), &HashMap::new());
+    assert_eq!(t.calm_until(460_000), None);
+    // And an ESTABLISHED flow known only from an event (no sample yet)...
+    let mut t = FlowTable::default();
+    t.apply_event(&ev(5, tcp_state::ESTABLISHED, S));
+    assert_eq!(t.calm_until(460_000), None);
+    // ...until a read that began after it appeared left it out (the kernel no longer lists it).
+    let mut filtered = snap(2 * S, 2 * S, vec![]);
+    filtered.filtered_idle_ms = Some(460_000);
+    t.apply_snapshot(&filtered, &HashMap::new());
+    assert_eq!(t.calm_until(460_000), Some(Nanos::MAX));
+}
+
+#[test]
+fn a_change_to_the_flow_ends_its_quiet() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(&snap(S, S, vec![idle_sock(1, 1_000)]), &HashMap::new());
+    t.set_quiet(&[(1, 30 * S)]);
+    assert_eq!(t.get(1).unwrap().quiet_until, 30 * S);
+    let mut e = ev(1, tcp_state::ESTABLISHED, 2 * S);
+    e.kind = EventKind::Retransmit;
+    t.apply_event(&e);
+    assert_eq!(t.get(1).unwrap().quiet_until, 0, "an event");
+    t.set_quiet(&[(1, 30 * S)]);
+    t.apply_snapshot(&snap(3 * S, 3 * S, vec![idle_sock(1, 2_000)]), &HashMap::new());
+    assert_eq!(t.get(1).unwrap().quiet_until, 0, "a new sample");
+    t.set_quiet(&[(1, 30 * S)]);
+    t.unquiet(None);
+    assert_eq!(t.get(1).unwrap().quiet_until, 0, "a new policy");
+}
+
 #[test]
 fn events_open_and_close_flows() {
     let mut t = FlowTable::default();
