@@ -204,8 +204,10 @@ pub struct OwnerRecord {
 const _: () = assert!(size_of::<OwnerRecord>() == 24);
 
 /// How the `snapshot_tcp` iterator filters (map `SNAP_FILTER`, slot 0). With `enabled == 0` it
-/// emits every socket; otherwise only sockets worth a look: first seen (or still without a
-/// file), not ESTABLISHED/LISTEN, retransmitting or probing, or idle at least `min_idle_jiffies`.
+/// emits every socket (and, with `min_idle_jiffies` set, marks each in SEEN as a filtered read
+/// would); otherwise only sockets worth a look: first seen (or still without a file), not
+/// ESTABLISHED/LISTEN, retransmitting or probing, or idle at least `min_idle_jiffies` and moved
+/// since they were last reported.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SnapFilter {

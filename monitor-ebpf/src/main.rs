@@ -385,11 +385,11 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     }
     // SAFETY: helper calls on the verifier-typed sock_common pointer.
     let (cookie, now) = unsafe { (bpf_get_socket_cookie(sk), bpf_jiffies64()) };
-    let filter = SNAP_FILTER.get(0).map_or(0, |f| {
+    let (filter, mark) = SNAP_FILTER.get(0).map_or((0, 0), |f| {
         if f.enabled != 0 {
-            f.min_idle_jiffies.max(1)
+            (f.min_idle_jiffies.max(1), f.min_idle_jiffies.max(1))
         } else {
-            0
+            (0, f.min_idle_jiffies)
         }
     });
     // SAFETY: helper call; null for time-wait and request sockets.
@@ -437,10 +437,10 @@ pub fn snapshot_tcp(ctx: *mut IterTcp) -> i32 {
     if !tp.is_null() {
         fill_full(tp, &mut r);
     }
-    if filter != 0 && (r.inode != 0 || r.flags & SNAP_FULL == 0) {
+    if mark != 0 && (r.inode != 0 || r.flags & SNAP_FULL == 0) {
         // Reported with its file: later filtered reads may leave it out while it is calm, or
         // while it has not moved since this report.
-        let _ = SEEN.insert(&r.cookie, &idle_mark(tp, now as u32, filter), 0);
+        let _ = SEEN.insert(&r.cookie, &idle_mark(tp, now as u32, mark), 0);
     }
     // SAFETY: meta is the verifier-typed iterator meta; the record lives on our stack.
     let ret = unsafe {

@@ -156,15 +156,21 @@ pub fn flows(
     let closed = st.table.take_closed(now);
     let mut out = Vec::new();
     let mut requests = Vec::new();
+    // The flows changed or due, and those the keepalive remedy follows: not every flow.
+    let mut judge = st.table.to_judge(now);
+    judge.extend(st.remedies.keepalive.watched());
+    judge.sort_unstable();
+    judge.dedup();
     let ka = &st.remedies.keepalive;
     let mut env = AgentEnv {
         router: &mut st.router,
         netns: &st.netns,
         learned: &st.learned,
     };
+    let table = &st.table;
     let pass = st.detect.eviction.evaluate(
         now,
-        st.table.iter(),
+        judge.iter().filter_map(|c| table.get(*c)),
         &closed,
         &st.policy.eviction,
         &mut env,
@@ -246,7 +252,7 @@ pub fn flows(
         netns: &st.netns,
         learned: &st.learned,
     };
-    let lp = detect::leaks::evaluate(now, st.table.iter(), &st.policy.leaks, &env);
+    let lp = detect::leaks::evaluate(now, st.table.notable(), &st.policy.leaks, &env);
     let ho_closed: HashSet<u64> = closed.iter().map(|(f, _)| f.cookie).collect();
     let close = &st.remedies.close;
     out.extend(
@@ -322,10 +328,18 @@ pub fn ledger(now: Nanos, st: &mut State) -> Vec<Change> {
     let mut out = st.store.reconcile(Family::Held, verdicts, now, |_, _| {
         "the descriptors were closed".into()
     });
-    let leaked = detect::leaks::leaked(st.table.iter(), now, &st.policy.leaks);
+    let leaked = detect::leaks::leaked(st.table.notable(), now, &st.policy.leaks);
+    // What changed since the last count (flows opened, closed, given an owner), not every flow.
+    let counting = match st.table.take_ledger_changes() {
+        Some(changed) => detect::ledger::Counting::Changed {
+            changed: changed.into_iter().map(|c| (c, st.table.get(c))).collect(),
+            all: Box::new(st.table.iter()),
+        },
+        None => detect::ledger::Counting::All(Box::new(st.table.iter())),
+    };
     st.detect
         .ledger
-        .update(now, st.table.iter(), &leaked, &held, &st.policy.services);
+        .update_from(now, counting, &leaked, &held, &st.policy.services);
     st.leaked = leaked;
     let verdicts = st.detect.ledger.evaluate(&st.policy.services, &st.policy.ledger);
     out.extend(

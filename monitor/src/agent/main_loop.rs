@@ -21,6 +21,9 @@ const TICK: Duration = Duration::from_millis(200);
 /// Below this many flows every walk is cheap: detectors and ledger run every 500 ms.
 const SMALL_TABLE: usize = 10_000;
 const SMALL_PERIOD: Duration = Duration::from_millis(500);
+/// How often the snapshot thread is told when a filtered read can next find something (a walk
+/// of the flows when they changed; the reads it gates are 10 s apart by default).
+const CALM_EVERY: Duration = Duration::from_secs(5);
 /// How often the session ledger is recounted on large tables.
 const LEDGER_EVERY: Duration = Duration::from_secs(5);
 /// After an exit event, when to check /proc for the zombie (exit_notify has run by then).
@@ -47,6 +50,7 @@ pub async fn run(
     let mut zombie_due: Option<tokio::time::Instant> = None;
     let mut flows_evaluated = Instant::now();
     let mut ledger_updated = Instant::now();
+    let mut calm_told: Option<Instant> = None;
     let mut held_watched: Vec<u32> = Vec::new();
     // Restarts run off this loop; their answers come back here (one per service at a time).
     let (restart_tx, mut restart_rx) = mpsc::unbounded_channel::<(String, Result<String, String>)>();
@@ -117,14 +121,18 @@ pub async fn run(
                 let mut closer = SockDiagCloser { destroy: &mut destroy };
                 let (changes, mut requests) = evaluate::flows(now, state, &mut closer, &mut LiveHolders);
                 state.stats.rounds.flows += 1;
-                if rt.ebpf && let Some(idle) = state.policy.pacing.filter_idle_ms {
+                if rt.ebpf
+                    && let Some(idle) = state.policy.pacing.filter_idle_ms
+                    && calm_told.is_none_or(|t| t.elapsed() >= CALM_EVERY)
+                {
+                    calm_told = Some(Instant::now());
                     state.gate.set_calm_until(state.table.calm_until(idle));
                 }
                 rt.sinks.publish(&state.store, changes);
                 // What the flows taught about their paths: a new or changed timeout changes which
                 // flows need a look (the policy's shortest timeout and the kernel filter).
                 if state.relearn() {
-                    repolicy(state, rt);
+                    repolicy(state, rt, true);
                 }
                 if state.paths.dirty && paths_saved.elapsed() >= SAVE_PATHS_EVERY {
                     paths_saved = Instant::now();
@@ -220,10 +228,13 @@ pub async fn run(
 fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
     state.router.forget();
     let own = crate::kernel::netns::own_id();
+    let mut facts_changed = false;
     if let Some(n) = state.netns.get_mut(&own) {
-        n.facts = crate::kernel::netns::read_facts();
+        let facts = crate::kernel::netns::read_facts();
+        facts_changed = facts != n.facts;
+        n.facts = facts;
     }
-    repolicy(state, rt);
+    repolicy(state, rt, facts_changed);
     state.prune();
     state.table.maintain(now);
     // glibc keeps freed pages (in every thread's arena) until asked: after a storm, give them back.
@@ -232,10 +243,23 @@ fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
 
 /// Rebuilds the policy with the shortest timeouts known outside the configuration (conntrack,
 /// learnt paths) and tells the snapshot thread if its pacing changed.
-fn repolicy(state: &mut State, rt: &mut Runtime) {
+fn repolicy(state: &mut State, rt: &mut Runtime, rejudge: bool) {
     let before = state.policy.pacing;
+    let timeouts = (
+        state.policy.eviction.min_timeout_ms,
+        state.policy.eviction.margin_ms,
+    );
     state.policy = crate::config::policy::Policy::build(&rt.cfg, rt.ebpf, state.shortest_external_s());
-    state.table.unquiet(None);
+    // Forecasts judged quiet hold until a timeout they depend on changes.
+    if rejudge
+        || timeouts
+            != (
+                state.policy.eviction.min_timeout_ms,
+                state.policy.eviction.margin_ms,
+            )
+    {
+        state.table.unquiet(None);
+    }
     if state.policy.pacing != before {
         let _ = rt.workers.send(WorkerMsg::Pacing(state.policy.pacing));
     }

@@ -29,12 +29,25 @@ struct Acc {
     held: u64,
 }
 
+/// What the ledger is given to count.
+pub enum Counting<'a> {
+    /// Every flow (what is not among them has closed).
+    All(Box<dyn Iterator<Item = &'a Flow> + 'a>),
+    /// What changed since the last update (None: gone), and every flow for a recount.
+    Changed {
+        changed: Vec<(u64, Option<&'a Flow>)>,
+        all: Box<dyn Iterator<Item = &'a Flow> + 'a>,
+    },
+}
+
 /// A flow the ledger counts.
 struct Counted {
     /// The service it was counted as opened by (its close is counted there).
     opened_as: u32,
     /// Its service now.
     svc: u32,
+    /// Its process now.
+    pid: u32,
     /// The owner `svc` was found for (held: the same `Arc` means the same owner); None after
     /// the services changed.
     owner: Option<Arc<Owner>>,
@@ -52,6 +65,9 @@ pub struct Ledger {
     /// The services the lookups were made with.
     services: Vec<ServiceConfig>,
     round: u32,
+    /// Live flows per service id, and per (service id, pid), kept as flows are counted.
+    live_by: Vec<u64>,
+    pids_by: HashMap<(u32, u32), u32>,
     names: Vec<String>,
     ids: HashMap<String, u32>,
     acc: BTreeMap<String, Acc>,
@@ -83,11 +99,68 @@ impl Ledger {
     pub fn update<'a>(
         &mut self,
         now: Nanos,
-        flows: impl Iterator<Item = &'a Flow>,
+        flows: impl Iterator<Item = &'a Flow> + 'a,
         leaked: &HashSet<u64>,
         held: &HashMap<String, (u64, Vec<u32>)>,
         services: &[ServiceConfig],
     ) {
+        self.update_from(now, Counting::All(Box::new(flows)), leaked, held, services);
+    }
+
+    /// Accounts what changed since the last update: each changed cookie with its flow, None
+    /// for a flow gone. Everything else counts as it did (no walk of every flow). A change of
+    /// the configured services recounts from `all`.
+    pub fn update_from<'a>(
+        &mut self,
+        now: Nanos,
+        counting: Counting<'a>,
+        leaked: &HashSet<u64>,
+        held: &HashMap<String, (u64, Vec<u32>)>,
+        services: &[ServiceConfig],
+    ) {
+        // The configured services changed (a reload): every flow's service is looked up again.
+        let recount = self.services != services;
+        if recount {
+            self.services = services.to_vec();
+            for c in self.counted.values_mut() {
+                c.owner = None;
+            }
+        }
+        self.round = self.round.wrapping_add(1);
+        let round = self.round;
+        match counting {
+            Counting::All(flows) => {
+                for f in flows {
+                    self.account(f.cookie, Some(f), round, services);
+                }
+                let absent: Vec<u64> = self
+                    .counted
+                    .iter()
+                    .filter(|(_, c)| c.round != round)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for c in absent {
+                    self.account(c, None, round, services);
+                }
+            }
+            Counting::Changed { changed, all } if recount => {
+                // Recount: the changed ones as they are now, then every flow.
+                for (c, f) in changed {
+                    self.account(c, f, round, services);
+                }
+                return self.update_from(now, Counting::All(all), leaked, held, services);
+            }
+            Counting::Changed { changed, .. } => {
+                for (c, f) in changed {
+                    self.account(c, f, round, services);
+                }
+            }
+        }
+        // Addresses name owners only while their flows hold them: this update's lookups end here.
+        self.round_owner.clear();
+        if self.counted.capacity() > 4 * self.counted.len() + 4096 {
+            self.counted.shrink_to_fit();
+        }
         for a in self.acc.values_mut() {
             a.live = 0;
             a.leaked = 0;
@@ -106,99 +179,32 @@ impl Ledger {
                 }
             }
         }
-        // The configured services changed (a reload): every flow's service is looked up again.
-        if self.services != services {
-            self.services = services.to_vec();
-            for c in self.counted.values_mut() {
-                c.owner = None;
+        let mut leaked_by = vec![0u64; self.names.len()];
+        for c in leaked {
+            if let Some(e) = self.counted.get(c)
+                && let Some(n) = leaked_by.get_mut(e.svc as usize)
+            {
+                *n += 1;
             }
         }
-        self.round = self.round.wrapping_add(1);
-        let round = self.round;
-        // Per service id this round: live, leaked, pids (a handful of services; no string work
-        // per flow: a flow's service is looked up once per owner and kept by id).
-        let mut per: Vec<(u64, u64, Vec<u32>)> = vec![Default::default(); self.names.len()];
-        for f in flows.filter(|f| f.state != tcp_state::LISTEN) {
-            let Some(owner) = f.owner.as_ref() else { continue };
-            let known = self
-                .counted
-                .get(&f.cookie)
-                .filter(|c| c.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, owner)))
-                .map(|c| c.svc);
-            // Within one update every owner is held by its flows: its address names it.
-            let key = (Arc::as_ptr(owner) as usize, f.local.port());
-            let svc = match known.or_else(|| self.round_owner.get(&key).copied()) {
-                Some(id) => id,
-                None => {
-                    let Some(name) = service_of(f, services) else {
-                        continue;
-                    };
-                    let id = self.intern(name);
-                    self.round_owner.insert(key, id);
-                    id
-                }
-            };
-            if per.len() <= svc as usize {
-                per.resize(svc as usize + 1, Default::default());
-            }
-            match self.counted.get_mut(&f.cookie) {
-                Some(c) => {
-                    c.svc = svc;
-                    if known.is_none() {
-                        c.owner = Some(owner.clone());
-                    }
-                    c.round = round;
-                }
-                None => {
-                    self.counted.insert(
-                        f.cookie,
-                        Counted {
-                            opened_as: svc,
-                            svc,
-                            owner: Some(owner.clone()),
-                            round,
-                        },
-                    );
-                    if let Some(name) = self.names.get(svc as usize) {
-                        self.acc.entry(name.clone()).or_default().opened += 1;
-                    }
-                }
-            }
-            let p = &mut per[svc as usize];
-            p.0 += 1;
-            p.1 += u64::from(leaked.contains(&f.cookie));
-            if !p.2.contains(&owner.pid) {
-                p.2.push(owner.pid);
-            }
-        }
-        for (id, (live, leaked, pids)) in per.into_iter().enumerate() {
-            if live == 0 {
+        let mut pids: Vec<(u32, u32)> = self.pids_by.keys().copied().collect();
+        pids.sort_unstable();
+        for (id, name) in self.names.iter().enumerate() {
+            let live = self.live_by.get(id).copied().unwrap_or(0);
+            if live == 0 && !self.acc.contains_key(name) {
                 continue;
             }
-            let Some(name) = self.names.get(id) else { continue };
             let a = self.acc.entry(name.clone()).or_default();
             a.live += live;
-            a.leaked += leaked;
-            for p in pids {
-                if !a.pids.contains(&p) {
-                    a.pids.push(p);
-                }
-            }
+            a.leaked += leaked_by[id];
         }
-        let (names, acc) = (&self.names, &mut self.acc);
-        self.counted.retain(|_, c| {
-            if c.round == round {
-                return true;
+        for (id, pid) in pids {
+            if let Some(name) = self.names.get(id as usize)
+                && let Some(a) = self.acc.get_mut(name)
+                && !a.pids.contains(&pid)
+            {
+                a.pids.push(pid);
             }
-            if let Some(name) = names.get(c.opened_as as usize) {
-                acc.entry(name.clone()).or_default().closed += 1;
-            }
-            false
-        });
-        // Addresses name owners only while their flows hold them: this update's lookups end here.
-        self.round_owner.clear();
-        if self.counted.capacity() > 4 * self.counted.len() + 4096 {
-            self.counted.shrink_to_fit();
         }
         if self
             .last_sample
@@ -214,6 +220,90 @@ impl Ledger {
                 {
                     a.samples.pop_front();
                 }
+            }
+        }
+    }
+
+    /// Counts one flow as it is now (`None`: gone): opened when first counted, closed when
+    /// gone, and moved between services or processes when its owner changed.
+    fn account(&mut self, cookie: u64, f: Option<&Flow>, round: u32, services: &[ServiceConfig]) {
+        let now = f.filter(|f| f.state != tcp_state::LISTEN).and_then(|f| {
+            let owner = f.owner.as_ref()?;
+            let known = self
+                .counted
+                .get(&cookie)
+                .filter(|c| c.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, owner)))
+                .map(|c| c.svc);
+            // Within one update every owner is held by its flows: its address names it.
+            let key = (Arc::as_ptr(owner) as usize, f.local.port());
+            let svc = match known.or_else(|| self.round_owner.get(&key).copied()) {
+                Some(id) => id,
+                None => {
+                    let id = self.intern(service_of(f, services)?);
+                    self.round_owner.insert(key, id);
+                    id
+                }
+            };
+            Some((svc, owner.clone()))
+        });
+        match (
+            self.counted.get(&cookie).map(|c| (c.svc, c.pid, c.opened_as)),
+            now,
+        ) {
+            (Some((svc, pid, _)), Some((id, owner))) => {
+                if (svc, pid) != (id, owner.pid) {
+                    self.count(svc, pid, false);
+                    self.count(id, owner.pid, true);
+                }
+                if let Some(c) = self.counted.get_mut(&cookie) {
+                    c.svc = id;
+                    c.pid = owner.pid;
+                    c.owner = Some(owner);
+                    c.round = round;
+                }
+            }
+            (Some((svc, pid, opened_as)), None) => {
+                self.counted.remove(&cookie);
+                self.count(svc, pid, false);
+                if let Some(name) = self.names.get(opened_as as usize) {
+                    self.acc.entry(name.clone()).or_default().closed += 1;
+                }
+            }
+            (None, Some((id, owner))) => {
+                self.count(id, owner.pid, true);
+                self.counted.insert(
+                    cookie,
+                    Counted {
+                        opened_as: id,
+                        svc: id,
+                        pid: owner.pid,
+                        owner: Some(owner),
+                        round,
+                    },
+                );
+                if let Some(name) = self.names.get(id as usize) {
+                    self.acc.entry(name.clone()).or_default().opened += 1;
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// One live flow more (`up`) or less for a service and process.
+    fn count(&mut self, svc: u32, pid: u32, up: bool) {
+        let i = svc as usize;
+        if self.live_by.len() <= i {
+            self.live_by.resize(i + 1, 0);
+        }
+        let n = self.pids_by.entry((svc, pid)).or_default();
+        if up {
+            self.live_by[i] += 1;
+            *n += 1;
+        } else {
+            self.live_by[i] = self.live_by[i].saturating_sub(1);
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pids_by.remove(&(svc, pid));
             }
         }
     }
@@ -339,6 +429,63 @@ mod tests {
             unit: None,
         }));
         f
+    }
+
+    #[test]
+    fn counting_the_changes_equals_counting_every_flow() {
+        let svc = vec![ServiceConfig {
+            name: "bridge".into(),
+            comm: Some("bridge".into()),
+            ..Default::default()
+        }];
+        let other = std::sync::Arc::new(Owner {
+            pid: 77,
+            comm: "sshd".into(),
+            cgroup: None,
+            unit: None,
+        });
+        let none = HashMap::new();
+        let (mut full, mut inc) = (Ledger::default(), Ledger::default());
+        let mut flows: std::collections::BTreeMap<u64, Flow> = (0..20).map(|c| (c, flow(c, 1))).collect();
+        let mut changed: Vec<u64> = flows.keys().copied().collect();
+        for step in 0..6u64 {
+            let leaked: HashSet<u64> = [1, 2, 3].into();
+            full.update(step * SEC, flows.values(), &leaked, &none, &svc);
+            let counting = Counting::Changed {
+                changed: changed.iter().map(|c| (*c, flows.get(c))).collect(),
+                all: Box::new(flows.values()),
+            };
+            inc.update_from(step * SEC, counting, &leaked, &none, &svc);
+            let rows = |l: &Ledger| {
+                l.rows(&svc)
+                    .into_iter()
+                    .map(|r| (r.service, r.opened, r.closed, r.live, r.leaked, r.pids))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(rows(&full), rows(&inc), "step {step}");
+            // Next: two close, two open, one changes owner (another service and process).
+            changed = vec![
+                step * 2,
+                step * 2 + 1,
+                100 + step * 2,
+                100 + step * 2 + 1,
+                10 + step,
+            ];
+            flows.remove(&(step * 2));
+            flows.remove(&(step * 2 + 1));
+            flows.insert(100 + step * 2, flow(100 + step * 2, 1));
+            flows.insert(100 + step * 2 + 1, flow(100 + step * 2 + 1, 1));
+            if let Some(f) = flows.get_mut(&(10 + step)) {
+                f.owner = Some(other.clone());
+            }
+        }
+        let r = inc.rows(&svc);
+        let bridge = r.iter().find(|r| r.service == "bridge").unwrap();
+        assert_eq!((bridge.opened, bridge.closed), (30, 10));
+        assert!(
+            r.iter()
+                .any(|r| r.service == "sshd" && r.live == 5 && r.pids == vec![77])
+        );
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct Flow {
     /// before then. 0 whenever the flow changes (a new sample, an event), the policy or the
     /// namespaces change, or keepalive values are learnt.
     pub quiet_until: Nanos,
+    /// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
+    /// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
+    pub quiet_read: bool,
 }
 
 /// Counters of what the flow table has seen.
@@ -150,6 +153,7 @@ impl Flow {
             last_error: None,
             wire: None,
             quiet_until: 0,
+            quiet_read: true,
         }
     }
 

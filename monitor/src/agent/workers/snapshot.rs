@@ -315,6 +315,9 @@ pub fn snapshot_worker(
     // namespace, a flow of unknown owner, a reload): such a read is never skipped.
     let mut events_at_read = gate.events();
     let mut asked = true;
+    if let Source::Ebpf(l) = &mut source {
+        l.seen_mark_ms = pacing.filter_idle_ms;
+    }
     loop {
         let now = Instant::now();
         let discover_due = discovered.is_none_or(|t| {
@@ -558,6 +561,9 @@ pub fn snapshot_worker(
                     discovered = None;
                 }
                 pacing = p;
+                if let Source::Ebpf(l) = &mut source {
+                    l.seen_mark_ms = pacing.filter_idle_ms;
+                }
                 due = due.min(Instant::now() + pacing.interval);
                 // The filter may have changed: the state owner's bound was for the old one.
                 gate.set_calm_until(None);

@@ -33,8 +33,9 @@ struct Memo {
     reading: bool,
 }
 
-/// A quiet flow is assessed again at least this often (routes may change under it).
-const QUIET_MAX: Nanos = 30 * crate::model::time::SEC;
+/// A quiet flow is assessed again at least this often (routes may change under it; routes are
+/// re-read every 10 s).
+const QUIET_MAX: Nanos = 60 * crate::model::time::SEC;
 
 /// One pass of the detector.
 #[derive(Debug, Default)]
@@ -56,7 +57,8 @@ pub struct Pass {
     pub breaks: Vec<(u64, NetnsId, String, std::net::IpAddr, u64)>,
     /// Flows judged quiet, with the time until which they are (`Flow::quiet_until`: the
     /// caller marks them in the table).
-    pub quiet: Vec<(u64, Nanos)>,
+    /// The flag: a read must confirm the flow before then (see `quiet_until`).
+    pub quiet: Vec<(u64, Nanos, bool)>,
 }
 
 #[derive(Default)]
@@ -112,22 +114,29 @@ fn verdict(f: &Flow, a: &Assessment, env: &dyn Env) -> Option<Verdict> {
 
 /// Until when a calm flow's assessment cannot change while its sample stays the same: no
 /// middlebox or kept safe by keepalive (until routes or policy change: QUIET_MAX), or idle until
-/// it reaches the warn point. None for anything at risk.
-fn quiet_until(a: &Assessment, now: Nanos, pol: &EvictionPolicy) -> Option<Nanos> {
-    let ms = match a.verdict {
-        Forecast::NoMiddlebox | Forecast::Safe => QUIET_MAX / 1_000_000,
+/// it reaches the warn point. None for anything at risk. The flag: whether a read must confirm
+/// the flow before then (the judgement holds only while the flow stays as sampled: an idle one
+/// may have moved, a keepalive may be probing a dead peer); a flow with no middlebox and no
+/// keepalive needs none (nothing it can do unseen changes a verdict; data it sends unanswered
+/// comes as retransmission events).
+fn quiet_until(a: &Assessment, now: Nanos, pol: &EvictionPolicy) -> Option<(Nanos, bool)> {
+    let (ms, read) = match a.verdict {
+        Forecast::NoMiddlebox => (QUIET_MAX / 1_000_000, a.keepalive.on == Some(true)),
+        Forecast::Safe => (QUIET_MAX / 1_000_000, true),
         Forecast::Idle => {
             let timeout_ms = a.applicable.as_ref()?.timeout_s.saturating_mul(1000);
-            pol.warn_at_ms(timeout_ms).checked_sub(a.idle_ms)?
+            (pol.warn_at_ms(timeout_ms).checked_sub(a.idle_ms)?, true)
         }
         _ => return None,
     };
-    Some(now + (ms * 1_000_000).min(QUIET_MAX))
+    Some((now + (ms * 1_000_000).min(QUIET_MAX), read))
 }
 
 impl EvictionDetector {
-    /// Judges every ESTABLISHED flow and the flows closed since the last pass. `watched` says
-    /// which flows the keepalive remedy is following (they are always assessed).
+    /// Judges the flows given (the caller passes those changed or due: `FlowTable::to_judge`)
+    /// and the flows closed since the last pass. `watched` says which flows the keepalive
+    /// remedy is following (they are always assessed). Flows found quiet are listed in
+    /// `Pass::quiet` with the time to look again.
     pub fn evaluate<'a>(
         &mut self,
         now: Nanos,
@@ -139,8 +148,17 @@ impl EvictionDetector {
     ) -> Pass {
         let mut pass = Pass::default();
         let quick = pol.warn_at_ms(pol.min_timeout_ms);
-        for f in flows.filter(|f| f.state == monitor_common::tcp_state::ESTABLISHED) {
-            let Some(t) = f.tcp.as_ref() else { continue };
+        for f in flows {
+            // Only ESTABLISHED flows are forecast: others wait for a change (an event).
+            if f.state != monitor_common::tcp_state::ESTABLISHED {
+                pass.quiet.push((f.cookie, Nanos::MAX, false));
+                continue;
+            }
+            // No sample yet: the read that brings one wakes it; look again now and then.
+            let Some(t) = f.tcp.as_ref() else {
+                pass.quiet.push((f.cookie, now + QUIET_MAX, false));
+                continue;
+            };
             // Judged quiet on this very sample (`Flow::quiet_until`): no lookup, no assessment.
             // At 100k flows the memo lookup alone is a cache miss per flow per round.
             if now < f.quiet_until && !watched(f.cookie) {
@@ -161,6 +179,12 @@ impl EvictionDetector {
                     && let Some(v) = verdict(f, a, env)
                 {
                     pass.verdicts.push(v);
+                } else if t.backoff == 0
+                    && let Some(idle) = f.idle_ms(now)
+                {
+                    // Nothing to judge before its idle reaches the quick-reject bound.
+                    let wait = (quick.saturating_sub(idle) * 1_000_000).min(QUIET_MAX);
+                    pass.quiet.push((f.cookie, now + wait, true));
                 }
                 continue;
             }
@@ -185,9 +209,9 @@ impl EvictionDetector {
             memo.at_risk = a.at_risk().then(|| Box::new(a.clone()));
             if calm
                 && t.backoff == 0
-                && let Some(u) = quiet_until(&a, now, pol)
+                && let Some((u, read)) = quiet_until(&a, now, pol)
             {
-                pass.quiet.push((f.cookie, u));
+                pass.quiet.push((f.cookie, u, read));
             }
             let Some(v) = verdict(f, &a, env) else { continue };
             if matches!(a.verdict, Forecast::NearEviction | Forecast::KeepaliveTooSlow) {

@@ -358,7 +358,11 @@ fn a_quiet_flow_is_skipped_until_its_warn_point() {
     let mut f = flow("192.0.2.9:22", 470_000, None);
     let p = d.evaluate(100 * S, [&f].into_iter(), &[], &pol, &mut env, &no);
     assert!(p.verdicts.is_empty());
-    assert_eq!(p.quiet, vec![(9, 110 * S)], "quiet until the warn point");
+    assert_eq!(
+        p.quiet,
+        vec![(9, 110 * S, true)],
+        "quiet until the warn point, confirmed by a read"
+    );
     f.quiet_until = 110 * S;
     let p = d.evaluate(105 * S, [&f].into_iter(), &[], &pol, &mut env, &no);
     assert!(
@@ -380,5 +384,9 @@ fn a_quiet_flow_is_skipped_until_its_warn_point() {
     };
     let f = flow("192.0.2.9:22", 470_000, None);
     let p = d.evaluate(100 * S, [&f].into_iter(), &[], &pol, &mut onlink, &no);
-    assert_eq!(p.quiet, vec![(9, 100 * S + QUIET_MAX)]);
+    assert_eq!(
+        p.quiet,
+        vec![(9, 100 * S + QUIET_MAX, false)],
+        "no read needed without keepalive"
+    );
 }

@@ -38,8 +38,9 @@ impl Loaded {
         Ok(buf)
     }
 
-    /// Runs the tcp iterator in namespace `ns`. Unfiltered (`None`) it reports every socket; with
-    /// `Some(min_idle_ms)` only the sockets worth a look (see `SnapFilter`).
+    /// Runs the tcp iterator in namespace `ns`. Unfiltered (`None`) it reports every socket (and
+    /// marks them in SEEN when `seen_mark_ms` is set); with `Some(min_idle_ms)` only the sockets
+    /// worth a look (see `SnapFilter`).
     pub fn snapshot(&mut self, filter_idle_ms: Option<u64>, ns: &NsHandle) -> Result<Snapshot, EbpfError> {
         let started = sys::monotonic_ns();
         {
@@ -51,7 +52,7 @@ impl Loaded {
             .map_err(merr("SNAP_FILTER"))?;
             let v = SnapFilter {
                 enabled: u32::from(filter_idle_ms.is_some()),
-                min_idle_jiffies: filter_idle_ms.map_or(0, |ms| {
+                min_idle_jiffies: filter_idle_ms.or(self.seen_mark_ms).map_or(0, |ms| {
                     (ms.saturating_mul(u64::from(self.hz)) / 1000).min(u64::from(u32::MAX)) as u32
                 }),
             };

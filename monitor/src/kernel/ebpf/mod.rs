@@ -95,6 +95,10 @@ pub struct Loaded {
     /// What loading found this kernel can do.
     pub features: Vec<crate::model::health::Feature>,
     watch: watch::WatchState,
+    /// The agent's filter threshold: complete reads mark what they report in SEEN with it too,
+    /// so the first filtered read after them does not report every socket again. None (the
+    /// CLI's probes): complete reads leave SEEN alone.
+    pub seen_mark_ms: Option<u64>,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -238,6 +242,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         sockops,
         features,
         watch: watch::WatchState::default(),
+        seen_mark_ms: None,
     };
     let watch = loaded.setup_watch(&btf);
     if let Err(e) = &watch {

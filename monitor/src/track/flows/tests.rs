@@ -125,12 +125,26 @@ fn calm_until_is_the_first_moment_a_left_out_flow_can_reach_the_filter() {
     );
     // Flow 2 reaches 460 s of idle 60 s after its sample; one second of slack.
     assert_eq!(t.calm_until(460_000), Some(10 * S + 59 * S));
-    // One already past the threshold needs every read.
+    // One already past the threshold needs every read until the forecast judged it quiet...
     t.apply_snapshot(
-        &snap(20 * S, 20 * S, vec![idle_sock(3, 470_000)]),
+        &snap(
+            20 * S,
+            20 * S,
+            vec![
+                idle_sock(1, 110_000),
+                idle_sock(2, 410_000),
+                idle_sock(3, 470_000),
+            ],
+        ),
         &HashMap::new(),
     );
     assert_eq!(t.calm_until(460_000), None);
+    t.set_quiet(&[(1, 300 * S, true), (2, 300 * S, true), (3, 30 * S, true)]);
+    // ...then a read confirms it before its quiet ends (it may have moved unseen)...
+    assert_eq!(t.calm_until(460_000), Some(29 * S));
+    // ...or none at all when nothing it does unseen can change its verdict.
+    t.set_quiet(&[(3, 50 * S, false)]);
+    assert_eq!(t.calm_until(460_000), Some(10 * S + 59 * S));
     // So does one in trouble.
     let mut t = FlowTable::default();
     let mut s = idle_sock(4, 1_000);
@@ -154,18 +168,52 @@ fn calm_until_is_the_first_moment_a_left_out_flow_can_reach_the_filter() {
 fn a_change_to_the_flow_ends_its_quiet() {
     let mut t = FlowTable::default();
     t.apply_snapshot(&snap(S, S, vec![idle_sock(1, 1_000)]), &HashMap::new());
-    t.set_quiet(&[(1, 30 * S)]);
+    t.set_quiet(&[(1, 30 * S, true)]);
     assert_eq!(t.get(1).unwrap().quiet_until, 30 * S);
     let mut e = ev(1, tcp_state::ESTABLISHED, 2 * S);
     e.kind = EventKind::Retransmit;
     t.apply_event(&e);
     assert_eq!(t.get(1).unwrap().quiet_until, 0, "an event");
-    t.set_quiet(&[(1, 30 * S)]);
+    t.set_quiet(&[(1, 30 * S, true)]);
     t.apply_snapshot(&snap(3 * S, 3 * S, vec![idle_sock(1, 2_000)]), &HashMap::new());
     assert_eq!(t.get(1).unwrap().quiet_until, 0, "a new sample");
-    t.set_quiet(&[(1, 30 * S)]);
+    t.set_quiet(&[(1, 30 * S, true)]);
     t.unquiet(None);
     assert_eq!(t.get(1).unwrap().quiet_until, 0, "a new policy");
+}
+
+#[test]
+fn the_detectors_see_what_changed_and_what_fell_due() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(
+        &snap(S, S, vec![idle_sock(1, 1_000), idle_sock(2, 1_000)]),
+        &HashMap::new(),
+    );
+    let mut j = t.to_judge(2 * S);
+    j.sort_unstable();
+    assert_eq!(j, vec![1, 2], "new flows are judged");
+    t.set_quiet(&[(1, 10 * S, true), (2, Nanos::MAX, false)]);
+    assert!(t.to_judge(5 * S).is_empty(), "quiet flows are not");
+    assert_eq!(t.to_judge(10 * S), vec![1], "until their time comes");
+    t.set_quiet(&[(1, 20 * S, true)]);
+    // A change wakes a flow quiet for good; its stale wheel entry is ignored.
+    let mut e = ev(2, tcp_state::CLOSE_WAIT, 11 * S);
+    e.netns = 0;
+    t.apply_event(&e);
+    assert_eq!(t.to_judge(12 * S), vec![2]);
+    assert_eq!(
+        t.notable().map(|f| f.cookie).collect::<Vec<_>>(),
+        vec![2],
+        "a closing state is notable"
+    );
+    t.apply_event(&ev(2, tcp_state::CLOSE, 13 * S));
+    assert_eq!(t.notable().count(), 0, "gone");
+    assert!(t.to_judge(14 * S).is_empty());
+    // The ledger hears of every change, closes included, once.
+    let mut ch = t.take_ledger_changes().unwrap();
+    ch.sort_unstable();
+    assert_eq!(ch, vec![1, 2]);
+    assert_eq!(t.take_ledger_changes(), Some(vec![]));
 }
 
 #[test]
