@@ -13,7 +13,7 @@ use std::sync::Arc;
 use monitor_common::tcp_state;
 
 use crate::model::flow::{Flow, TableCounters};
-use crate::model::observe::{Event, EventKind, NetnsId, Owner, Snapshot, TcpSample};
+use crate::model::observe::{Event, EventKind, NetnsId, Owner, Snapshot, TcpSample, Timer};
 use crate::model::time::{Nanos, SEC};
 
 /// Closed flows kept for the detectors between two evaluations (post-mortems, the ledger).
@@ -144,6 +144,43 @@ fn fresh_after_answer(flow: &mut Flow, at: Nanos) {
     }
     flow.tcp_at = at;
     flow.quiet_until = 0;
+}
+
+/// Whether `new`, taken `elapsed_ms` after `old`, shows the socket exactly as `old` foretold:
+/// nothing sent or received since (each idle grew by the time between, less the spread of two
+/// reads' timing within `SAMPLE_SPREAD_MS`) and the same counters, timer and keepalive.
+fn unmoved(old: &TcpSample, new: &TcpSample, elapsed_ms: u64) -> bool {
+    /// A socket's place in a read (up to a second or two at a million sockets) and jiffies.
+    const SAMPLE_SPREAD_MS: u64 = 2_000;
+    let grew = |o: u32, n: u32| u64::from(n) + SAMPLE_SPREAD_MS >= u64::from(o) + elapsed_ms;
+    grew(old.last_data_sent_ms, new.last_data_sent_ms)
+        && grew(old.last_data_recv_ms, new.last_data_recv_ms)
+        && grew(old.last_ack_recv_ms, new.last_ack_recv_ms)
+        && (
+            old.retransmits,
+            old.probes,
+            old.backoff,
+            old.unacked,
+            old.total_retrans,
+        ) == (
+            new.retransmits,
+            new.probes,
+            new.backoff,
+            new.unacked,
+            new.total_retrans,
+        )
+        && old.timer == new.timer
+        && (
+            old.keepalive,
+            old.keepalive_idle_s,
+            old.keepalive_intvl_s,
+            old.keepalive_cnt,
+        ) == (
+            new.keepalive,
+            new.keepalive_idle_s,
+            new.keepalive_intvl_s,
+            new.keepalive_cnt,
+        )
 }
 
 /// Whether a sample shows an ESTABLISHED socket the kernel filter reports only when it moves:
@@ -377,6 +414,15 @@ impl FlowTable {
             if created {
                 self.counters.opened += 1;
             }
+            // What the detectors judged before this sample, to tell whether it moved.
+            let before = (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode);
+            let moved_sample = match (&flow.tcp, &s.tcp) {
+                (Some(old), Some(new)) => {
+                    flow.sample_aged || !unmoved(old, new, at.saturating_sub(flow.tcp_at) / 1_000_000)
+                }
+                (None, None) => false,
+                _ => true,
+            };
             if flow.state != s.state {
                 // Changed between snapshots without an event (poll mode, or a lost event).
                 if flow.last_seen < snap.started {
@@ -412,7 +458,14 @@ impl FlowTable {
                 flow.owner = Some(o.clone());
             }
             flow.last_seen = flow.last_seen.max(at);
-            self.marks.changed(flow);
+            // A flow exactly as its last sample foretold (idle for the time between, nothing
+            // else different) keeps its judgements: a complete read of idle flows wakes none.
+            if created
+                || moved_sample
+                || before != (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode)
+            {
+                self.marks.changed(flow);
+            }
         }
 
         if let Some(tw) = snap.time_wait {
@@ -593,6 +646,14 @@ impl FlowTable {
                     .min(t.last_data_recv_ms)
                     .min(t.last_ack_recv_ms),
             );
+            // Keepalive on: its probes may go unanswered (a dead peer) once it has idled the
+            // keepalive time, and the kernel reports a socket with probes outstanding without
+            // any event: from then on every read is needed (unknown per-socket time: now).
+            if t.keepalive == Some(true) || t.timer == Timer::Keepalive {
+                let ka_ms = u64::from(t.keepalive_idle_s.unwrap_or(0)).saturating_mul(1000);
+                let left = ka_ms.checked_sub(idle).filter(|l| *l > 0)?;
+                until = until.min((f.tcp_at + left * 1_000_000).saturating_sub(SLACK));
+            }
             if let Some(left) = filter_idle_ms.checked_sub(idle).filter(|l| *l > 0) {
                 until = until.min((f.tcp_at + left * 1_000_000).saturating_sub(SLACK));
                 continue;

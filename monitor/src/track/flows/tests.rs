@@ -153,6 +153,27 @@ fn calm_until_is_the_first_moment_a_left_out_flow_can_reach_the_filter() {
     }
     t.apply_snapshot(&snap(S, S, vec![s]), &HashMap::new());
     assert_eq!(t.calm_until(460_000), None);
+    // A flow with keepalive on may be probing a dead peer once it has idled its keepalive
+    // time: reads are needed from then on (the kernel reports probes outstanding, no event).
+    let mut t = FlowTable::default();
+    let mut s = idle_sock(6, 1_000);
+    if let Some(x) = s.tcp.as_mut() {
+        x.keepalive = Some(true);
+        x.keepalive_idle_s = Some(3);
+    }
+    t.apply_snapshot(&snap(S, S, vec![s.clone()]), &HashMap::new());
+    assert_eq!(
+        t.calm_until(460_000),
+        Some(S + 2 * S - S),
+        "probing no sooner than 2 s on"
+    );
+    if let Some(x) = s.tcp.as_mut() {
+        x.last_ack_recv_ms = 5_000;
+        x.last_data_recv_ms = 5_000;
+        x.last_data_sent_ms = 5_000;
+    }
+    t.apply_snapshot(&snap(5 * S, 5 * S, vec![s]), &HashMap::new());
+    assert_eq!(t.calm_until(460_000), None, "past its keepalive time");
     // And an ESTABLISHED flow known only from an event (no sample yet)...
     let mut t = FlowTable::default();
     t.apply_event(&ev(5, tcp_state::ESTABLISHED, S));
@@ -175,8 +196,8 @@ fn a_change_to_the_flow_ends_its_quiet() {
     t.apply_event(&e);
     assert_eq!(t.get(1).unwrap().quiet_until, 0, "an event");
     t.set_quiet(&[(1, 30 * S, true)]);
-    t.apply_snapshot(&snap(3 * S, 3 * S, vec![idle_sock(1, 2_000)]), &HashMap::new());
-    assert_eq!(t.get(1).unwrap().quiet_until, 0, "a new sample");
+    t.apply_snapshot(&snap(3 * S, 3 * S, vec![idle_sock(1, 100)]), &HashMap::new());
+    assert_eq!(t.get(1).unwrap().quiet_until, 0, "a sample showing it moved");
     t.set_quiet(&[(1, 30 * S, true)]);
     t.unquiet(None);
     assert_eq!(t.get(1).unwrap().quiet_until, 0, "a new policy");
@@ -214,6 +235,28 @@ fn the_detectors_see_what_changed_and_what_fell_due() {
     ch.sort_unstable();
     assert_eq!(ch, vec![1, 2]);
     assert_eq!(t.take_ledger_changes(), Some(vec![]));
+}
+
+#[test]
+fn a_read_showing_a_flow_as_foretold_keeps_its_judgements() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(
+        &snap(S, S, vec![idle_sock(1, 1_000), idle_sock(2, 1_000)]),
+        &HashMap::new(),
+    );
+    t.to_judge(S);
+    t.set_quiet(&[(1, 100 * S, true), (2, 100 * S, true)]);
+    let _ = t.take_ledger_changes();
+    // 10 s later: flow 1 idle 11 s (it did nothing), flow 2 idle 0.5 s (it moved).
+    t.apply_snapshot(
+        &snap(11 * S, 11 * S, vec![idle_sock(1, 11_000), idle_sock(2, 500)]),
+        &HashMap::new(),
+    );
+    assert_eq!(t.get(1).unwrap().quiet_until, 100 * S, "unmoved: still quiet");
+    assert_eq!(t.get(2).unwrap().quiet_until, 0, "moved: judged again");
+    assert_eq!(t.to_judge(12 * S), vec![2]);
+    assert_eq!(t.take_ledger_changes(), Some(vec![2]));
+    assert_eq!(t.get(1).unwrap().tcp_at, 11 * S, "the sample itself is fresh");
 }
 
 #[test]
