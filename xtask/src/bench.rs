@@ -310,6 +310,29 @@ fn churn_parallel(tools: &Path, cycles: usize) -> Result<f64> {
     Ok(worst)
 }
 
+/// Runs `load` (returning its seconds) with an agent in `mode`: the seconds, the events the agent
+/// handled, its lost events, and the socket programs' ns per run (None when the kernel's BPF
+/// statistics are off or nothing ran).
+fn under_agent(
+    bin: &Path,
+    mode: &str,
+    load: impl Fn() -> Result<f64>,
+) -> Result<(f64, u64, Value, Option<f64>)> {
+    let a = Agent::start(bin, mode, "")?;
+    let (c0, n0) = bpf_stats();
+    let s0 = a.status().unwrap_or_default();
+    let t = load()?;
+    std::thread::sleep(Duration::from_millis(700));
+    let s1 = a.status().unwrap_or_default();
+    let (c1, n1) = bpf_stats();
+    let events = s1["events"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(s0["events"].as_u64().unwrap_or(0));
+    let ns = (c1 > c0).then(|| (n1 - n0) as f64 / (c1 - c0) as f64);
+    Ok((t, events, s1["events_lost"].clone(), ns))
+}
+
 /// Sums run_cnt and run_time_ns of holdfast's socket tracepoint programs (kernel bpf stats).
 fn bpf_stats() -> (u64, u64) {
     let Ok(out) = run_ok(Command::new("bpftool").args(["prog", "show", "--json"])) else {
@@ -642,51 +665,29 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         .status();
     let mut churn_out = json!({ "cycles": cycles, "bare_s": bare });
     for mode in ["ebpf", "poll"] {
-        let a = Agent::start(bin, mode, "")?;
-        let (c0, n0) = bpf_stats();
-        let s0 = a.status().unwrap_or_default();
-        let t = churn(tools, cycles)?;
-        std::thread::sleep(Duration::from_millis(700));
-        let s1 = a.status().unwrap_or_default();
-        let (c1, n1) = bpf_stats();
-        let events = s1["events"]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(s0["events"].as_u64().unwrap_or(0));
+        let (t, events, lost, ns) = under_agent(bin, mode, || churn(tools, cycles))?;
         churn_out[mode] = json!({
             "seconds": t,
             "added_pct": (t / bare - 1.0) * 100.0,
             "events": events,
             "events_per_s": events as f64 / t,
-            "lost": s1["events_lost"],
-            "ns_per_program_run": if c1 > c0 { Some((n1 - n0) as f64 / (c1 - c0) as f64) } else { None },
+            "lost": lost,
+            "ns_per_program_run": ns,
         });
     }
     // Two loops at once: the most connections per second this machine makes.
     let bare2 = churn_parallel(tools, cycles)?;
-    {
-        let a = Agent::start(bin, "ebpf", "")?;
-        let (c0, n0) = bpf_stats();
-        let s0 = a.status().unwrap_or_default();
-        let t = churn_parallel(tools, cycles)?;
-        std::thread::sleep(Duration::from_millis(700));
-        let s1 = a.status().unwrap_or_default();
-        let (c1, n1) = bpf_stats();
-        let events = s1["events"]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(s0["events"].as_u64().unwrap_or(0));
-        churn_out["parallel"] = json!({
-            "loops": 2,
-            "bare_s": bare2,
-            "connections_per_s": (2 * cycles) as f64 / bare2,
-            "ebpf_s": t,
-            "added_pct": (t / bare2 - 1.0) * 100.0,
-            "events": events,
-            "lost": s1["events_lost"],
-            "ns_per_program_run": if c1 > c0 { Some((n1 - n0) as f64 / (c1 - c0) as f64) } else { None },
-        });
-    }
+    let (t, events, lost, ns) = under_agent(bin, "ebpf", || churn_parallel(tools, cycles))?;
+    churn_out["parallel"] = json!({
+        "loops": 2,
+        "bare_s": bare2,
+        "connections_per_s": (2 * cycles) as f64 / bare2,
+        "ebpf_s": t,
+        "added_pct": (t / bare2 - 1.0) * 100.0,
+        "events": events,
+        "lost": lost,
+        "ns_per_program_run": ns,
+    });
     let _ = Command::new("sysctl")
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
         .status();
