@@ -470,9 +470,15 @@ impl Agent {
                 dir.join("learned-paths.json").display()
             )
         };
+        // Quick reads unless the test sets its own.
+        let snapshot = if extra_config.contains("[snapshot]") {
+            ""
+        } else {
+            "\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n"
+        };
         std::fs::write(
             &config,
-            format!("[agent]\nmode = \"{mode}\"\n{agent_lines}\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n{extra_config}{learning}"),
+            format!("[agent]\nmode = \"{mode}\"\n{agent_lines}{snapshot}{extra_config}{learning}"),
         )
         .expect("write config");
         let stderr_path = dir.join("agent.stderr");

@@ -147,7 +147,16 @@ fn keepalive_is_visible(mode: &str) {
         "the next probe within TCP_KEEPIDLE (30 s): {k}"
     );
     if mode == "ebpf" {
-        // The iterator reads the per-socket values; sock_diag cannot.
+        // The iterator reads the per-socket values; sock_diag cannot (a query's own exact read,
+        // which may come first, leaves them unknown until the iterator's read).
+        let k = wait_for(Duration::from_secs(3), "the iterator's keepalive values", || {
+            let k = seen(&with_ka.addr())?;
+            if k["keepalive_idle_s"].is_null() {
+                Err(k.to_string())
+            } else {
+                Ok(k)
+            }
+        });
         assert_eq!(
             (k["keepalive_idle_s"].as_u64(), k["keepalive_intvl_s"].as_u64()),
             (Some(30), Some(5)),
@@ -156,3 +165,60 @@ fn keepalive_is_visible(mode: &str) {
     }
 }
 both_modes!(keepalive_is_visible);
+
+/// `flows` reads the kernel for the flows it shows: a session that moved after the agent's last
+/// read shows its true idle time (what the program just did), where `--cached` still shows the
+/// last read's value extrapolated. The reads are 60 s apart here, so only the query's own read
+/// can know.
+fn fresh_values_at_the_query(mode: &str) {
+    require_root();
+    let ns = Netns::new("fresh");
+    // The session exists before the agent: its first read (at start) finds it in both modes.
+    let server = Peer::spawn(&ns, "listen", "127.0.0.1:0");
+    let mut client = Peer::spawn(&ns, "connect", &server.addr());
+    let (server_addr, client_addr) = (server.addr(), client.addr());
+    let agent = Agent::start(
+        &ns,
+        mode,
+        "[snapshot]\npoll_interval = \"60s\"\nebpf_interval = \"60s\"\nfull_interval = \"60s\"\n",
+    );
+    let cached = |agent: &Agent| {
+        let v = agent.json(&["flows", "--json", "--cached"]).unwrap();
+        find_flow(v.as_array().unwrap(), &client_addr, &server_addr).cloned()
+    };
+    let first = wait_for(Duration::from_secs(5), "the session with its tcp values", || {
+        cached(&agent)
+            .filter(|f| f["idle_ms"].is_u64())
+            .ok_or_else(|| "not yet".to_string())
+    });
+    let read_at = std::time::Instant::now();
+    // Idle for 4 s, then the program sends and gets its echo: the session is not idle any more.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(client.tell("send"), "sent true");
+    let moved = std::time::Instant::now();
+    let stale = cached(&agent).expect("the session is still listed");
+    assert!(
+        stale["idle_ms"].as_u64().unwrap() >= 3_500 && stale["sample_age_ms"].as_u64().unwrap() >= 3_500,
+        "no read since the start (reads 60 s apart): the cached value is the old one, extrapolated \
+         (first {first}, now {stale})"
+    );
+    let fresh = agent.flows();
+    let f = find_flow(&fresh, &client_addr, &server_addr).expect("the session, fresh");
+    let since_send = moved.elapsed().as_millis() as u64;
+    assert!(
+        f["idle_ms"].as_u64().unwrap() <= since_send + 100,
+        "the program sent {since_send} ms ago: the query read that: {f}"
+    );
+    assert!(
+        f["sample_age_ms"].as_u64().unwrap() <= since_send,
+        "read at the query: {f}"
+    );
+    assert!(
+        read_at.elapsed() < Duration::from_secs(60),
+        "no periodic read could have intervened"
+    );
+    // The human table shows no stale values, and says so when they are.
+    let (_, table, _) = agent.cli(&["flows"]);
+    assert!(!table.contains("the agent's last read"), "{table}");
+}
+both_modes!(fresh_values_at_the_query);

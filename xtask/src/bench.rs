@@ -254,7 +254,14 @@ fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
     Ok(started)
 }
 
-fn steady(bin: &Path, mode: &str, sockets: u64, window: Duration, base_rss: u64) -> Result<Value> {
+fn steady(
+    bin: &Path,
+    tools: &Path,
+    mode: &str,
+    sockets: u64,
+    window: Duration,
+    base_rss: u64,
+) -> Result<Value> {
     let a = Agent::start(bin, mode, "")?;
     a.wait(Duration::from_secs(180), |s| {
         s["flows"].as_u64().unwrap_or(0) + 10 >= sockets
@@ -271,9 +278,61 @@ fn steady(bin: &Path, mode: &str, sockets: u64, window: Duration, base_rss: u64)
     } else {
         0.0
     };
+    let fresh = selected_flows(&a, tools, sockets)?;
     Ok(
-        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs() }),
+        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs(), "flows_1k": fresh }),
     )
+}
+
+/// Connections of the `flows` query row: 500 (1000 sockets) on their own port.
+const SELECTED_CONNS: usize = 500;
+const SELECTED_PORT: &str = "5001";
+
+/// `holdfast flows --port P` selecting 1000 flows out of all the agent tracks: fresh (the default:
+/// the agent reads those sockets from the kernel first) and `--cached`, best and median of 5,
+/// a second apart (fresh reads are limited to 10 % of the agent's time); `ss -tin` with the same
+/// port filter on the same sockets.
+fn selected_flows(a: &Agent, tools: &Path, sockets: u64) -> Result<Value> {
+    let mut c = Ns::cmd(&tools.join("hf-load"));
+    c.args([
+        "conns",
+        &format!("127.0.0.254:{SELECTED_PORT}"),
+        &SELECTED_CONNS.to_string(),
+    ]);
+    let (_held, _) = Held::spawn(c, "ready")?;
+    let want = sockets + 2 * SELECTED_CONNS as u64;
+    a.wait(Duration::from_secs(120), |s| {
+        s["flows"].as_u64().unwrap_or(0) + 10 >= want
+    })?;
+    let time = |extra: &[&str]| -> (f64, f64, usize, u64) {
+        let mut runs = Vec::new();
+        let (mut rows, mut oldest) = (0, 0);
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_secs(1));
+            let t0 = Instant::now();
+            let v = a.query(&[&["flows", "--json", "--port", SELECTED_PORT], extra].concat());
+            runs.push(t0.elapsed().as_secs_f64());
+            let v = v.and_then(|v| v.as_array().cloned()).unwrap_or_default();
+            rows = v.len();
+            oldest = v
+                .iter()
+                .filter_map(|f| f["sample_age_ms"].as_u64())
+                .max()
+                .unwrap_or(0);
+        }
+        runs.sort_by(f64::total_cmp);
+        (runs[0], runs[runs.len() / 2], rows, oldest)
+    };
+    let (fresh_best, fresh_median, rows, fresh_oldest) = time(&[]);
+    let (cached_best, cached_median, _, cached_oldest) = time(&["--cached"]);
+    let filter = format!("( sport = :{SELECTED_PORT} or dport = :{SELECTED_PORT} )");
+    let ss = time_cmd(&["ss", "-tin", &filter], 3, Duration::from_secs(60));
+    Ok(json!({
+        "rows": rows,
+        "fresh_best_s": fresh_best, "fresh_median_s": fresh_median, "fresh_oldest_sample_ms": fresh_oldest,
+        "cached_best_s": cached_best, "cached_median_s": cached_median, "cached_oldest_sample_ms": cached_oldest,
+        "ss_tin_port_s": ss,
+    }))
 }
 
 fn churn(tools: &Path, cycles: usize) -> Result<f64> {
@@ -516,6 +575,8 @@ fn compared_figures(r: &Value) -> Vec<(String, String, bool)> {
                 ("eBPF CPU %", "steady_ebpf/cpu_pct", true),
                 ("poll CPU %", "steady_poll/cpu_pct", true),
                 ("eBPF B/flow", "steady_ebpf/bytes_per_flow", true),
+                ("flows for 1k, eBPF", "steady_ebpf/flows_1k/fresh_best_s", true),
+                ("flows for 1k, poll", "steady_poll/flows_1k/fresh_best_s", true),
                 ("poll B/flow", "steady_poll/bytes_per_flow", true),
             ] {
                 out.push((
@@ -604,8 +665,8 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         let ss_tino = time_cmd(&["ss", "-tino"], 3, Duration::from_secs(120));
         let ss_tnp = time_cmd(&["ss", "-tnp"], 1, Duration::from_secs(180));
         let window = Duration::from_secs(if conns >= 50_000 { 30 } else { 10 });
-        let steady_ebpf = steady(bin, "ebpf", sockets, window, base["ebpf"])?;
-        let steady_poll = steady(bin, "poll", sockets, window, base["poll"])?;
+        let steady_ebpf = steady(bin, tools, "ebpf", sockets, window, base["ebpf"])?;
+        let steady_poll = steady(bin, tools, "poll", sockets, window, base["poll"])?;
         drop(held);
         let e_total = ebpf["best_total_s"].as_f64().unwrap_or(0.0);
         let p_total = poll["best_total_s"].as_f64().unwrap_or(0.0);
@@ -884,6 +945,33 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
                 sz["steady_poll"]["cpu_pct"].as_f64().unwrap_or(0.0) / k
             ),
         );
+    }
+    let _ = writeln!(
+        out,
+        "\n`holdfast flows --port P` selecting 1000 flows (s; best/median of 5; oldest value shown) vs `ss -tin` with the same filter:"
+    );
+    for sz in r["sizes"].as_array().into_iter().flatten() {
+        for m in ["ebpf", "poll"] {
+            let q = &sz[format!("steady_{m}").as_str()]["flows_1k"];
+            let f = |k: &str| q[k].as_f64().map_or("-".into(), |v| format!("{v:.3}"));
+            let _ = writeln!(
+                out,
+                "  {:>7} sockets {m:4}: fresh {}/{} ({} ms old), --cached {}/{} ({} ms old), {} rows; ss -tin {} ({})",
+                sz["sockets"],
+                f("fresh_best_s"),
+                f("fresh_median_s"),
+                q["fresh_oldest_sample_ms"],
+                f("cached_best_s"),
+                f("cached_median_s"),
+                q["cached_oldest_sample_ms"],
+                q["rows"],
+                f("ss_tin_port_s"),
+                ratio(
+                    q["ss_tin_port_s"].as_f64().unwrap_or(0.0),
+                    q["fresh_best_s"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
     }
     let z = &r["zombie_latency_ms"];
     let _ = writeln!(

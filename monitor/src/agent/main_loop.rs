@@ -339,6 +339,8 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::FlowPage { .. } => "flows query (page)",
         Msg::Keepalive(_) => "keepalive results",
         Msg::Watched(_) => "probe watch results",
+        Msg::Refresh { .. } => "flows query (fresh read asked)",
+        Msg::Fresh { .. } => "flows query (fresh values)",
         Msg::Metrics(_) => "metrics",
     }
 }
@@ -508,6 +510,51 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
         }
         Msg::FlowPage { cookies, reply, .. } => {
             let _ = reply.send(state.flow_page(&cookies));
+        }
+        Msg::Refresh { cookies, reply } => {
+            let ids: Vec<_> = cookies
+                .iter()
+                .filter_map(|&c| state.table.get(c))
+                .map(|f| {
+                    let id = sockdiag::SockId {
+                        cookie: f.cookie,
+                        local: f.local,
+                        remote: f.remote,
+                    };
+                    (f.netns, id)
+                })
+                .collect();
+            if ids.is_empty() {
+                let _ = reply.send(Default::default());
+            } else if let Err(e) = rt.workers.send(WorkerMsg::Fresh { ids, reply })
+                && let WorkerMsg::Fresh { reply, .. } = e.0
+            {
+                state.stats.fresh.not_read += 1;
+                state.stats.fresh.last_reason = Some("the snapshot thread is gone".into());
+                let _ = reply.send(Default::default());
+            }
+        }
+        Msg::Fresh {
+            snaps,
+            outcome,
+            reply,
+        } => {
+            let none = HashMap::new();
+            for snap in &snaps {
+                state.table.apply_snapshot(snap, &none);
+            }
+            let f = &mut state.stats.fresh;
+            match &outcome.not_read {
+                Some(why) if outcome.found == 0 => {
+                    f.not_read += 1;
+                    f.last_reason = Some(why.clone());
+                }
+                _ => {
+                    f.reads += 1;
+                    f.sockets += outcome.found as u64;
+                }
+            }
+            let _ = reply.send(outcome);
         }
         Msg::Metrics(reply) => {
             let _ = reply.send(metrics(state, rt));

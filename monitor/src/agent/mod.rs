@@ -37,6 +37,15 @@ use crate::model::eviction::KaResult;
 use crate::model::observe::{Event, Owner, ProcEvent, Snapshot};
 use crate::model::time::Nanos;
 
+/// What a refresh for a query read: how many sockets were asked for and found, or why none was
+/// read (the values shown are then those of the last read, with their age).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FreshRead {
+    pub asked: usize,
+    pub found: usize,
+    pub not_read: Option<String>,
+}
+
 pub enum Msg {
     Events {
         events: Vec<Event>,
@@ -64,6 +73,17 @@ pub enum Msg {
     },
     /// What the probe-watch selection did, per namespace.
     Watched(Vec<crate::track::watch::WatchOutcome>),
+    /// `flows` with fresh values: read these flows from the kernel before the pages are written.
+    Refresh {
+        cookies: Vec<u64>,
+        reply: oneshot::Sender<FreshRead>,
+    },
+    /// The snapshot thread's answer to a refresh: the named sockets, per namespace.
+    Fresh {
+        snaps: Vec<Snapshot>,
+        outcome: FreshRead,
+        reply: oneshot::Sender<FreshRead>,
+    },
     /// The namespaces found (with their sysctls and last errors), and those that are gone.
     Namespaces {
         /// Which namespaces are watched, in words.

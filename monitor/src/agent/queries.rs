@@ -64,6 +64,7 @@ impl State {
             kernel_counters: s.kernel.clone(),
             snapshots: s.snapshots,
             snapshots_skipped: self.gate.skipped(),
+            fresh: s.fresh.clone(),
             snapshot_interval_ms: self.policy.pacing.interval.as_millis() as u64,
             last_snapshot_ms: s.last_snapshot.as_secs_f64() * 1000.0,
             last_snapshot_sockets: s.last_snapshot_sockets,

@@ -22,6 +22,8 @@ use crate::kernel::sys;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Each chunk of a reply must be taken by the client within this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `flows` waits for fresh values before it answers with the last read's.
+const FRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Flows per streamed chunk (about 0.5 MB of JSON).
 const PAGE: usize = 500;
 /// How often the socket file is checked.
@@ -325,6 +327,20 @@ async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filte
         Ok(Err(e)) => return write(w, Reply::err(e).to_line().as_bytes()).await,
         Err(_) => return false,
     };
+    // Fresh values for what was selected (at most one targeted read's worth): the pages below
+    // show them. A refresh that does not come back in time leaves the last read's values, with
+    // their age (`sample_age_ms`).
+    if filter.fresh && !ids.is_empty() {
+        let (otx, orx) = oneshot::channel();
+        let msg = Msg::Refresh {
+            cookies: ids.clone(),
+            reply: otx,
+        };
+        if ctx.tx.send(msg).await.is_err() {
+            return false;
+        }
+        let _ = tokio::time::timeout(FRESH_WAIT, orx).await;
+    }
     if !write(w, ipc::STREAM_OPEN.as_bytes()).await {
         return false;
     }

@@ -79,6 +79,7 @@ pub struct Stats {
     pub clients: usize,
     pub clients_refused: u64,
     pub rounds: crate::ipc::Rounds,
+    pub fresh: crate::ipc::FreshReads,
     /// The longest the state owner was busy with one step, and with what, over the last
     /// minute (a step delays everything queued behind it, `status` included).
     pub slowest: (Duration, &'static str, Option<Instant>),

@@ -40,6 +40,10 @@ pub struct Args {
     /// Only flows idle at least this long (350s, 5m, 2h).
     #[arg(long, value_name = "DURATION", value_parser = super::parse_human_duration)]
     idle_over: Option<std::time::Duration>,
+    /// Show the values of the agent's last read instead of reading the selected flows from the
+    /// kernel first (cheaper on huge selections; each value's age is in --json `sample_age_ms`).
+    #[arg(long)]
+    cached: bool,
 }
 
 pub fn run(socket: &Path, a: Args) -> Result<(), ExitCode> {
@@ -53,7 +57,7 @@ pub fn run(socket: &Path, a: Args) -> Result<(), ExitCode> {
         leaked: a.leaked,
         unit: a.unit,
         netns: a.netns,
-        fresh: false,
+        fresh: !a.cached,
     };
     let v: Vec<FlowView> = query(socket, Request::Flows { filter })?;
     if a.json {
@@ -70,7 +74,8 @@ pub fn run(socket: &Path, a: Args) -> Result<(), ExitCode> {
 
 fn keepalive(f: &FlowView) -> String {
     match (f.keepalive, f.timer, f.timer_expires_ms) {
-        (Some(true), Some(Timer::Keepalive), Some(ms)) => format!("on ({})", fmt_ms(ms.max(0) as u64)),
+        // A negative time left: the timer fired after the (old) sample; its next expiry is unknown.
+        (Some(true), Some(Timer::Keepalive), Some(ms)) if ms >= 0 => format!("on ({})", fmt_ms(ms as u64)),
         (Some(true), _, _) => "on".into(),
         (Some(false), _, _) => "off".into(),
         (None, _, _) => "?".into(),
@@ -143,8 +148,25 @@ pub fn render(v: &[FlowView], spread: bool) -> String {
     caps.extend([47, 47, 24, 28, 10, 10, 6, 14, 24]);
     let mut out = table(&header, &rows, &caps);
     out.push_str(&format!("{}\n", super::table::count(v.len(), "flow", "flows")));
+    // Values not read at this query (`--cached`, a selection larger than one fresh read, or the
+    // agent's limit on fresh reads): say how old they are.
+    let stale: Vec<u64> = v
+        .iter()
+        .filter_map(|f| f.sample_age_ms)
+        .filter(|&a| a >= STALE_MS)
+        .collect();
+    if let Some(oldest) = stale.iter().max() {
+        out.push_str(&format!(
+            "IDLE and KEEPALIVE of {} read up to {} ago (the agent's last read)\n",
+            super::table::count(stale.len(), "flow were", "flows were"),
+            fmt_ms(*oldest)
+        ));
+    }
     out
 }
+
+/// Kernel values older than this are called out under the table.
+const STALE_MS: u64 = 1000;
 
 #[cfg(test)]
 mod tests {

@@ -85,6 +85,20 @@ pub fn render(s: &Status) -> String {
             s.events, s.events_lost, s.events_undecodable, s.program_errors, s.kernel_counters.iter_overflow
         ),
     );
+    if s.fresh.reads + s.fresh.not_read > 0 {
+        let mut v = format!(
+            "{} `flows` queries read their {} sockets at the query",
+            s.fresh.reads, s.fresh.sockets
+        );
+        if s.fresh.not_read > 0 {
+            v.push_str(&format!(
+                "; {} answered from the last read ({})",
+                s.fresh.not_read,
+                s.fresh.last_reason.as_deref().unwrap_or("no reason kept")
+            ));
+        }
+        line("fresh:", v);
+    }
     line(
         "snapshots:",
         format!(

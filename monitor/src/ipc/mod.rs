@@ -143,6 +143,17 @@ pub struct Rounds {
     pub ledger: u64,
 }
 
+/// `flows` queries' own reads of the kernel (`status`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FreshReads {
+    pub reads: u64,
+    /// Sockets read fresh, in all.
+    pub sockets: u64,
+    /// Queries answered from the last read instead, and the last reason.
+    pub not_read: u64,
+    pub last_reason: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub version: String,
@@ -170,6 +181,9 @@ pub struct Status {
     /// have reached the kernel filter's threshold yet (eBPF mode).
     #[serde(default)]
     pub snapshots_skipped: u64,
+    /// Reads of the flows a `flows` query selected, made at the query.
+    #[serde(default)]
+    pub fresh: FreshReads,
     pub snapshot_interval_ms: u64,
     pub last_snapshot_ms: f64,
     pub last_snapshot_sockets: usize,

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use super::sys;
-use crate::model::observe::{NetnsId, Snapshot, SockSample, TcpSample, Timer, sockaddr};
+use crate::model::observe::{Coverage, NetnsId, Snapshot, SockSample, TcpSample, Timer, sockaddr};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -200,7 +200,7 @@ pub fn dump_on(sock: &OwnedFd, netns: NetnsId) -> Result<Snapshot, DiagError> {
         started,
         finished: sys::monotonic_ns(),
         socks,
-        filtered_idle_ms: None,
+        coverage: Coverage::Complete,
         time_wait: None,
     })
 }
@@ -222,26 +222,62 @@ pub fn destroy_request(
     cookie: u64,
     seq: u32,
 ) -> [u8; NLMSG_HDR + 56] {
-    let mut b = [0u8; NLMSG_HDR + 56];
-    b[0..4].copy_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
-    b[4..6].copy_from_slice(&SOCK_DESTROY.to_ne_bytes());
-    b[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    b[8..12].copy_from_slice(&seq.to_ne_bytes());
-    let v6 = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        std::net::IpAddr::V6(a) => a.octets(),
-    };
     let family = if local.is_ipv4() && remote.is_ipv4() {
         AF_INET
     } else {
         AF_INET6
     };
+    let id = SockId {
+        cookie,
+        local,
+        remote,
+    };
+    exact_request(
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        0,
+        1u32 << state,
+        family,
+        &id,
+        seq,
+    )
+}
+
+/// One socket named exactly: its tuple and its cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockId {
+    pub cookie: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// A request naming exactly one socket (`inet_diag_req_v2` with the full `inet_diag_sockid`).
+/// With `family` AF_INET6, IPv4 addresses are written v4-mapped (a dual-stack socket).
+fn exact_request(
+    ty: u16,
+    flags: u16,
+    ext: u8,
+    states: u32,
+    family: u8,
+    id: &SockId,
+    seq: u32,
+) -> [u8; NLMSG_HDR + 56] {
+    let mut b = [0u8; NLMSG_HDR + 56];
+    b[0..4].copy_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
+    b[4..6].copy_from_slice(&ty.to_ne_bytes());
+    b[6..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..12].copy_from_slice(&seq.to_ne_bytes());
+    let v6 = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    };
     b[16] = family;
     b[17] = IPPROTO_TCP;
-    b[20..24].copy_from_slice(&(1u32 << state).to_ne_bytes());
+    b[18] = ext;
+    b[20..24].copy_from_slice(&states.to_ne_bytes());
     // inet_diag_sockid at 24: sport, dport (network order), src[16], dst[16], if, cookie[2]
-    b[24..26].copy_from_slice(&local.port().to_be_bytes());
-    b[26..28].copy_from_slice(&remote.port().to_be_bytes());
+    b[24..26].copy_from_slice(&id.local.port().to_be_bytes());
+    b[26..28].copy_from_slice(&id.remote.port().to_be_bytes());
     let (src, dst) = if family == AF_INET {
         let four = |ip: std::net::IpAddr| match ip {
             std::net::IpAddr::V4(a) => a.octets(),
@@ -249,17 +285,68 @@ pub fn destroy_request(
         };
         let mut s = [0u8; 16];
         let mut d = [0u8; 16];
-        s[..4].copy_from_slice(&four(local.ip()));
-        d[..4].copy_from_slice(&four(remote.ip()));
+        s[..4].copy_from_slice(&four(id.local.ip()));
+        d[..4].copy_from_slice(&four(id.remote.ip()));
         (s, d)
     } else {
-        (v6(local.ip()), v6(remote.ip()))
+        (v6(id.local.ip()), v6(id.remote.ip()))
     };
     b[28..44].copy_from_slice(&src);
     b[44..60].copy_from_slice(&dst);
-    b[64..68].copy_from_slice(&(cookie as u32).to_ne_bytes());
-    b[68..72].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    b[64..68].copy_from_slice(&(id.cookie as u32).to_ne_bytes());
+    b[68..72].copy_from_slice(&((id.cookie >> 32) as u32).to_ne_bytes());
     b
+}
+
+/// Reads exactly the sockets `ids` with tcp_info, one request each, through `sock` (opened in
+/// their namespace): fresh values for a query, without a dump of the whole table. A socket not
+/// found (closed since) is left out. An IPv4 tuple is looked up as AF_INET, then as a dual-stack
+/// AF_INET6 socket.
+pub fn lookup_on(sock: &OwnedFd, netns: NetnsId, ids: &[SockId]) -> Result<Snapshot, DiagError> {
+    let started = sys::monotonic_ns();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut socks = Vec::with_capacity(ids.len());
+    let mut seq = 0u32;
+    for id in ids {
+        let families: &[u8] = if id.local.is_ipv4() && id.remote.is_ipv4() {
+            &[AF_INET, AF_INET6]
+        } else {
+            &[AF_INET6]
+        };
+        for &family in families {
+            seq = seq.wrapping_add(1);
+            let req = exact_request(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_REQUEST,
+                1 << (INET_DIAG_INFO - 1),
+                !0,
+                family,
+                id,
+                seq,
+            );
+            sys::netlink_send(sock, &req).map_err(|source| DiagError::Io { op: "send", source })?;
+            let before = socks.len();
+            let n =
+                sys::netlink_recv(sock, &mut buf).map_err(|source| DiagError::Io { op: "recv", source })?;
+            // One reply per request: the socket, or an error (ENOENT: not there).
+            match parse_batch(&buf[..n], seq, &mut socks) {
+                Ok(_) | Err(DiagError::Kernel(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let found = socks.len() > before;
+            if found {
+                break;
+            }
+        }
+    }
+    Ok(Snapshot {
+        netns,
+        started,
+        finished: sys::monotonic_ns(),
+        socks,
+        coverage: Coverage::Targeted,
+        time_wait: None,
+    })
 }
 
 /// Aborts one TCP socket through sock_diag (CONFIG_INET_DIAG_DESTROY) on a socket opened in the

@@ -217,7 +217,11 @@ impl Flow {
             probes: t.map(|t| t.probes),
             keepalive: t.and_then(|t| t.keepalive),
             timer: t.map(|t| t.timer),
-            timer_expires_ms: t.and_then(|t| t.timer_expires_ms),
+            // The timer counted down since the sample (negative: it fired since; when the
+            // sample is fresh, as `flows` asks by default, this is the kernel's value).
+            timer_expires_ms: t
+                .and_then(|t| t.timer_expires_ms)
+                .map(|e| e.saturating_sub(ms(now.saturating_sub(self.tcp_at)) as i64)),
             keepalive_idle_s: t.and_then(|t| t.keepalive_idle_s),
             keepalive_intvl_s: t.and_then(|t| t.keepalive_intvl_s),
             keepalive_cnt: t.and_then(|t| t.keepalive_cnt),

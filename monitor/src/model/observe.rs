@@ -134,12 +134,31 @@ pub struct Snapshot {
     pub started: Nanos,
     pub finished: Nanos,
     pub socks: Vec<SockSample>,
-    /// Set when the kernel reported only sockets worth a look: every socket it left out was
-    /// ESTABLISHED and active within this many milliseconds (and is not gone: closes come as
-    /// events). None: a complete table.
-    pub filtered_idle_ms: Option<u64>,
+    /// Which sockets the read reports.
+    pub coverage: Coverage,
     /// TIME_WAIT sockets in the namespace (left out of `socks`; counted from sockstat).
     pub time_wait: Option<u64>,
+}
+
+/// Which sockets of its namespace a [`Snapshot`] reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every socket (but TIME_WAIT and request sockets): a socket not listed is gone.
+    #[default]
+    Complete,
+    /// Only sockets worth a look: every socket the kernel left out was ESTABLISHED and active
+    /// within `idle_ms` milliseconds, or has not moved since it was last reported (and is not
+    /// gone: closes come as events).
+    Filtered { idle_ms: u64 },
+    /// Only the sockets a query named (fresh values for `flows`): says nothing of the others; a
+    /// named socket not listed is gone or no longer in the table.
+    Targeted,
+}
+
+impl Coverage {
+    pub fn filtered(idle_ms: Option<u64>) -> Self {
+        idle_ms.map_or(Coverage::Complete, |idle_ms| Coverage::Filtered { idle_ms })
+    }
 }
 
 /// A descriptor a process holds to a TCP socket that is in no TCP table any more: state CLOSE

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use monitor_common::tcp_state;
 
 use crate::model::flow::{Flow, TableCounters};
-use crate::model::observe::{Event, EventKind, NetnsId, Owner, Snapshot, TcpSample, Timer};
+use crate::model::observe::{Coverage, Event, EventKind, NetnsId, Owner, Snapshot, TcpSample, Timer};
 use crate::model::time::{Nanos, SEC};
 
 /// Closed flows kept for the detectors between two evaluations (post-mortems, the ledger).
@@ -392,7 +392,9 @@ impl FlowTable {
     /// Merges a snapshot of one namespace. `owners` maps socket inode -> owner.
     pub fn apply_snapshot(&mut self, snap: &Snapshot, owners: &HashMap<u64, Arc<Owner>>) {
         let at = snap.finished;
-        self.read_at.insert(snap.netns, snap.started);
+        if snap.coverage != Coverage::Targeted {
+            self.read_at.insert(snap.netns, snap.started);
+        }
         self.calm = None;
         self.longest_snapshot = self
             .longest_snapshot
@@ -406,6 +408,12 @@ impl FlowTable {
             if self.tombstones.contains_key(&s.cookie) {
                 continue;
             }
+            // A query's read: only the flows it named (a socket met here first is left to the
+            // next read, which brings its owner).
+            let targeted = snap.coverage == Coverage::Targeted;
+            if targeted && !self.flows.contains_key(&s.cookie) {
+                continue;
+            }
             let mut created = false;
             let flow = self.flows.entry(s.cookie).or_insert_with(|| {
                 created = true;
@@ -416,6 +424,25 @@ impl FlowTable {
             }
             // What the detectors judged before this sample, to tell whether it moved.
             let before = (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode);
+            // sock_diag (a query's exact read, also in eBPF mode) has no per-socket keepalive
+            // settings: those of the last iterator read stand (only setsockopt changes them).
+            let carried;
+            let s = match (&flow.tcp, &s.tcp) {
+                (Some(old), Some(new))
+                    if targeted && new.keepalive_idle_s.is_none() && old.keepalive_idle_s.is_some() =>
+                {
+                    let mut c = s.clone();
+                    if let Some(t) = c.tcp.as_mut() {
+                        t.keepalive_idle_s = old.keepalive_idle_s;
+                        t.keepalive_intvl_s = old.keepalive_intvl_s;
+                        t.keepalive_cnt = old.keepalive_cnt;
+                        t.keepalive = t.keepalive.or(old.keepalive);
+                    }
+                    carried = c;
+                    &carried
+                }
+                _ => s,
+            };
             let moved_sample = match (&flow.tcp, &s.tcp) {
                 (Some(old), Some(new)) => {
                     flow.sample_aged || !unmoved(old, new, at.saturating_sub(flow.tcp_at) / 1_000_000)
@@ -473,7 +500,14 @@ impl FlowTable {
             self.time_wait.insert(snap.netns, tw);
             self.counters.time_wait_now = self.time_wait.values().sum();
         }
-        if let Some(min_idle) = snap.filtered_idle_ms {
+        let min_idle = match snap.coverage {
+            // The sockets a query named: nothing is said of the others (a named socket that
+            // closed comes as an event, or is found gone by the next complete read).
+            Coverage::Targeted => return,
+            Coverage::Filtered { idle_ms } => Some(idle_ms),
+            Coverage::Complete => None,
+        };
+        if let Some(min_idle) = min_idle {
             // Left out by the kernel: active within `min_idle` of the snapshot. Age the sample
             // no further than that, and keep the flow (its close will come as an event).
             let listed: HashSet<u64> = snap.socks.iter().map(|s| s.cookie).collect();

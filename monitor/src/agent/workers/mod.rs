@@ -80,6 +80,11 @@ pub enum WorkerMsg {
     /// eBPF mode: watch the keepalive probes of these sockets and stop watching those
     /// ((cookie, namespace) each).
     Watch(crate::track::watch::Plan),
+    /// Read exactly these sockets (fresh values for a query) and answer with `Msg::Fresh`.
+    Fresh {
+        ids: Vec<(crate::model::observe::NetnsId, crate::kernel::sockdiag::SockId)>,
+        reply: tokio::sync::oneshot::Sender<super::FreshRead>,
+    },
     Stop,
 }
 

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{ReadGate, WorkerMsg};
-use crate::agent::Msg;
+use crate::agent::{FreshRead, Msg};
 use crate::config::policy::Pacing;
 use crate::kernel::netns::discover::{Discovery, Found};
 use crate::kernel::netns::{self, NsHandle, SockstatFiles, TcpCounts};
 use crate::kernel::owners::OwnerResolver;
+use crate::kernel::sockdiag::SockId;
 use crate::kernel::{ebpf, tables};
 use crate::model::eviction::{KaRequest, KaResult, NetFacts};
 use crate::model::observe::{NetnsId, Snapshot};
@@ -50,6 +51,8 @@ const HELD_DUTY_INVERSE: u32 = 100;
 /// Poll mode: how often the watched processes' descriptors are looked at.
 const HELD_POLL_EVERY: Duration = Duration::from_secs(5);
 /// How often each namespace's sysctls are read.
+/// Fresh reads for queries take at most 1/FRESH_DUTY of the time (10 %).
+const FRESH_DUTY: u32 = 10;
 const FACTS_EVERY: Duration = Duration::from_secs(10);
 
 /// A namespace as the snapshot thread keeps it.
@@ -134,6 +137,36 @@ impl Source {
         // Sockets that closed left the kernel map by themselves: detach what only they needed.
         l.forget_watched(&[]);
         out
+    }
+
+    /// Exactly the sockets `ids`, each in its namespace (see `kernel::tables::read_of`).
+    fn fresh(&mut self, ids: &[(NetnsId, SockId)], spaces: &[NsEntry]) -> (Vec<Snapshot>, FreshRead) {
+        let mut by_ns: HashMap<NetnsId, Vec<SockId>> = HashMap::new();
+        for (ns, id) in ids {
+            by_ns.entry(*ns).or_default().push(*id);
+        }
+        let mut out = FreshRead {
+            asked: ids.len(),
+            ..Default::default()
+        };
+        let mut snaps = Vec::with_capacity(by_ns.len());
+        for (ns, ids) in by_ns {
+            let Some(h) = handle_of(spaces, ns) else {
+                continue;
+            };
+            let loaded = match self {
+                Source::Ebpf(l) => Some(l),
+                Source::Poll => None,
+            };
+            match tables::read_of(loaded, &ids, &h) {
+                Ok(s) => {
+                    out.found += s.socks.len();
+                    snaps.push(s);
+                }
+                Err(e) => out.not_read = Some(format!("reading namespace {ns}: {e}")),
+            }
+        }
+        (snaps, out)
     }
 
     /// One namespace's table (see `kernel::tables::read`).
@@ -315,6 +348,8 @@ pub fn snapshot_worker(
     // namespace, a flow of unknown owner, a reload): such a read is never skipped.
     let mut events_at_read = gate.events();
     let mut asked = true;
+    let mut fresh_free_at = Instant::now();
+    let mut fresh_cost = Duration::ZERO;
     if let Source::Ebpf(l) = &mut source {
         l.seen_mark_ms = pacing.filter_idle_ms;
     }
@@ -568,6 +603,40 @@ pub fn snapshot_worker(
                 // The filter may have changed: the state owner's bound was for the old one.
                 gate.set_calm_until(None);
                 asked = true;
+            }
+            Ok(WorkerMsg::Fresh { ids, reply }) => {
+                // A query's fresh read takes at most 1/FRESH_DUTY of the time, however often
+                // clients ask (any local client may): past that, the last read's values answer.
+                let (snaps, outcome) = if Instant::now() < fresh_free_at {
+                    let not_read = format!(
+                        "fresh reads are limited to 1/{FRESH_DUTY} of the agent's time (the last one took {} ms)",
+                        fresh_cost.as_millis()
+                    );
+                    (
+                        Vec::new(),
+                        FreshRead {
+                            asked: ids.len(),
+                            found: 0,
+                            not_read: Some(not_read),
+                        },
+                    )
+                } else {
+                    let t0 = Instant::now();
+                    let r = source.fresh(&ids, &spaces);
+                    fresh_cost = t0.elapsed();
+                    fresh_free_at = Instant::now() + fresh_cost * (FRESH_DUTY - 1);
+                    r
+                };
+                if tx
+                    .blocking_send(Msg::Fresh {
+                        snaps,
+                        outcome,
+                        reply,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
             }
             Ok(WorkerMsg::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                 // Nothing stays flagged when the programs go.

@@ -11,7 +11,7 @@ use super::{EbpfError, Loaded, merr, perr, program};
 use crate::kernel::netns::NsHandle;
 use crate::kernel::{decode, sys};
 use crate::model::eviction::{KaRequest, KaResult, KaValues};
-use crate::model::observe::Snapshot;
+use crate::model::observe::{Coverage, Snapshot};
 
 /// Bytes read from an iterator per read(2): large reads cost fewer syscalls and copies.
 const READ_CHUNK: usize = 1 << 20;
@@ -42,6 +42,32 @@ impl Loaded {
     /// marks them in SEEN when `seen_mark_ms` is set); with `Some(min_idle_ms)` only the sockets
     /// worth a look (see `SnapFilter`).
     pub fn snapshot(&mut self, filter_idle_ms: Option<u64>, ns: &NsHandle) -> Result<Snapshot, EbpfError> {
+        let hz = u64::from(self.hz);
+        let jiffies = |ms: u64| (ms.saturating_mul(hz) / 1000).min(u64::from(u32::MAX)) as u32;
+        let filter = SnapFilter {
+            enabled: u32::from(filter_idle_ms.is_some()),
+            min_idle_jiffies: filter_idle_ms.or(self.seen_mark_ms).map_or(0, jiffies),
+        };
+        self.read_table(filter, Coverage::filtered(filter_idle_ms), ns)
+    }
+
+    /// Every socket of namespace `ns`, without marking SEEN (a query's fresh values: the flows it
+    /// names are taken from it, and sockets the agent has not met yet stay to be reported, with
+    /// their owners, by the next filtered read).
+    pub fn snapshot_unmarked(&mut self, ns: &NsHandle) -> Result<Snapshot, EbpfError> {
+        let filter = SnapFilter {
+            enabled: 0,
+            min_idle_jiffies: 0,
+        };
+        self.read_table(filter, Coverage::Targeted, ns)
+    }
+
+    fn read_table(
+        &mut self,
+        filter: SnapFilter,
+        coverage: Coverage,
+        ns: &NsHandle,
+    ) -> Result<Snapshot, EbpfError> {
         let started = sys::monotonic_ns();
         {
             let mut f: Array<&mut MapData, SnapFilter> = Array::try_from(
@@ -50,13 +76,7 @@ impl Loaded {
                     .ok_or(EbpfError::Missing("SNAP_FILTER"))?,
             )
             .map_err(merr("SNAP_FILTER"))?;
-            let v = SnapFilter {
-                enabled: u32::from(filter_idle_ms.is_some()),
-                min_idle_jiffies: filter_idle_ms.or(self.seen_mark_ms).map_or(0, |ms| {
-                    (ms.saturating_mul(u64::from(self.hz)) / 1000).min(u64::from(u32::MAX)) as u32
-                }),
-            };
-            f.set(0, &v, 0).map_err(merr("SNAP_FILTER"))?;
+            f.set(0, &filter, 0).map_err(merr("SNAP_FILTER"))?;
         }
         let buf = self.run_iter("snapshot_tcp", Some(ns))?;
         let rec = std::mem::size_of::<SnapRecord>();
@@ -71,7 +91,7 @@ impl Loaded {
             started,
             finished: sys::monotonic_ns(),
             socks,
-            filtered_idle_ms: filter_idle_ms,
+            coverage,
             time_wait: None,
         })
     }

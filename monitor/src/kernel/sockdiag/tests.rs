@@ -114,3 +114,64 @@ fn rejects_truncated_messages() {
     let dgram = wrap(SOCK_DIAG_BY_FAMILY, 1, &m);
     assert!(parse_batch(&dgram[..dgram.len() - 8], 1, &mut Vec::new()).is_err());
 }
+
+#[test]
+fn looks_up_exactly_the_sockets_named() {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (_a, _) = l.accept().unwrap();
+    // A dual-stack listener: its accepted socket is AF_INET6 with v4-mapped addresses, which
+    // holdfast keeps as IPv4.
+    let l6 = std::net::TcpListener::bind("[::]:0");
+    let six = l6.ok().and_then(|l6| {
+        let port = l6.local_addr().ok()?.port();
+        let c6 = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        let (a6, _) = l6.accept().ok()?;
+        Some((l6, c6, a6))
+    });
+    let table = dump(0).unwrap();
+    let find = |local: SocketAddr, remote: SocketAddr| {
+        table
+            .socks
+            .iter()
+            .find(|x| x.local == local && x.remote == remote)
+            .cloned()
+            .unwrap()
+    };
+    let me = find(c.local_addr().unwrap(), c.peer_addr().unwrap());
+    c.write_all(b"x").unwrap();
+    let mut ids = vec![
+        SockId {
+            cookie: me.cookie,
+            local: me.local,
+            remote: me.remote,
+        },
+        // A cookie that is not this tuple's: never reported.
+        SockId {
+            cookie: me.cookie ^ 1,
+            local: me.local,
+            remote: me.remote,
+        },
+    ];
+    let mapped = six.as_ref().map(|(_, _, a6)| {
+        let v4 = |a: SocketAddr| SocketAddr::new("127.0.0.1".parse().unwrap(), a.port());
+        let s = find(v4(a6.local_addr().unwrap()), v4(a6.peer_addr().unwrap()));
+        ids.push(SockId {
+            cookie: s.cookie,
+            local: s.local,
+            remote: s.remote,
+        });
+        s.cookie
+    });
+    let got = lookup_on(&socket().unwrap(), 0, &ids).unwrap();
+    assert_eq!(got.coverage, Coverage::Targeted);
+    let cookies: Vec<u64> = got.socks.iter().map(|s| s.cookie).collect();
+    let mut want = vec![me.cookie];
+    want.extend(mapped);
+    assert_eq!(
+        cookies, want,
+        "the named sockets, each once; the wrong cookie matched none"
+    );
+    assert!(got.socks[0].tcp.is_some(), "with tcp_info");
+}

@@ -1,6 +1,6 @@
 use super::*;
 use crate::model::flow::TableCounters;
-use crate::model::observe::{PidHint, SockSample, TcpSample};
+use crate::model::observe::{Coverage, PidHint, SockSample, TcpSample};
 
 const S: Nanos = 1_000_000_000;
 
@@ -44,7 +44,7 @@ fn snap(started: Nanos, finished: Nanos, socks: Vec<SockSample>) -> Snapshot {
         started,
         finished,
         socks,
-        filtered_idle_ms: None,
+        coverage: Coverage::Complete,
         time_wait: None,
     }
 }
@@ -62,7 +62,7 @@ fn filtered_snapshots_keep_absent_flows_and_bound_their_idle() {
         started: 101 * S,
         finished: 101 * S,
         socks: vec![],
-        filtered_idle_ms: Some(2_000),
+        coverage: Coverage::Filtered { idle_ms: 2_000 },
         time_wait: None,
     };
     t.apply_snapshot(&filtered, &HashMap::new());
@@ -94,7 +94,7 @@ fn a_flow_idle_past_the_filter_and_left_out_keeps_its_exact_idle() {
         started: 61 * S,
         finished: 61 * S,
         socks: vec![],
-        filtered_idle_ms: Some(460_000),
+        coverage: Coverage::Filtered { idle_ms: 460_000 },
         time_wait: None,
     };
     t.apply_snapshot(&filtered, &HashMap::new());
@@ -180,7 +180,7 @@ fn calm_until_is_the_first_moment_a_left_out_flow_can_reach_the_filter() {
     assert_eq!(t.calm_until(460_000), None);
     // ...until a read that began after it appeared left it out (the kernel no longer lists it).
     let mut filtered = snap(2 * S, 2 * S, vec![]);
-    filtered.filtered_idle_ms = Some(460_000);
+    filtered.coverage = Coverage::Filtered { idle_ms: 460_000 };
     t.apply_snapshot(&filtered, &HashMap::new());
     assert_eq!(t.calm_until(460_000), Some(Nanos::MAX));
 }
@@ -490,7 +490,7 @@ fn samples_record_survived_idles_and_the_idle_before_trouble() {
     let mut q = FlowTable::default();
     q.apply_snapshot(&snap(S, S, vec![idle(1_000, 0)]), &none);
     let filtered = Snapshot {
-        filtered_idle_ms: Some(10_000),
+        coverage: Coverage::Filtered { idle_ms: 10_000 },
         ..snap(30 * S, 30 * S, vec![])
     };
     q.apply_snapshot(&filtered, &none);
@@ -538,4 +538,47 @@ fn an_answered_probe_makes_the_flow_fresh() {
     stray.kind = EventKind::ProbeSent;
     t.apply_event(&stray);
     assert!(t.get(2).is_none());
+}
+
+#[test]
+fn a_query_read_refreshes_only_the_flows_it_named() {
+    let mut t = FlowTable::default();
+    let mut iter_sample = sock(1, tcp_state::ESTABLISHED, 5);
+    if let Some(x) = iter_sample.tcp.as_mut() {
+        x.keepalive = Some(true);
+        x.keepalive_idle_s = Some(30);
+        x.keepalive_intvl_s = Some(5);
+        x.keepalive_cnt = Some(3);
+    }
+    t.apply_snapshot(
+        &snap(S, S, vec![iter_sample, sock(2, tcp_state::ESTABLISHED, 6)]),
+        &HashMap::new(),
+    );
+    // The query names flow 1: sock_diag's exact read (no per-socket keepalive settings) shows
+    // it moved 40 ms ago. A socket the agent never met comes with it and is left to the next
+    // read; flow 2, not named, is neither closed nor aged.
+    let mut fresh = sock(1, tcp_state::ESTABLISHED, 5);
+    if let Some(x) = fresh.tcp.as_mut() {
+        x.last_data_sent_ms = 40;
+        x.keepalive = Some(true);
+    }
+    let mut q = snap(10 * S, 10 * S, vec![fresh, sock(9, tcp_state::ESTABLISHED, 7)]);
+    q.coverage = Coverage::Targeted;
+    t.apply_snapshot(&q, &HashMap::new());
+    let f = t.get(1).unwrap();
+    let x = f.tcp.as_ref().unwrap();
+    assert_eq!(
+        (x.last_data_sent_ms, f.tcp_at),
+        (40, 10 * S),
+        "the fresh values, read now"
+    );
+    assert_eq!(
+        (x.keepalive_idle_s, x.keepalive_intvl_s, x.keepalive_cnt),
+        (Some(30), Some(5), Some(3)),
+        "the iterator's settings stand"
+    );
+    assert!(t.get(9).is_none(), "a socket not named is not created by a query");
+    let two = t.get(2).unwrap();
+    assert_eq!(two.tcp_at, S, "a flow not named keeps its sample");
+    assert_eq!(t.len(), 2);
 }
