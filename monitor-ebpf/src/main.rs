@@ -10,7 +10,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_NO_WAKEUP, seq_file},
+    bindings::seq_file,
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{
@@ -237,7 +237,9 @@ fn emit_for<C: EbpfContext>(
     });
     // Never wake the reader per record: it drains on a short timer (see DESIGN: wakeups are the
     // cost that matters under churn).
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // Default wakeup: the reader is woken only by a record that finds the ring drained (once
+    // per drain; an idle agent sleeps until then).
+    entry.submit(0);
     bump(stat::EVENTS);
 }
 
@@ -326,7 +328,9 @@ fn emit_proc(kind: u8, p: *const u8) {
         comm,
         _pad2: [0; 8],
     });
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // Default wakeup: the reader is woken only by a record that finds the ring drained (once
+    // per drain; an idle agent sleeps until then).
+    entry.submit(0);
     bump(stat::PROC_EVENTS);
 }
 

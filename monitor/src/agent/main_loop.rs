@@ -512,9 +512,13 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             let _ = reply.send(state.flow_page(&cookies));
         }
         Msg::Refresh { cookies, reply } => {
+            // In eBPF mode a flow's first sample comes from the iterator (it alone reads the
+            // socket's keepalive settings; the read asked for a new flow follows within
+            // ~100 ms): a query's exact read, through sock_diag, refreshes flows already sampled.
             let ids: Vec<_> = cookies
                 .iter()
                 .filter_map(|&c| state.table.get(c))
+                .filter(|f| !rt.ebpf || f.tcp.is_some())
                 .map(|f| {
                     let id = sockdiag::SockId {
                         cookie: f.cookie,

@@ -16,8 +16,13 @@ use crate::config::policy::Pacing;
 use crate::kernel::ebpf;
 use crate::model::eviction::KaRequest;
 
-/// How often the event pump drains the ring buffer (the programs never wake it per record).
+/// The event pump drains the rings at most this often while records flow (batches: a churn of
+/// tens of thousands of connections per second costs 50 wakeups a second, not one per record).
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// Kernel counters are read at most this often while records flow, and this often when idle.
+const COUNTERS_BUSY: Duration = Duration::from_millis(500);
+const COUNTERS_IDLE: Duration = Duration::from_secs(5);
+
 /// /proc zombie scans take at most 1/PROC_DUTY of wall time (2 %).
 const PROC_DUTY: u32 = 50;
 
@@ -94,33 +99,62 @@ pub fn spawn_pump(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(DRAIN_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_counters = Instant::now() - Duration::from_secs(10);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
+        // Woken by the kernel when a record lands in a drained ring; an idle agent does not poll.
+        // Without readiness (registration failed) it polls every DRAIN_EVERY as before.
+        let ready = match events.readiness() {
+            Ok([a, b]) => Some((a, b)),
+            Err(e) => {
+                tracing::warn!("waiting on the event rings failed ({e}): draining them every 20 ms instead");
+                None
             }
+        };
+        let mut last_counters = Instant::now() - COUNTERS_IDLE;
+        let mut busy = true;
+        loop {
+            let counters_in =
+                if busy { COUNTERS_BUSY } else { COUNTERS_IDLE }.saturating_sub(last_counters.elapsed());
+            match &ready {
+                Some((a, b)) => {
+                    tokio::select! {
+                        r = a.readable() => if let Ok(mut g) = r { g.clear_ready() },
+                        r = b.readable() => if let Ok(mut g) = r { g.clear_ready() },
+                        _ = tokio::time::sleep(counters_in) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+                None => tokio::select! {
+                    _ = tokio::time::sleep(DRAIN_EVERY) => {}
+                    _ = stop.changed() => return,
+                },
+            }
+            // Readiness was cleared before the drain: a record landing after it wakes us again.
             events.drain_log();
             let mut batch = Vec::new();
             let mut procs = Vec::new();
             let undecodable = events.drain(&mut batch) + events.drain_procs(&mut procs);
-            let counters = (last_counters.elapsed() >= Duration::from_millis(500)).then(|| {
-                last_counters = Instant::now();
-                events.counters()
-            });
-            if batch.is_empty() && procs.is_empty() && undecodable == 0 && counters.is_none() {
-                continue;
+            busy = !batch.is_empty() || !procs.is_empty();
+            let counters = (last_counters.elapsed() >= if busy { COUNTERS_BUSY } else { COUNTERS_IDLE })
+                .then(|| {
+                    last_counters = Instant::now();
+                    events.counters()
+                });
+            if busy || undecodable > 0 || counters.is_some() {
+                let msg = Msg::Events {
+                    events: batch,
+                    procs,
+                    undecodable,
+                    counters,
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
             }
-            let msg = Msg::Events {
-                events: batch,
-                procs,
-                undecodable,
-                counters,
-            };
-            if tx.send(msg).await.is_err() {
-                return;
+            // Batch what comes next (the kernel queues it meanwhile).
+            if busy && ready.is_some() {
+                tokio::select! {
+                    _ = tokio::time::sleep(DRAIN_EVERY) => {}
+                    _ = stop.changed() => return,
+                }
             }
         }
     })

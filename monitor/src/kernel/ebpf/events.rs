@@ -57,6 +57,22 @@ impl Events {
         bad
     }
 
+    /// The two event rings registered with tokio's reactor, to wait on: readable when a ring holds
+    /// records. The programs wake waiters only for a record that finds its ring drained, so at
+    /// most once per drain. Each registration owns a duplicate of the ring's descriptor.
+    /// Must be called inside the tokio runtime.
+    pub fn readiness(&self) -> std::io::Result<[tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>; 2]> {
+        use std::os::fd::AsFd;
+        let register = |fd: std::os::fd::BorrowedFd<'_>| {
+            let owned = fd.try_clone_to_owned()?;
+            // SAFETY: the AsyncFd owns `owned`: the descriptor stays open, and refers to the same
+            // ring, for as long as it is registered.
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+        };
+        Ok([register(self.ring.as_fd())?, register(self.procs.as_fd())?])
+    }
+
     /// Forwards the programs' log records (if any) to tracing.
     pub fn drain_log(&mut self) {
         if let Some(l) = &mut self.log {
