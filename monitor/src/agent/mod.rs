@@ -37,11 +37,10 @@ use crate::model::eviction::KaResult;
 use crate::model::observe::{Event, Owner, ProcEvent, Snapshot};
 use crate::model::time::Nanos;
 
-/// What a refresh for a query read: how many sockets were asked for and found, or why none was
+/// What a refresh for a query read: how many of the sockets asked for were found, or why none was
 /// read (the values shown are then those of the last read, with their age).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FreshRead {
-    pub asked: usize,
     pub found: usize,
     pub not_read: Option<String>,
 }

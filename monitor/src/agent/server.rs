@@ -327,7 +327,7 @@ async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filte
         Ok(Err(e)) => return write(w, Reply::err(e).to_line().as_bytes()).await,
         Err(_) => return false,
     };
-    // Fresh values for what was selected (at most one targeted read's worth): the pages below
+    // Fresh values for what was selected (see `kernel::tables::read_of`): the pages below
     // show them. A refresh that does not come back in time leaves the last read's values, with
     // their age (`sample_age_ms`).
     if filter.fresh && !ids.is_empty() {

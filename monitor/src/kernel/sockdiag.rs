@@ -195,14 +195,12 @@ pub fn dump_on(sock: &OwnedFd, netns: NetnsId) -> Result<Snapshot, DiagError> {
             }
         }
     }
-    Ok(Snapshot {
+    Ok(Snapshot::taken(
         netns,
-        started,
-        finished: sys::monotonic_ns(),
+        (started, sys::monotonic_ns()),
         socks,
-        coverage: Coverage::Complete,
-        time_wait: None,
-    })
+        Coverage::Complete,
+    ))
 }
 
 /// Dumps every TCP socket of the calling thread's network namespace.
@@ -339,14 +337,12 @@ pub fn lookup_on(sock: &OwnedFd, netns: NetnsId, ids: &[SockId]) -> Result<Snaps
             }
         }
     }
-    Ok(Snapshot {
+    Ok(Snapshot::taken(
         netns,
-        started,
-        finished: sys::monotonic_ns(),
+        (started, sys::monotonic_ns()),
         socks,
-        coverage: Coverage::Targeted,
-        time_wait: None,
-    })
+        Coverage::Targeted,
+    ))
 }
 
 /// Aborts one TCP socket through sock_diag (CONFIG_INET_DIAG_DESTROY) on a socket opened in the

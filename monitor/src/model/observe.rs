@@ -140,6 +140,25 @@ pub struct Snapshot {
     pub time_wait: Option<u64>,
 }
 
+impl Snapshot {
+    /// A read of namespace `netns` (its TIME_WAIT count not known yet).
+    pub fn taken(
+        netns: NetnsId,
+        (started, finished): (Nanos, Nanos),
+        socks: Vec<SockSample>,
+        coverage: Coverage,
+    ) -> Self {
+        Snapshot {
+            netns,
+            started,
+            finished,
+            socks,
+            coverage,
+            time_wait: None,
+        }
+    }
+}
+
 /// Which sockets of its namespace a [`Snapshot`] reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Coverage {

@@ -145,10 +145,7 @@ impl Source {
         for (ns, id) in ids {
             by_ns.entry(*ns).or_default().push(*id);
         }
-        let mut out = FreshRead {
-            asked: ids.len(),
-            ..Default::default()
-        };
+        let mut out = FreshRead::default();
         let mut snaps = Vec::with_capacity(by_ns.len());
         for (ns, ids) in by_ns {
             let Some(h) = handle_of(spaces, ns) else {
@@ -615,7 +612,6 @@ pub fn snapshot_worker(
                     (
                         Vec::new(),
                         FreshRead {
-                            asked: ids.len(),
                             found: 0,
                             not_read: Some(not_read),
                         },

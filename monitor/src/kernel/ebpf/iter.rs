@@ -86,14 +86,12 @@ impl Loaded {
                 socks.push(s);
             }
         }
-        Ok(Snapshot {
-            netns: ns.id,
-            started,
-            finished: sys::monotonic_ns(),
+        Ok(Snapshot::taken(
+            ns.id,
+            (started, sys::monotonic_ns()),
             socks,
             coverage,
-            time_wait: None,
-        })
+        ))
     }
 
     /// Every socket file on the host (all namespaces) from the kernel's task_file iterator:
