@@ -127,21 +127,23 @@ impl ZombieTracker {
         }
     }
 
-    /// Confirmed zombies at least `min_age` old, per parent.
+    /// Confirmed zombies per parent, for the parents whose oldest is at least `min_age` old.
+    /// Such a parent's younger zombies are listed too: they are part of the same pile, and a
+    /// nudge reaps them with the rest (a parent whose children exit a few ms apart must not be
+    /// reported, nudged and verified for only some of them).
     pub fn by_parent(&self, now: Nanos, min_age: Nanos) -> BTreeMap<u32, Vec<ZombieView>> {
         let mut out: BTreeMap<u32, Vec<ZombieView>> = BTreeMap::new();
         for z in self.zombies.values().filter(|z| z.confirmed) {
             let (age_ms, age_exact) = Self::age(z, now);
-            // A zombie of unknown age is watched for min_age too before it is reported.
-            if age_ms >= ms(min_age) {
-                out.entry(z.ppid).or_default().push(ZombieView {
-                    pid: z.pid,
-                    comm: z.comm.clone(),
-                    age_ms,
-                    age_exact,
-                });
-            }
+            out.entry(z.ppid).or_default().push(ZombieView {
+                pid: z.pid,
+                comm: z.comm.clone(),
+                age_ms,
+                age_exact,
+            });
         }
+        // A zombie of unknown age is watched for min_age too before it is reported.
+        out.retain(|_, v| v.iter().any(|z| z.age_ms >= ms(min_age)));
         for v in out.values_mut() {
             v.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.pid.cmp(&b.pid)));
         }
@@ -223,5 +225,31 @@ mod tests {
         let g = t.by_parent(7 * SEC, 0);
         assert!(g[&10][0].age_exact);
         assert_eq!(g[&10][0].age_ms, 6000);
+    }
+
+    #[test]
+    fn a_reported_parent_lists_its_younger_zombies_too() {
+        let mut t = ZombieTracker::default();
+        t.on_event(&exit(11, 10, SEC));
+        t.on_event(&exit(12, 10, SEC + 5_000_000));
+        t.on_scan(&[zombie(11), zombie(12)], SEC + 10_000_000, SEC);
+        struct AllZombies;
+        impl ProcView for AllZombies {
+            fn stat(&self, pid: u32) -> Option<ProcStat> {
+                Some(zombie(pid))
+            }
+            fn signals(&self, _: u32) -> Option<ProcSignals> {
+                None
+            }
+        }
+        t.confirm(2 * SEC, &AllZombies);
+        // At 2 s the first is 1000 ms old, the second 995 ms: both belong to the report.
+        let g = t.by_parent(2 * SEC, SEC);
+        let pids: Vec<u32> = g[&10].iter().map(|z| z.pid).collect();
+        assert_eq!(pids, vec![11, 12]);
+        assert!(
+            t.by_parent(2 * SEC - 1_000_000, SEC).is_empty(),
+            "none old enough yet"
+        );
     }
 }
