@@ -130,7 +130,8 @@ fn merr(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
 
 /// Map sizes for this host. The ring buffers' pages are mapped into the agent (they count in its
 /// RSS: at a fixed 4 + 1 MiB they were 10 MiB of a 20.5 MiB idle agent, both halves of each ring
-/// being mapped), and the LRU map of sockets already reported is preallocated kernel memory.
+/// being mapped). The memory of sockets already reported (`SEEN`) is socket-local storage: it
+/// grows with the sockets and needs no size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     /// EVENTS ring buffer, bytes: 1 MiB per CPU (a churn of ~54k connections/s on 2 cores makes
@@ -138,32 +139,19 @@ pub struct MapSizes {
     pub events: u32,
     /// PROCS ring buffer, bytes: 256 KiB per CPU, 256 KiB..4 MiB.
     pub procs: u32,
-    /// SEEN entries (80 bytes of kernel memory each): one per 64 KiB of RAM, 64 Ki..1 Mi. A
-    /// host with more sockets than entries loses only the oldest memories: those sockets are
-    /// reported again by the filtered read.
-    pub seen: u32,
 }
 
 impl MapSizes {
     pub fn for_host() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-        let mem = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map_or(1 << 30, |kb| kb * 1024);
-        Self::sized(cpus, mem)
+        Self::sized(cpus)
     }
 
-    fn sized(cpus: u64, mem_bytes: u64) -> Self {
+    fn sized(cpus: u64) -> Self {
         let pow2 = |v: u64, lo: u64, hi: u64| v.clamp(lo, hi).next_power_of_two().min(hi) as u32;
         MapSizes {
             events: pow2(cpus << 20, 1 << 20, 16 << 20),
             procs: pow2(cpus << 18, 1 << 18, 4 << 20),
-            seen: (mem_bytes / (64 << 10)).clamp(1 << 16, 1 << 20) as u32,
         }
     }
 }
@@ -178,7 +166,6 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("EVENTS", sizes.events)
         .map_max_entries("PROCS", sizes.procs)
-        .map_max_entries("SEEN", sizes.seen)
         .load(EBPF_OBJECT)?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Iter(format!("kernel BTF: {e}")))?;
     for name in stat::PROGRAMS.into_iter().chain(PROC_TRACEPOINTS) {
@@ -354,16 +341,13 @@ mod tests {
 
     #[test]
     fn maps_are_sized_to_the_host() {
-        let small = MapSizes::sized(1, 512 << 20);
-        assert_eq!(
-            (small.events, small.procs, small.seen),
-            (1 << 20, 1 << 18, 1 << 16)
-        );
-        let here = MapSizes::sized(2, 24 << 30);
-        assert_eq!((here.events, here.procs, here.seen), (2 << 20, 1 << 19, 393_216));
-        let big = MapSizes::sized(96, 1 << 40);
+        let small = MapSizes::sized(1);
+        assert_eq!((small.events, small.procs), (1 << 20, 1 << 18));
+        let here = MapSizes::sized(2);
+        assert_eq!((here.events, here.procs), (2 << 20, 1 << 19));
+        let big = MapSizes::sized(96);
         assert_eq!((big.events, big.procs), (16 << 20, 4 << 20));
-        let odd = MapSizes::sized(3, 24 << 30);
+        let odd = MapSizes::sized(3);
         assert!(odd.events.is_power_of_two() && odd.events == 4 << 20);
     }
 }
