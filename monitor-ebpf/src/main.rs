@@ -11,6 +11,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext,
     bindings::seq_file,
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{
@@ -19,7 +20,6 @@ use aya_ebpf::{
             bpf_skc_to_tcp_sock,
         },
     },
-    btf_maps::SkStorage,
     macros::{btf_map, btf_tracepoint, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext},

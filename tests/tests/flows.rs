@@ -1,7 +1,7 @@
 //! Scenario tests for the flow table (issue 2), each in a fresh network namespace, in both modes.
 use std::time::Duration;
 
-use holdfast_tests::{Agent, Netns, Peer, both_modes, find_flow, require_root, wait_for};
+use holdfast_tests::{Agent, Netns, Peer, both_modes, find_flow, helper_bin, require_root, wait_for};
 
 /// A client/server pair connects: both ends appear within 1 s with the right tuple, ESTABLISHED
 /// and the right owner pid; the client closes: both ends leave within 1 s.
@@ -214,3 +214,71 @@ fn fresh_values_at_the_query(mode: &str) {
     assert!(!table.contains("the agent's last read"), "{table}");
 }
 both_modes!(fresh_values_at_the_query);
+
+/// A query that selects more sockets of a namespace than are worth one request each (4096) is
+/// answered by one read of the whole table: every flow it shows is fresh, none is left out.
+fn a_large_selection_is_read_whole(mode: &str) {
+    require_root();
+    let ns = Netns::new("freshbig");
+    // 2100 connections (4200 sockets on port 5077) made before the agent: its first read finds
+    // them; later reads are 60 s apart, so only a query's read is fresh.
+    let load = Peer::spawn_bin(
+        &ns,
+        &helper_bin("hf-load"),
+        &["conns", "127.0.0.1:5077", "2100"],
+        None,
+    );
+    assert_eq!(load.first, "ready 4200", "the load holds its connections");
+    let agent = Agent::start(
+        &ns,
+        mode,
+        "[snapshot]\npoll_interval = \"60s\"\nebpf_interval = \"60s\"\nfull_interval = \"60s\"\n",
+    );
+    let on_port = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut a = vec!["flows", "--json", "--port", "5077"];
+        a.extend_from_slice(args);
+        let v = agent.json(&a).ok();
+        let flows = v.as_ref().and_then(|v| v.as_array()).cloned().unwrap_or_default();
+        flows
+            .into_iter()
+            .filter(|f| f["state"] == "ESTAB")
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "4200 flows with their tcp values",
+        || {
+            let n = on_port(&["--cached"])
+                .iter()
+                .filter(|f| f["idle_ms"].is_u64())
+                .count();
+            if n >= 4200 { Ok(()) } else { Err(format!("{n}")) }
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let stale = on_port(&["--cached"]);
+    let oldest = |flows: &[serde_json::Value]| {
+        flows
+            .iter()
+            .map(|f| f["sample_age_ms"].as_u64().unwrap_or(u64::MAX))
+            .max()
+            .unwrap_or(u64::MAX)
+    };
+    assert!(oldest(&stale) >= 2_500, "the cached values are the first read's");
+    let asked = std::time::Instant::now();
+    let fresh = on_port(&[]);
+    let took = asked.elapsed().as_millis() as u64;
+    assert_eq!(fresh.len(), 4200, "every flow on the port, none left out");
+    assert!(
+        oldest(&fresh) <= took,
+        "all 4200 read at the query ({took} ms ago): oldest value {} ms",
+        oldest(&fresh)
+    );
+    let st = agent.status();
+    assert!(
+        st["fresh"]["reads"].as_u64() >= Some(1) && st["fresh"]["sockets"].as_u64() >= Some(4200),
+        "status counts the read: {}",
+        st["fresh"]
+    );
+}
+both_modes!(a_large_selection_is_read_whole);

@@ -50,10 +50,43 @@ const HELD_WATCH: Duration = Duration::from_secs(10);
 const HELD_DUTY_INVERSE: u32 = 100;
 /// Poll mode: how often the watched processes' descriptors are looked at.
 const HELD_POLL_EVERY: Duration = Duration::from_secs(5);
-/// How often each namespace's sysctls are read.
 /// Fresh reads for queries take at most 1/FRESH_DUTY of the time (10 %).
 const FRESH_DUTY: u32 = 10;
+/// How often each namespace's sysctls are read.
 const FACTS_EVERY: Duration = Duration::from_secs(10);
+
+/// The share of the snapshot thread's time that queries' fresh reads may take: after a read
+/// that took `cost`, the next waits `cost * (duty - 1)`, however often clients ask (any local
+/// client may); until then the last read's values answer.
+struct FreshBudget {
+    free_at: Instant,
+    cost: Duration,
+}
+
+impl FreshBudget {
+    fn new(now: Instant) -> Self {
+        FreshBudget {
+            free_at: now,
+            cost: Duration::ZERO,
+        }
+    }
+
+    /// Why a read asked for `now` is refused, if it is.
+    fn refusal(&self, now: Instant) -> Option<String> {
+        (now < self.free_at).then(|| {
+            format!(
+                "fresh reads are limited to 1/{FRESH_DUTY} of the agent's time (the last one took {} ms)",
+                self.cost.as_millis()
+            )
+        })
+    }
+
+    /// A read that took `cost` ended at `now`.
+    fn spent(&mut self, cost: Duration, now: Instant) {
+        self.cost = cost;
+        self.free_at = now + cost * (FRESH_DUTY - 1);
+    }
+}
 
 /// A namespace as the snapshot thread keeps it.
 #[derive(Clone, Debug)]
@@ -345,8 +378,7 @@ pub fn snapshot_worker(
     // namespace, a flow of unknown owner, a reload): such a read is never skipped.
     let mut events_at_read = gate.events();
     let mut asked = true;
-    let mut fresh_free_at = Instant::now();
-    let mut fresh_cost = Duration::ZERO;
+    let mut fresh_budget = FreshBudget::new(Instant::now());
     if let Source::Ebpf(l) = &mut source {
         l.seen_mark_ms = pacing.filter_idle_ms;
     }
@@ -602,13 +634,7 @@ pub fn snapshot_worker(
                 asked = true;
             }
             Ok(WorkerMsg::Fresh { ids, reply }) => {
-                // A query's fresh read takes at most 1/FRESH_DUTY of the time, however often
-                // clients ask (any local client may): past that, the last read's values answer.
-                let (snaps, outcome) = if Instant::now() < fresh_free_at {
-                    let not_read = format!(
-                        "fresh reads are limited to 1/{FRESH_DUTY} of the agent's time (the last one took {} ms)",
-                        fresh_cost.as_millis()
-                    );
+                let (snaps, outcome) = if let Some(not_read) = fresh_budget.refusal(Instant::now()) {
                     (
                         Vec::new(),
                         FreshRead {
@@ -619,8 +645,7 @@ pub fn snapshot_worker(
                 } else {
                     let t0 = Instant::now();
                     let r = source.fresh(&ids, &spaces);
-                    fresh_cost = t0.elapsed();
-                    fresh_free_at = Instant::now() + fresh_cost * (FRESH_DUTY - 1);
+                    fresh_budget.spent(t0.elapsed(), Instant::now());
                     r
                 };
                 if tx
@@ -648,5 +673,37 @@ pub fn snapshot_worker(
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_reads_take_at_most_a_tenth_of_the_time() {
+        let t0 = Instant::now();
+        let mut b = FreshBudget::new(t0);
+        assert_eq!(b.refusal(t0), None, "the first read is free");
+        // A read of 20 ms: the next may come 180 ms after it ended, not before.
+        b.spent(Duration::from_millis(20), t0 + Duration::from_millis(20));
+        let why = b.refusal(t0 + Duration::from_millis(100)).expect("refused");
+        assert!(why.contains("1/10") && why.contains("20 ms"), "{why}");
+        assert!(b.refusal(t0 + Duration::from_millis(199)).is_some());
+        assert_eq!(b.refusal(t0 + Duration::from_millis(200)), None);
+        // Clients asking as fast as they can get at most 10 % of the time.
+        let (mut now, mut busy) = (t0 + Duration::from_millis(200), Duration::ZERO);
+        let end = now + Duration::from_secs(10);
+        while now < end {
+            if b.refusal(now).is_none() {
+                let cost = Duration::from_millis(7);
+                busy += cost;
+                now += cost;
+                b.spent(cost, now);
+            }
+            now += Duration::from_millis(1);
+        }
+        assert!(busy <= Duration::from_millis(1_010), "{busy:?} of 10 s");
+        assert!(busy >= Duration::from_millis(900), "{busy:?}: the budget is used");
     }
 }

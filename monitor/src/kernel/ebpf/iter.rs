@@ -16,6 +16,25 @@ use crate::model::observe::{Coverage, Snapshot};
 /// Bytes read from an iterator per read(2): large reads cost fewer syscalls and copies.
 const READ_CHUNK: usize = 1 << 20;
 
+/// EAGAIN answers in a row before a read gives up: the kernel returns EAGAIN after visiting a
+/// million objects without writing anything (MAX_ITER_OBJECTS in kernel/bpf/bpf_iter.c), and the
+/// next read(2) resumes where it stopped. A filtered read of a table of 1M calm sockets writes
+/// nothing: each retry walks a million more, so 4096 covers any table a host can hold.
+const EAGAIN_RETRIES: u32 = 4096;
+
+/// Everything an iterator's file yields, to its end.
+fn read_all(mut file: impl Read) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(READ_CHUNK);
+    let mut again = 0;
+    loop {
+        match file.read_to_end(&mut buf) {
+            Ok(_) => return Ok(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && again < EAGAIN_RETRIES => again += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Loaded {
     /// Runs iterator `name` once and returns everything it wrote. A tcp iterator walks the table
     /// of the namespace it is created in: `ns` (the agent's own when None).
@@ -31,11 +50,8 @@ impl Loaded {
             Some(ns) => ns.within(|| link.into_file())?,
             None => link.into_file(),
         };
-        let mut file = file.map_err(|e| EbpfError::Iter(format!("{name}: {e}")))?;
-        let mut buf = Vec::with_capacity(READ_CHUNK);
-        file.read_to_end(&mut buf)
-            .map_err(|e| EbpfError::Iter(format!("{name}: read: {e}")))?;
-        Ok(buf)
+        let file = file.map_err(|e| EbpfError::Iter(format!("{name}: {e}")))?;
+        read_all(file).map_err(|e| EbpfError::Iter(format!("{name}: read: {e}")))
     }
 
     /// Runs the tcp iterator in namespace `ns`. Unfiltered (`None`) it reports every socket (and
@@ -198,4 +214,39 @@ pub fn owner_map(files: &[OwnerRecord]) -> HashMap<u64, u32> {
         out.entry(f.inode).or_insert(f.tgid);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_all;
+
+    /// A file that answers EAGAIN between its chunks, as an iterator does after a million
+    /// sockets left out.
+    struct Skipping(Vec<Option<&'static [u8]>>);
+
+    impl std::io::Read for Skipping {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Ok(0);
+            }
+            match self.0.remove(0) {
+                None => Err(std::io::Error::from_raw_os_error(libc::EAGAIN)),
+                Some(b) => {
+                    out[..b.len()].copy_from_slice(b);
+                    Ok(b.len())
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_goes_on_after_eagain() {
+        let f = Skipping(vec![None, Some(b"ab"), None, None, Some(b"c")]);
+        assert_eq!(read_all(f).unwrap(), b"abc");
+        let endless = Skipping(vec![None; 5000]);
+        assert!(
+            read_all(endless).is_err(),
+            "a file that only says EAGAIN is an error"
+        );
+    }
 }
