@@ -125,6 +125,8 @@ pub struct State {
     pub learned: std::collections::HashMap<crate::track::paths::PathKey, (u64, String)>,
     /// Shared with the snapshot thread: whether a filtered read can find anything (eBPF mode).
     pub gate: std::sync::Arc<super::workers::ReadGate>,
+    /// The table's count of closed flows at the last `prune` (None: never pruned).
+    pruned_at_closed: Option<u64>,
 }
 
 impl State {
@@ -151,6 +153,7 @@ impl State {
             paths: Default::default(),
             learned: Default::default(),
             gate: Default::default(),
+            pruned_at_closed: None,
         }
     }
 
@@ -205,7 +208,14 @@ impl State {
     /// Forgets what detectors and remedies remember about flows that are gone without a close
     /// record reaching them (a connection storm overflows the closed-flow queue): their memory
     /// is bounded by the live table.
+    /// Nothing to do while no flow has closed since the last time (a walk of every flow, 6 % of
+    /// an idle agent's time at 100k flows when it ran every 10 s).
     pub fn prune(&mut self) {
+        let closed = self.table.counters.closed;
+        if self.pruned_at_closed == Some(closed) {
+            return;
+        }
+        self.pruned_at_closed = Some(closed);
         let live: HashSet<u64> = self.table.iter().map(|f| f.cookie).collect();
         self.detect.eviction.forget(&live);
         self.remedies.keepalive.retain(&live);

@@ -395,7 +395,14 @@ impl FlowTable {
         if snap.coverage != Coverage::Targeted {
             self.read_at.insert(snap.netns, snap.started);
         }
-        self.calm = None;
+        // `calm` (a walk of every flow) is dropped only by what can bring it closer: a flow
+        // created, moved or aged here. A flow gone can only put it later. A table that needed
+        // a read, or whose calm moment has come, is looked at again after each read.
+        if snap.coverage != Coverage::Targeted
+            && matches!(self.calm, Some((_, v)) if v.is_none_or(|t| t <= at))
+        {
+            self.calm = None;
+        }
         self.longest_snapshot = self
             .longest_snapshot
             .max(snap.finished.saturating_sub(snap.started));
@@ -492,6 +499,7 @@ impl FlowTable {
                 || before != (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode)
             {
                 self.marks.changed(flow);
+                self.calm = None;
             }
         }
 
@@ -554,6 +562,9 @@ impl FlowTable {
     /// Marks flows the eviction forecast judged quiet (see `Flow::quiet_until`): it looks at
     /// them again when they change or their time falls due (`Nanos::MAX`: only on a change).
     pub fn set_quiet(&mut self, quiet: &[(u64, Nanos, bool)]) {
+        if quiet.is_empty() {
+            return;
+        }
         self.calm = None;
         for (c, until, read) in quiet {
             if let Some(f) = self.flows.get_mut(c) {

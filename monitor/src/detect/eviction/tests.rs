@@ -389,4 +389,24 @@ fn a_quiet_flow_is_skipped_until_its_warn_point() {
         vec![(9, 100 * S + QUIET_MAX, false)],
         "no read needed without keepalive"
     );
+    // A loopback session: no route change can put a middlebox on it; quiet until it changes.
+    let mut local = FakeEnv {
+        path: RoutePath::Local,
+        ..Default::default()
+    };
+    let f = flow("127.0.0.1:5432", 470_000, None);
+    let p = d.evaluate(100 * S, [&f].into_iter(), &[], &pol, &mut local, &no);
+    assert_eq!(
+        p.quiet,
+        vec![(9, Nanos::MAX, false)],
+        "loopback: until it changes"
+    );
+    let f = flow("127.0.0.1:5432", 470_000, Some(true));
+    let p = d.evaluate(100 * S, [&f].into_iter(), &[], &pol, &mut local, &no);
+    assert_eq!(
+        p.quiet.first().map(|q| q.1),
+        Some(100 * S + QUIET_MAX),
+        "with keepalive on, looked at again (a probe may go unanswered): {:?}",
+        p.quiet
+    );
 }
