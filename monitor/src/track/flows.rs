@@ -532,13 +532,32 @@ impl FlowTable {
                 }
                 if let Some(t) = f.tcp.as_mut() {
                     let grown = ((at.saturating_sub(f.tcp_at)) / 1_000_000).min(u64::from(u32::MAX)) as u32;
+                    // Left out while its extrapolated idle is still under the threshold: the
+                    // kernel said nothing the sample does not already foretell. Nothing to age,
+                    // nothing to judge again (at 200k young flows, re-judging every flow at
+                    // every filtered read was most of the agent's steady time).
+                    let idle = t
+                        .last_data_sent_ms
+                        .min(t.last_data_recv_ms)
+                        .min(t.last_ack_recv_ms);
+                    if !f.sample_aged && idle.saturating_add(grown) <= cap {
+                        f.last_seen = f.last_seen.max(at);
+                        continue;
+                    }
+                    let before = (t.last_data_sent_ms, t.last_data_recv_ms, t.last_ack_recv_ms);
                     t.last_data_sent_ms = t.last_data_sent_ms.saturating_add(grown).min(cap);
                     t.last_data_recv_ms = t.last_data_recv_ms.saturating_add(grown).min(cap);
                     t.last_ack_recv_ms = t.last_ack_recv_ms.saturating_add(grown).min(cap);
                     f.tcp_at = at;
+                    // Already aged to the cap by the last read: the same bound again, no news
+                    // (judged on it, a flow is idle no longer than then: its verdict holds).
+                    let news = !f.sample_aged
+                        || before != (t.last_data_sent_ms, t.last_data_recv_ms, t.last_ack_recv_ms);
                     f.sample_aged = true;
-                    self.marks.changed(f);
-                    self.calm = None;
+                    if news {
+                        self.marks.changed(f);
+                        self.calm = None;
+                    }
                 }
                 f.last_seen = f.last_seen.max(at);
             }

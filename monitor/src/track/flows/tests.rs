@@ -582,3 +582,32 @@ fn a_query_read_refreshes_only_the_flows_it_named() {
     assert_eq!(two.tcp_at, S, "a flow not named keeps its sample");
     assert_eq!(t.len(), 2);
 }
+
+#[test]
+fn a_left_out_flow_under_the_threshold_is_not_judged_again() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(&snap(S, S, vec![idle_sock(1, 1_000)]), &HashMap::new());
+    t.to_judge(S);
+    t.set_quiet(&[(1, 400 * S, true)]);
+    let filtered = |at: Nanos| Snapshot {
+        netns: 0,
+        started: at,
+        finished: at,
+        socks: vec![],
+        coverage: Coverage::Filtered { idle_ms: 60_000 },
+        time_wait: None,
+    };
+    // 10 s later, left out: idle 11 s by its sample, under the 60 s threshold. Nothing new.
+    t.apply_snapshot(&filtered(11 * S), &HashMap::new());
+    assert!(t.to_judge(11 * S).is_empty(), "the sample foretold it");
+    assert_eq!(t.get(1).unwrap().view(11 * S, None).idle_ms, Some(11_000));
+    // 100 s on, left out again: it was active within 60 s, which its sample did not foretell.
+    t.apply_snapshot(&filtered(101 * S), &HashMap::new());
+    assert_eq!(t.to_judge(101 * S), vec![1], "bounded, judged again");
+    assert_eq!(t.get(1).unwrap().view(101 * S, None).idle_ms, Some(60_000));
+    t.set_quiet(&[(1, 400 * S, true)]);
+    // And again: the same bound, no news.
+    t.apply_snapshot(&filtered(111 * S), &HashMap::new());
+    assert!(t.to_judge(111 * S).is_empty(), "the same bound again");
+    assert_eq!(t.get(1).unwrap().view(111 * S, None).idle_ms, Some(60_000));
+}
