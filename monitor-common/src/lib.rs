@@ -93,7 +93,9 @@ pub struct EventRecord {
     pub old_state: u8,
     /// New TCP state (STATE events), else the current state.
     pub new_state: u8,
-    /// tgid of the task that was current; meaningful only in process context (see the agent).
+    /// tgid of the task that was current, only for the transitions that run in the owner's
+    /// system call (-> SYN_SENT in connect(), -> LISTEN in listen()); 0 for every other record
+    /// (probe records carry a count here instead).
     pub pid: u32,
     /// Socket cookie (same value as sock_diag's idiag_cookie and the iterator's).
     pub cookie: u64,
@@ -110,7 +112,7 @@ pub struct EventRecord {
     pub dport: u16,
     /// sk_err for ERROR_REPORT, else 0.
     pub err: i32,
-    /// comm of the current task (same caveat as `pid`), NUL-padded bytes.
+    /// comm of the current task, NUL-padded bytes; set only where `pid` is, else zeros.
     pub comm: [u64; 2],
     /// The socket's network namespace (`net->ns.inum`, the inode of its nsfs file).
     pub netns: u32,
