@@ -254,24 +254,55 @@ fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
     Ok(started)
 }
 
+/// The settled window starts this long after every flow is tracked: the first judgement and
+/// count of every flow are behind it.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// CPU % of one core over `window` from now, and the reads (all, complete) the agent made in it.
+fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64) {
+    let reads = |a: &Agent| {
+        a.status().map_or((0, 0), |s| {
+            (
+                s["snapshots"].as_u64().unwrap_or(0),
+                s["complete_reads"].as_u64().unwrap_or(0),
+            )
+        })
+    };
+    let (r0, f0) = reads(a);
+    let (c0, _) = a.usage();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let (c1, _) = a.usage();
+    let (r1, f1) = reads(a);
+    (
+        (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0,
+        r1.saturating_sub(r0),
+        f1.saturating_sub(f0),
+    )
+}
+
+/// A steady-state agent: CPU over `window` from 3 s after every flow is tracked (its first
+/// minute: the first judgement and count of every flow), then, settled, over `settled` from
+/// SETTLE after tracking (complete reads are paced to their cost, so a window shows one or none:
+/// both the window's figure and the reads in it are kept), then memory and the `flows` query.
 fn steady(
     bin: &Path,
     tools: &Path,
     mode: &str,
     sockets: u64,
-    window: Duration,
+    (window, settled): (Duration, Duration),
     base_rss: u64,
 ) -> Result<Value> {
     let a = Agent::start(bin, mode, "")?;
     a.wait(Duration::from_secs(180), |s| {
         s["flows"].as_u64().unwrap_or(0) + 10 >= sockets
     })?;
+    let tracked = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    let (c0, _) = a.usage();
-    let t0 = Instant::now();
-    std::thread::sleep(window);
-    let (c1, rss) = a.usage();
-    let cpu = (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    let (cpu, _, _) = cpu_window(&a, window);
+    std::thread::sleep(SETTLE.saturating_sub(tracked.elapsed()));
+    let (settled_cpu, settled_reads, settled_complete) = cpu_window(&a, settled);
+    let (_, rss) = a.usage();
     let flows = a.status().and_then(|s| s["flows"].as_u64()).unwrap_or(0);
     let per_flow = if flows > 0 {
         rss.saturating_sub(base_rss) as f64 / flows as f64
@@ -280,7 +311,9 @@ fn steady(
     };
     let fresh = selected_flows(&a, tools, sockets)?;
     Ok(
-        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs(), "flows_1k": fresh }),
+        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs(),
+            "settled": { "cpu_pct": settled_cpu, "window_s": settled.as_secs(), "from_s": SETTLE.as_secs(), "reads": settled_reads, "complete_reads": settled_complete },
+            "flows_1k": fresh }),
     )
 }
 
@@ -589,6 +622,8 @@ fn compared_figures(r: &Value) -> Vec<(String, String, bool)> {
                 ("poll read with owners", "holdfast_poll/best_total_s", true),
                 ("eBPF CPU %", "steady_ebpf/cpu_pct", true),
                 ("poll CPU %", "steady_poll/cpu_pct", true),
+                ("eBPF settled CPU %", "steady_ebpf/settled/cpu_pct", true),
+                ("poll settled CPU %", "steady_poll/settled/cpu_pct", true),
                 ("eBPF B/flow", "steady_ebpf/bytes_per_flow", true),
                 ("flows for 1k, eBPF", "steady_ebpf/flows_1k/fresh_best_s", true),
                 ("flows for 1k, poll", "steady_poll/flows_1k/fresh_best_s", true),
@@ -679,7 +714,11 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
         let ss_tin = time_cmd(&["ss", "-tin"], 3, Duration::from_secs(120));
         let ss_tino = time_cmd(&["ss", "-tino"], 3, Duration::from_secs(120));
         let ss_tnp = time_cmd(&["ss", "-tnp"], 1, Duration::from_secs(180));
-        let window = Duration::from_secs(if conns >= 50_000 { 30 } else { 10 });
+        let window = if conns >= 50_000 {
+            (Duration::from_secs(30), Duration::from_secs(180))
+        } else {
+            (Duration::from_secs(10), Duration::from_secs(60))
+        };
         let steady_ebpf = steady(bin, tools, "ebpf", sockets, window, base["ebpf"])?;
         let steady_poll = steady(bin, tools, "poll", sockets, window, base["poll"])?;
         drop(held);
@@ -705,6 +744,11 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
                 "{:.2}/{:.2}",
                 steady_ebpf["cpu_pct"].as_f64().unwrap_or(0.0),
                 steady_poll["cpu_pct"].as_f64().unwrap_or(0.0)
+            ),
+            format!(
+                "{:.2}/{:.2}",
+                steady_ebpf["settled"]["cpu_pct"].as_f64().unwrap_or(0.0),
+                steady_poll["settled"]["cpu_pct"].as_f64().unwrap_or(0.0)
             ),
             format!(
                 "{:.0}/{:.0}",
@@ -871,6 +915,7 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
         "ss-tnp/hf",
         "at-risk/tino",
         "cpu% e/p",
+        "settled e/p",
         "B/flow e/p",
     ];
     let cols = rows.iter().map(Vec::len).chain([header.len()]).max().unwrap_or(0);
@@ -896,6 +941,25 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
     let _ = writeln!(out, "{}", line(header.to_vec()));
     for row in rows {
         let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    let _ = writeln!(
+        out,
+        "cpu%: from 3 s after every flow is tracked (the first judgement of every flow); settled: from {} s after, with the reads in that window:",
+        SETTLE.as_secs()
+    );
+    for sz in r["sizes"].as_array().into_iter().flatten() {
+        for m in ["ebpf", "poll"] {
+            let x = &sz[format!("steady_{m}").as_str()]["settled"];
+            let _ = writeln!(
+                out,
+                "  {:>7} sockets {m:4}: {:.2} % over {} s, {} reads ({} complete)",
+                sz["sockets"],
+                x["cpu_pct"].as_f64().unwrap_or(0.0),
+                x["window_s"],
+                x["reads"],
+                x["complete_reads"],
+            );
+        }
     }
     let c = &r["churn"];
     let _ = writeln!(
@@ -936,8 +1000,8 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
     // Per 100k sockets: a row that stays flat as the size grows is linear growth.
     let _ = writeln!(
         out,
-        "\nPer 100k sockets (s, and CPU % of one core):\n{:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>11}",
-        "sockets", "ebpf+own", "poll+own", "ss -tin", "ss -tnp", "at-risk", "cpu% e/p"
+        "\nPer 100k sockets (s, and CPU % of one core):\n{:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>11}  {:>11}",
+        "sockets", "ebpf+own", "poll+own", "ss -tin", "ss -tnp", "at-risk", "cpu% e/p", "settled e/p"
     );
     for sz in r["sizes"].as_array().into_iter().flatten() {
         let k = sz["sockets"].as_f64().unwrap_or(0.0) / 100_000.0;
@@ -947,7 +1011,7 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
         let per = |v: &Value| v.as_f64().map_or("-".into(), |v| format!("{:.3}", v / k));
         let _ = writeln!(
             out,
-            "{:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>11}",
+            "{:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>11}  {:>11}",
             sz["sockets"],
             per(&sz["holdfast_ebpf"]["best_total_s"]),
             per(&sz["holdfast_poll"]["best_total_s"]),
@@ -958,6 +1022,11 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
                 "{:.2}/{:.2}",
                 sz["steady_ebpf"]["cpu_pct"].as_f64().unwrap_or(0.0) / k,
                 sz["steady_poll"]["cpu_pct"].as_f64().unwrap_or(0.0) / k
+            ),
+            format!(
+                "{:.2}/{:.2}",
+                sz["steady_ebpf"]["settled"]["cpu_pct"].as_f64().unwrap_or(0.0) / k,
+                sz["steady_poll"]["settled"]["cpu_pct"].as_f64().unwrap_or(0.0) / k
             ),
         );
     }

@@ -302,6 +302,7 @@ fn metrics(state: &State, rt: &Runtime) -> String {
         events_lost: state.stats.kernel.lost + state.stats.kernel.proc_lost,
         snapshot_seconds: state.stats.last_snapshot.as_secs_f64(),
         snapshots: state.stats.snapshots,
+        complete_reads: state.stats.complete_reads,
         snapshot_failures: state.stats.snapshot_failures,
         ipc_refused: rt.clients.refused.load(Ordering::Relaxed),
         rss_bytes: crate::sinks::metrics::rss_bytes(),
@@ -356,6 +357,7 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             state.stats.undecodable += undecodable;
             state.stats.events += (events.len() + procs.len()) as u64;
             if let Some(c) = counters {
+                state.gate.note_lost(c.lost);
                 state.stats.kernel = c;
             }
             let mut unknown_owner = false;
@@ -408,6 +410,7 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             // A round's figures: every namespace's read summed.
             if first_of_round {
                 s.snapshots += 1;
+                s.complete_reads += u64::from(snap.coverage == crate::model::observe::Coverage::Complete);
                 s.last_snapshot = took;
                 s.last_snapshot_sockets = snap.socks.len();
             } else {

@@ -63,6 +63,7 @@ impl State {
             program_errors: s.kernel.errors,
             kernel_counters: s.kernel.clone(),
             snapshots: s.snapshots,
+            complete_reads: s.complete_reads,
             snapshots_skipped: self.gate.skipped(),
             fresh: s.fresh.clone(),
             snapshot_interval_ms: self.policy.pacing.interval.as_millis() as u64,

@@ -64,6 +64,8 @@ pub struct Stats {
     pub events: u64,
     pub undecodable: u64,
     pub snapshots: u64,
+    /// Of which complete (every socket of every namespace).
+    pub complete_reads: u64,
     pub last_snapshot: Duration,
     pub last_snapshot_sockets: usize,
     pub snapshot_failures: u64,

@@ -102,9 +102,10 @@ pub fn render(s: &Status) -> String {
     line(
         "snapshots:",
         format!(
-            "{} every {}{}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
+            "{} every {} ({} complete){}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
             s.snapshots,
             fmt_ms(s.snapshot_interval_ms),
+            s.complete_reads,
             if s.snapshots_skipped > 0 {
                 format!(
                     " ({} filtered reads skipped: nothing new could be found)",

@@ -177,6 +177,9 @@ pub struct Status {
     pub program_errors: u64,
     pub kernel_counters: KernelCounters,
     pub snapshots: u64,
+    /// Of `snapshots`, the complete reads (eBPF mode: the others are filtered by the kernel).
+    #[serde(default)]
+    pub complete_reads: u64,
     /// Filtered reads skipped: no socket event since the last read, and no flow left out could
     /// have reached the kernel filter's threshold yet (eBPF mode).
     #[serde(default)]

@@ -22,6 +22,7 @@ pub struct MetricsView {
     pub events_lost: u64,
     pub snapshot_seconds: f64,
     pub snapshots: u64,
+    pub complete_reads: u64,
     pub snapshot_failures: u64,
     pub ipc_refused: u64,
     pub rss_bytes: u64,
@@ -115,6 +116,12 @@ pub fn render(v: &MetricsView) -> String {
         "counter",
         "TCP table reads.",
         &one(v.snapshots as f64),
+    );
+    metric(
+        "holdfast_complete_reads_total",
+        "counter",
+        "TCP table reads of every socket (eBPF mode: the others are filtered in the kernel).",
+        &one(v.complete_reads as f64),
     );
     metric(
         "holdfast_snapshot_failures_total",

@@ -41,6 +41,9 @@ pub struct ReadGate {
     calm_until: AtomicU64,
     /// Filtered reads skipped because of the two above.
     skipped: AtomicU64,
+    /// Records the kernel could not queue (full rings), as last counted: a complete read
+    /// follows any rise (it heals what the lost records would have said).
+    lost: AtomicU64,
 }
 
 impl ReadGate {
@@ -51,6 +54,12 @@ impl ReadGate {
     }
     pub fn set_calm_until(&self, t: Option<u64>) {
         self.calm_until.store(t.unwrap_or(0), Ordering::Relaxed);
+    }
+    pub fn note_lost(&self, total: u64) {
+        self.lost.store(total, Ordering::Relaxed);
+    }
+    fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)

@@ -46,8 +46,19 @@ fn discover_every(pacing: &Pacing, ebpf: bool) -> Duration {
 const HELD_AFTER_DEATH: Duration = Duration::from_secs(1);
 /// While dead descriptors are known, look again this often (releases, growth).
 const HELD_WATCH: Duration = Duration::from_secs(10);
-/// The held-descriptor walk runs at most 1/this of the time.
+/// The held-descriptor walk runs at most 1/this of the time while dead descriptors are known.
 const HELD_DUTY_INVERSE: u32 = 100;
+/// eBPF mode: what only heals (the complete read, the held-descriptor walk while none is known)
+/// takes at most 1/this of the time each: at least `full_interval` apart, and further apart when
+/// one costs more than 0.1 % of a core (200k sockets: a complete read takes about 0.2 s, so one
+/// every 200 s; 1M sockets: 1.2 s, one every 20 min). Events and filtered reads see everything
+/// else as it happens; a lost event brings the next complete read forward.
+const HEAL_DUTY_INVERSE: u32 = 1000;
+
+/// How long after a complete read the next one comes (eBPF mode), given what it cost.
+fn heal_every(full_every: Duration, full_cost: Duration) -> Duration {
+    full_every.max(full_cost * HEAL_DUTY_INVERSE)
+}
 /// Poll mode: how often the watched processes' descriptors are looked at.
 const HELD_POLL_EVERY: Duration = Duration::from_secs(5);
 /// Fresh reads for queries take at most 1/FRESH_DUTY of the time (10 %).
@@ -352,6 +363,9 @@ pub fn snapshot_worker(
     let mut spacing = MIN_SNAPSHOT_SPACING;
     let mut last_start = Instant::now();
     let mut last_full: Option<Instant> = None;
+    // What the last complete read cost (every namespace), and the lost records counted then.
+    let mut full_cost = Duration::ZERO;
+    let mut lost_at_full = gate.lost();
     let mut discovery = Discovery::default();
     let probe = crate::kernel::probes::setns();
     let can_enter = if probe.available {
@@ -406,9 +420,11 @@ pub fn snapshot_worker(
                 Some(false) => {}
             }
         }
+        let heal_every = heal_every(pacing.full_every, full_cost);
         let full = !ebpf
             || pacing.filter_idle_ms.is_none()
-            || last_full.is_none_or(|t| t.elapsed() >= pacing.full_every);
+            || last_full.is_none_or(|t| t.elapsed() >= heal_every)
+            || gate.lost() != lost_at_full;
         if now >= due && !full && !asked && gate.may_skip(crate::kernel::sys::monotonic_ns(), events_at_read)
         {
             // Nothing a filtered read would report has happened: look again in an interval.
@@ -417,9 +433,10 @@ pub fn snapshot_worker(
             last_start = now;
             asked = false;
             events_at_read = gate.events();
+            let lost_now = gate.lost();
             let filter = if full { None } else { pacing.filter_idle_ms };
-            // Every full interval, empty tables are sent too (heals a flow a lost event left).
-            let heal = last_heal.is_none_or(|t| t.elapsed() >= pacing.full_every);
+            // Every heal interval, empty tables are sent too (heals a flow a lost event left).
+            let heal = last_heal.is_none_or(|t| t.elapsed() >= heal_every);
             if heal {
                 last_heal = Some(now);
             }
@@ -479,6 +496,12 @@ pub fn snapshot_worker(
             if full && !snaps.is_empty() {
                 last_full = Some(now);
                 resolver.prune(&all_socks);
+                if ebpf {
+                    full_cost = cost;
+                }
+            }
+            if full {
+                lost_at_full = lost_now;
             }
             match &mut source {
                 Source::Ebpf(l) if resolver.missing(&all_socks) => match l.owners() {
@@ -560,7 +583,8 @@ pub fn snapshot_worker(
                 return;
             }
             // A walk of every socket file costs about 0.13 s at 200k sockets (cargo xtask bench):
-            // at most 1 % of the time goes to it, however many descriptors are held.
+            // at most 1 % of the time goes to it while dead descriptors are known, however many,
+            // and 0.1 % while it only heals (a death under a program asks for it at once).
             let duty = walk_started.elapsed() * HELD_DUTY_INVERSE;
             held_due = Some(
                 Instant::now()
@@ -569,7 +593,7 @@ pub fn snapshot_worker(
                     } else if held_known {
                         HELD_WATCH.max(duty)
                     } else {
-                        pacing.full_every.max(duty)
+                        pacing.full_every.max(walk_started.elapsed() * HEAL_DUTY_INVERSE)
                     },
             );
         }
@@ -679,6 +703,25 @@ pub fn snapshot_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn healing_reads_take_at_most_a_thousandth_of_the_time() {
+        let every = Duration::from_secs(120);
+        // A small table: the configured interval.
+        assert_eq!(heal_every(every, Duration::from_millis(3)), every);
+        // 200k sockets (0.2 s a read): 200 s apart; 1M (1.2 s): 20 min.
+        assert_eq!(
+            heal_every(every, Duration::from_millis(200)),
+            Duration::from_secs(200)
+        );
+        assert_eq!(
+            heal_every(every, Duration::from_millis(1200)),
+            Duration::from_secs(1200)
+        );
+        // A longer configured interval stands.
+        let long = Duration::from_secs(3600);
+        assert_eq!(heal_every(long, Duration::from_millis(1200)), long);
+    }
 
     #[test]
     fn fresh_reads_take_at_most_a_tenth_of_the_time() {
