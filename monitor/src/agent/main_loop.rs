@@ -18,6 +18,9 @@ use crate::sinks::metrics::MetricsView;
 
 /// How often the main tick runs (zombies every tick; flows and the ledger at their cadences).
 const TICK: Duration = Duration::from_millis(200);
+/// Flows of unknown owner waiting for the next tick's exact lookup, at most (more in one tick,
+/// a connection storm, are found by a read).
+const MAX_OWNER_PENDING: usize = 4096;
 /// Below this many flows every walk is cheap: detectors and ledger run every 500 ms.
 const SMALL_TABLE: usize = 10_000;
 const SMALL_PERIOD: Duration = Duration::from_millis(500);
@@ -93,6 +96,12 @@ pub async fn run(
                 let changes = evaluate::zombies(now, state, &LiveProc, &mut nudger);
                 state.stats.rounds.zombies += 1;
                 rt.sinks.publish(&state.store, changes);
+                if !state.owner_pending.is_empty() {
+                    let l = state.take_owner_lookups();
+                    if !l.ids.is_empty() || l.read {
+                        let _ = rt.workers.send(WorkerMsg::Owners { ids: l.ids, hints: l.hints, read: l.read });
+                    }
+                }
                 // The flow detectors walk every flow: small tables often, large ones at the period.
                 let period = if state.table.len() < SMALL_TABLE { SMALL_PERIOD } else { state.policy.flows_period };
                 if flows_evaluated.elapsed() < period {
@@ -361,6 +370,7 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                 state.stats.kernel = c;
             }
             let mut unknown_owner = false;
+            let mut hints = Vec::new();
             let mut unknown_netns = false;
             let (all, own) = (state.policy.pacing.all_netns, crate::kernel::netns::own_id());
             let mut socket_events = 0;
@@ -370,12 +380,30 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                 }
                 socket_events +=
                     u64::from(!matches!(e.kind, EventKind::ProbeSent | EventKind::ProbeAnswered));
-                unknown_owner |= state.table.apply_event(e);
+                if state.table.apply_event(e) {
+                    // A flow of unknown owner: looked up exactly at the next tick, or, past the
+                    // bound, found by a read soon.
+                    let pid = e.pid_hint.as_ref().map(|h| h.pid);
+                    if state.owner_pending.len() < MAX_OWNER_PENDING {
+                        state.owner_pending.push(crate::agent::state::PendingOwner {
+                            cookie: e.cookie,
+                            pid,
+                            waited: false,
+                        });
+                    } else {
+                        unknown_owner = true;
+                        if let Some(pid) = pid
+                            && hints.len() < super::workers::MAX_SOON_HINTS
+                        {
+                            hints.push((e.cookie, pid));
+                        }
+                    }
+                }
                 unknown_netns |= e.netns != 0 && !state.netns.contains_key(&e.netns);
             }
             state.gate.note_events(socket_events);
             if unknown_owner {
-                let _ = rt.workers.send(WorkerMsg::Soon);
+                let _ = rt.workers.send(WorkerMsg::Soon(hints));
             }
             // A socket that reached CLOSE while its program still held it died under the program
             // (a reset, an abort): see whether the program lets go of it.
@@ -407,13 +435,15 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
         } => {
             let s = &mut state.stats;
             let took = Duration::from_nanos(snap.finished.saturating_sub(snap.started));
-            // A round's figures: every namespace's read summed.
-            if first_of_round {
+            // A round's figures: every namespace's read summed (an exact read of new flows for
+            // their owners is not a round).
+            let round = snap.coverage != crate::model::observe::Coverage::Targeted;
+            if round && first_of_round {
                 s.snapshots += 1;
                 s.complete_reads += u64::from(snap.coverage == crate::model::observe::Coverage::Complete);
                 s.last_snapshot = took;
                 s.last_snapshot_sockets = snap.socks.len();
-            } else {
+            } else if round {
                 s.last_snapshot += took;
                 s.last_snapshot_sockets += snap.socks.len();
             }

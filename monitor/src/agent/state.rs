@@ -129,6 +129,19 @@ pub struct State {
     pub gate: std::sync::Arc<super::workers::ReadGate>,
     /// The table's count of closed flows at the last `prune` (None: never pruned).
     pruned_at_closed: Option<u64>,
+    /// eBPF mode: flows that appeared with no owner known, looked up exactly at the next tick
+    /// (see `take_owner_lookups`).
+    pub owner_pending: Vec<PendingOwner>,
+}
+
+/// A flow that appeared with no owner known.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingOwner {
+    pub cookie: u64,
+    /// The pid seen at connect() or listen().
+    pub pid: Option<u32>,
+    /// Already waited one tick for a complete tuple.
+    pub waited: bool,
 }
 
 impl State {
@@ -156,9 +169,58 @@ impl State {
             learned: Default::default(),
             gate: Default::default(),
             pruned_at_closed: None,
+            owner_pending: Vec::new(),
         }
     }
 
+    /// The flows of `owner_pending` that can be read exactly now (their tuple is complete: a
+    /// connect() is first seen before its local port is chosen) with the pid hints, and whether
+    /// some pending flow must be found by a filtered read instead (the list overflowed, or a
+    /// flow's tuple stayed incomplete since the last tick). Flows gone or owned are dropped.
+    pub fn take_owner_lookups(&mut self) -> OwnerLookups {
+        let mut out = OwnerLookups::default();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.owner_pending) {
+            let Some(f) = self.table.get(p.cookie) else {
+                continue;
+            };
+            if f.owner.is_some() {
+                continue;
+            }
+            let listener = f.state == monitor_common::tcp_state::LISTEN;
+            if f.local.port() == 0 || (f.remote.port() == 0 && !listener) {
+                // Waits one tick for its handshake's record; then a filtered read finds it.
+                if p.waited {
+                    out.read = true;
+                    out.hints.extend(p.pid.map(|pid| (p.cookie, pid)));
+                } else {
+                    keep.push(PendingOwner { waited: true, ..p });
+                }
+                continue;
+            }
+            out.hints.extend(p.pid.map(|pid| (p.cookie, pid)));
+            let id = crate::kernel::sockdiag::SockId {
+                cookie: p.cookie,
+                local: f.local,
+                remote: f.remote,
+            };
+            out.ids.push((f.netns, id));
+        }
+        self.owner_pending = keep;
+        out
+    }
+}
+
+/// What `State::take_owner_lookups` hands the snapshot thread.
+#[derive(Default)]
+pub struct OwnerLookups {
+    pub ids: Vec<(NetnsId, crate::kernel::sockdiag::SockId)>,
+    pub hints: Vec<(u64, u32)>,
+    /// Some flow needs a filtered read to be found.
+    pub read: bool,
+}
+
+impl State {
     /// Recomputes the timeouts learnt per path; logs each change and returns whether any.
     pub fn relearn(&mut self) -> bool {
         use crate::track::paths::Learned;

@@ -316,3 +316,72 @@ fn storm_is_one_finding_with_the_count() {
     assert_eq!(c.children.len(), crate::detect::zombies::LIST_CHILDREN);
     assert_eq!(c.oldest_ms, 6000, "appeared between scans: dated by the scan");
 }
+
+#[test]
+fn new_flows_of_unknown_owner_are_looked_up_exactly_once_their_tuple_is_complete() {
+    use crate::agent::state::PendingOwner;
+    use crate::model::observe::{Event, EventKind, PidHint};
+    use monitor_common::tcp_state::{ESTABLISHED, LISTEN, SYN_SENT};
+    let mut st = state(RemedyMode::Off);
+    let ev = |cookie, state, local: &str, remote: &str, pid: Option<u32>| Event {
+        kind: EventKind::State,
+        cookie,
+        netns: 0,
+        ts: SEC,
+        old_state: 0,
+        state,
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+        pid_hint: pid.map(|pid| PidHint {
+            pid,
+            comm: "p".into(),
+        }),
+        err: 0,
+        had_file: false,
+        count: 0,
+    };
+    // A listener (its remote is 0:0 for good), a connect() before its port is chosen, and an
+    // accepted connection.
+    for e in [
+        ev(1, LISTEN, "10.0.0.1:80", "0.0.0.0:0", Some(7)),
+        ev(2, SYN_SENT, "10.0.0.1:0", "10.0.0.9:22", Some(8)),
+        ev(3, ESTABLISHED, "10.0.0.1:80", "10.0.0.5:4000", None),
+    ] {
+        assert!(st.table.apply_event(&e), "a flow of unknown owner");
+        st.owner_pending.push(PendingOwner {
+            cookie: e.cookie,
+            pid: e.pid_hint.as_ref().map(|h| h.pid),
+            waited: false,
+        });
+    }
+    let l = st.take_owner_lookups();
+    let ids: Vec<u64> = l.ids.iter().map(|(_, id)| id.cookie).collect();
+    assert_eq!(ids, vec![1, 3]);
+    assert_eq!(l.hints, vec![(1, 7)]);
+    assert!(!l.read);
+    assert_eq!(
+        st.owner_pending.len(),
+        1,
+        "the connect() waits a tick for its port"
+    );
+    // Its handshake's record completes the tuple: looked up exactly, with its hint.
+    st.table
+        .apply_event(&ev(2, ESTABLISHED, "10.0.0.1:5000", "10.0.0.9:22", None));
+    let l = st.take_owner_lookups();
+    assert_eq!(l.ids.iter().map(|(_, id)| id.cookie).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(l.hints, vec![(2, 8)]);
+    assert!(st.owner_pending.is_empty());
+    // One whose tuple stays incomplete for a tick is left to a read.
+    st.table
+        .apply_event(&ev(4, SYN_SENT, "10.0.0.1:0", "10.0.0.9:23", Some(9)));
+    st.owner_pending.push(PendingOwner {
+        cookie: 4,
+        pid: Some(9),
+        waited: false,
+    });
+    assert!(!st.take_owner_lookups().read);
+    let l = st.take_owner_lookups();
+    assert!(l.read && l.ids.is_empty());
+    assert_eq!(l.hints, vec![(4, 9)]);
+    assert!(st.owner_pending.is_empty());
+}

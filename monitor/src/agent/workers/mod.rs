@@ -77,9 +77,23 @@ impl ReadGate {
     }
 }
 
+/// Pid hints carried by one `WorkerMsg::Soon`.
+pub const MAX_SOON_HINTS: usize = 4096;
+
 pub enum WorkerMsg {
-    /// A flow of unknown owner appeared: read soon (its owner comes with the next read).
-    Soon,
+    /// A flow of unknown owner appeared: read soon (its owner comes with the next read). With
+    /// the pid seen at connect() or listen() of such flows, by cookie (at most `MAX_SOON_HINTS`
+    /// per message), the likely owners to look at first.
+    Soon(Vec<(u64, u32)>),
+    /// eBPF mode: flows that appeared with no owner known, by tuple and cookie (at most
+    /// `MAX_OWNER_PENDING` of the state owner): read exactly (sock_diag), their likely owners
+    /// looked at (`hints`: cookie -> pid seen at connect()/listen()); what that does not find,
+    /// and `read` (a flow whose tuple is not complete yet), is left to a read soon.
+    Owners {
+        ids: Vec<(crate::model::observe::NetnsId, crate::kernel::sockdiag::SockId)>,
+        hints: Vec<(u64, u32)>,
+        read: bool,
+    },
     /// An event came from a namespace the agent does not know yet: look for namespaces now.
     Discover,
     /// Apply or read keepalive on live sockets (in the kernel, or through pidfds).

@@ -61,6 +61,8 @@ fn heal_every(full_every: Duration, full_cost: Duration) -> Duration {
 }
 /// Poll mode: how often the watched processes' descriptors are looked at.
 const HELD_POLL_EVERY: Duration = Duration::from_secs(5);
+/// Pid hints kept at most (a connection storm between two complete reads).
+const MAX_HINTS: usize = 65_536;
 /// Fresh reads for queries take at most 1/FRESH_DUTY of the time (10 %).
 const FRESH_DUTY: u32 = 10;
 /// How often each namespace's sysctls are read.
@@ -355,12 +357,14 @@ pub fn snapshot_worker(
     tx: mpsc::Sender<Msg>,
 ) {
     let mut resolver = OwnerResolver::default();
-    // Owners come from the task_file iterator (eBPF) or /proc walks (poll); no pid hints: in
-    // eBPF mode they would cost one message per connect under a storm for nothing.
-    let hints: HashMap<u64, u32> = HashMap::new();
+    // The pid seen at connect()/listen() of flows of unknown owner (eBPF mode; by cookie), to
+    // look at first. Bounded; dropped at each complete read.
+    let mut hints: HashMap<u64, u32> = HashMap::new();
     let mut no_file_seen: HashSet<u64> = HashSet::new();
     let mut due = Instant::now();
     let mut spacing = MIN_SNAPSHOT_SPACING;
+    // What the last read of every table cost.
+    let mut last_cost = Duration::ZERO;
     let mut last_start = Instant::now();
     let mut last_full: Option<Instant> = None;
     // What the last complete read cost (every namespace), and the lost records counted then.
@@ -393,6 +397,9 @@ pub fn snapshot_worker(
     let mut events_at_read = gate.events();
     let mut asked = true;
     let mut fresh_budget = FreshBudget::new(Instant::now());
+    // Exact reads of new flows for their owners: at most a tenth of the time too (a storm of
+    // new sessions is found by reads instead).
+    let mut owners_budget = FreshBudget::new(Instant::now());
     if let Source::Ebpf(l) = &mut source {
         l.seen_mark_ms = pacing.filter_idle_ms;
     }
@@ -504,7 +511,9 @@ pub fn snapshot_worker(
                 lost_at_full = lost_now;
             }
             match &mut source {
-                Source::Ebpf(l) if resolver.missing(&all_socks) => match l.owners() {
+                // The likely owners first (one process's descriptors); the walk of every socket
+                // file on the host only for what they do not hold.
+                Source::Ebpf(l) if resolver.resolve_likely(&all_socks, &hints) => match l.owners() {
                     Ok(map) => resolver.resolve_from(&all_socks, &map),
                     Err(e) => {
                         tracing::warn!("owner iterator failed, walking /proc instead: {e}");
@@ -518,6 +527,8 @@ pub fn snapshot_worker(
                 let live: HashSet<u64> = all_socks.iter().map(|s| s.cookie).collect();
                 no_file_seen.retain(|c| live.contains(c));
                 no_file_seen.shrink_to_fit();
+                hints.clear();
+                hints.shrink_to_fit();
             }
             // A socket not yet accepted has no file: look again soon, once per socket.
             let fresh_no_file = all_socks
@@ -526,6 +537,7 @@ pub fn snapshot_worker(
                 .filter(|s| no_file_seen.insert(s.cookie))
                 .count();
             // Pace by the cost of reading every table; owner walks have their own budget.
+            last_cost = cost;
             spacing = (cost * SOON_DUTY).max(MIN_SNAPSHOT_SPACING);
             let periodic = (cost * SNAPSHOT_DUTY).max(pacing.interval);
             due = Instant::now() + if fresh_no_file > 0 { spacing } else { periodic };
@@ -620,9 +632,67 @@ pub fn snapshot_worker(
                 last_full = None;
                 due = due.min(Instant::now() + OWNER_LOOKUP_DELAY);
             }
-            Ok(WorkerMsg::Soon) => {
+            Ok(WorkerMsg::Soon(new_hints)) => {
+                for (c, pid) in new_hints {
+                    if hints.len() < MAX_HINTS {
+                        hints.insert(c, pid);
+                    }
+                }
                 let soon = (last_start + spacing).max(Instant::now() + OWNER_LOOKUP_DELAY);
                 due = due.min(soon);
+                asked = true;
+            }
+            Ok(WorkerMsg::Owners {
+                ids,
+                hints: new_hints,
+                read,
+            }) => {
+                for (c, pid) in new_hints {
+                    if hints.len() < MAX_HINTS {
+                        hints.insert(c, pid);
+                    }
+                }
+                let mut soon = read;
+                if !ids.is_empty() && owners_budget.refusal(Instant::now()).is_some() {
+                    soon = true;
+                } else if !ids.is_empty() {
+                    let t0 = Instant::now();
+                    let (snaps, _) = source.fresh(&ids, &spaces);
+                    owners_budget.spent(t0.elapsed(), Instant::now());
+                    let socks: Vec<&crate::model::observe::SockSample> =
+                        snaps.iter().flat_map(|s| s.socks.iter()).collect();
+                    // Not accepted yet (no file), or held by none of its likely owners: a read
+                    // soon (with the walk of every socket file if need be).
+                    soon |= socks
+                        .iter()
+                        .any(|s| s.inode == 0 && s.state != monitor_common::tcp_state::LISTEN);
+                    soon |= resolver.resolve_likely(&socks, &hints);
+                    for snap in snaps {
+                        let owners = snap
+                            .socks
+                            .iter()
+                            .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
+                            .collect();
+                        let msg = Msg::Snapshot {
+                            snap,
+                            owners,
+                            full_walks: resolver.full_walks,
+                            targeted_walks: resolver.targeted_walks,
+                            first_of_round: false,
+                        };
+                        if tx.blocking_send(msg).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let next = if soon {
+                    spacing
+                } else {
+                    // The iterator's own sample (per-socket keepalive settings, which sock_diag
+                    // does not have) follows at no more than 1 % of the time.
+                    (last_cost * SNAPSHOT_DUTY).max(MIN_SNAPSHOT_SPACING)
+                };
+                due = due.min((last_start + next).max(Instant::now() + OWNER_LOOKUP_DELAY));
                 asked = true;
             }
             Ok(WorkerMsg::Discover) => discover_asked = true,
