@@ -128,7 +128,7 @@ pub fn render(s: &Status) -> String {
     line(
         "owners:",
         format!(
-            "{} full lookups (task_file iterator or /proc walk), {} targeted",
+            "{} full lookups (task_file iterator or /proc walk), {} targeted (the likely owner's descriptors)",
             s.owner_full_walks, s.owner_targeted_walks
         ),
     );

@@ -348,6 +348,22 @@ fn refresh_facts(spaces: &mut [NsEntry]) {
     }
 }
 
+/// A read for the state owner, with the owners known of its sockets.
+fn snapshot_msg(snap: Snapshot, resolver: &OwnerResolver, first_of_round: bool) -> Msg {
+    let owners = snap
+        .socks
+        .iter()
+        .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
+        .collect();
+    Msg::Snapshot {
+        snap,
+        owners,
+        full_walks: resolver.full_walks,
+        targeted_walks: resolver.targeted_walks,
+        first_of_round,
+    }
+}
+
 /// The snapshot thread: reads the TCP tables, resolves owners, runs keepalive changes.
 pub fn snapshot_worker(
     mut source: Source,
@@ -546,19 +562,7 @@ pub fn snapshot_worker(
                 due = Instant::now() + pacing.interval.max(spacing);
             }
             for (i, snap) in snaps.into_iter().enumerate() {
-                let owners = snap
-                    .socks
-                    .iter()
-                    .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
-                    .collect();
-                let msg = Msg::Snapshot {
-                    snap,
-                    owners,
-                    full_walks: resolver.full_walks,
-                    targeted_walks: resolver.targeted_walks,
-                    first_of_round: i == 0,
-                };
-                if tx.blocking_send(msg).is_err() {
+                if tx.blocking_send(snapshot_msg(snap, &resolver, i == 0)).is_err() {
                     return;
                 }
             }
@@ -668,19 +672,7 @@ pub fn snapshot_worker(
                         .any(|s| s.inode == 0 && s.state != monitor_common::tcp_state::LISTEN);
                     soon |= resolver.resolve_likely(&socks, &hints);
                     for snap in snaps {
-                        let owners = snap
-                            .socks
-                            .iter()
-                            .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
-                            .collect();
-                        let msg = Msg::Snapshot {
-                            snap,
-                            owners,
-                            full_walks: resolver.full_walks,
-                            targeted_walks: resolver.targeted_walks,
-                            first_of_round: false,
-                        };
-                        if tx.blocking_send(msg).is_err() {
+                        if tx.blocking_send(snapshot_msg(snap, &resolver, false)).is_err() {
                             return;
                         }
                     }
