@@ -96,7 +96,9 @@ static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 /// HZ=250; per CPU it never goes back). bpf_ktime_get_ns() costs 68 ns per call on this VM's
 /// clocksource (the socket programs' run time went from 327 to 259 ns per run without it, 100k
 /// connect/accept/close cycles under the agent, kernel BPF statistics); a connection storm makes
-/// tens of records per jiffy, and a 4 ms error is far below anything the detectors judge.
+/// tens of records per jiffy, and a 4 ms error is far below anything the detectors judge. The
+/// agent adds one tick's worth to what it decodes (`LIFECYCLE_STAMP_SLACK_NS`), so that an
+/// event's time is never earlier than the event when compared with a table read's start.
 #[inline(always)]
 fn lifecycle_ns() -> u64 {
     // SAFETY: plain helper call.

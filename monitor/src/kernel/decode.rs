@@ -40,6 +40,14 @@ fn arr16(b: &[u8], o: usize) -> [u8; 16] {
     b[o..o + 16].try_into().expect("16 bytes")
 }
 
+/// What is added to a lifecycle record's time. The programs read the clock once per jiffy per
+/// CPU and stamp the records after it in that jiffy with it, so a stamp is up to one tick early
+/// (4 ms at HZ=250, at most 10 ms at any HZ from 100 up). With this added, an event's time is
+/// never earlier than the event: a table read that began before it cannot override it (`Flow`'s
+/// `last_seen` against the read's start) or close its flow as gone. Probe records keep the
+/// exact clock.
+pub const LIFECYCLE_STAMP_SLACK_NS: u64 = 10_000_000;
+
 /// Decodes one ring-buffer record.
 pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
     let b = exact::<{ size_of::<EventRecord>() }>(bytes)?;
@@ -71,7 +79,10 @@ pub fn event(bytes: &[u8]) -> Result<Event, DecodeError> {
         kind,
         cookie: u64_at(b, 8),
         netns: u32_at(b, 80),
-        ts: u64_at(b, 16),
+        ts: match kind {
+            EventKind::ProbeSent | EventKind::ProbeAnswered => u64_at(b, 16),
+            _ => u64_at(b, 16).saturating_add(LIFECYCLE_STAMP_SLACK_NS),
+        },
         old_state,
         state,
         local: sockaddr(ipver, &arr16(b, 24), u16_at(b, 56)),

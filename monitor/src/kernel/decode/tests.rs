@@ -222,3 +222,15 @@ fn hz_from_the_jiffies_rate() {
     assert_eq!(hz_from_rate(10, 1.0, 5, 2.0), None);
     assert_eq!(hz_from_rate(10, 1.0, 20, 1.0), None);
 }
+
+#[test]
+fn a_lifecycle_stamp_is_never_earlier_than_its_event_and_a_probe_stamp_is_exact() {
+    // Lifecycle records carry the clock read at the first record of their jiffy (up to a tick
+    // early): decoded, their time is an upper bound. Probe records carry the exact clock.
+    let e = event(&ev_bytes(&rec(kind::STATE, tcp_state::ESTABLISHED))).unwrap();
+    assert_eq!(e.ts, 5 + LIFECYCLE_STAMP_SLACK_NS);
+    let e = event(&ev_bytes(&rec(kind::RECV_RST, tcp_state::ESTABLISHED))).unwrap();
+    assert_eq!(e.ts, 5 + LIFECYCLE_STAMP_SLACK_NS);
+    let e = event(&ev_bytes(&rec(kind::PROBE_SENT, tcp_state::ESTABLISHED))).unwrap();
+    assert_eq!(e.ts, 5);
+}
