@@ -261,7 +261,10 @@ fn cgroup_connections_get_keepalive(mode: &str) {
         "keepalive on the cgroup's connection",
         || {
             let f = agent.flow_at(&inside.addr()).ok_or("not listed")?;
-            if f["keepalive"] == true {
+            // eBPF mode: a new flow's first sample may be sock_diag's (for its owner), which has
+            // no per-socket settings; the iterator's sample brings them a moment later.
+            let settings = mode != "ebpf" || f["keepalive_idle_s"].is_u64();
+            if f["keepalive"] == true && settings {
                 Ok(f)
             } else {
                 Err(f.to_string())
