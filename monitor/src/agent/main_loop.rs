@@ -450,7 +450,12 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             s.full_walks = full_walks;
             s.targeted_walks = targeted_walks;
             s.last_snapshot_error = None;
+            let t0 = std::time::Instant::now();
             state.table.apply_snapshot(&snap, &owners);
+            if round {
+                let took = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                state.gate.note_applied(first_of_round, took);
+            }
         }
         Msg::SnapshotFailed { netns, error } => {
             let s = &mut state.stats;
@@ -576,7 +581,7 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             outcome,
             reply,
         } => {
-            let none = HashMap::new();
+            let none = foldhash::HashMap::default();
             for snap in &snaps {
                 state.table.apply_snapshot(snap, &none);
             }

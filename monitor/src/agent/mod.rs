@@ -15,7 +15,7 @@ mod socket;
 pub mod state;
 mod workers;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -68,7 +68,7 @@ pub enum Msg {
     Held {
         found: Vec<crate::model::observe::DeadFd>,
         scope: crate::track::held::HeldScope,
-        owners: HashMap<u32, Arc<crate::model::observe::Owner>>,
+        owners: std::collections::HashMap<u32, Arc<crate::model::observe::Owner>>,
     },
     /// What the probe-watch selection did, per namespace.
     Watched(Vec<crate::track::watch::WatchOutcome>),

@@ -67,6 +67,7 @@ impl State {
             snapshots_skipped: self.gate.skipped(),
             fresh: s.fresh.clone(),
             snapshot_interval_ms: self.policy.pacing.interval.as_millis() as u64,
+            snapshot_paced_ms: self.gate.paced_ms(),
             last_snapshot_ms: s.last_snapshot.as_secs_f64() * 1000.0,
             last_snapshot_sockets: s.last_snapshot_sockets,
             snapshot_failures: s.snapshot_failures,

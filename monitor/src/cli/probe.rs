@@ -1,6 +1,5 @@
 //! `holdfast probe`: one full read of the kernel's views, timed as the agent does it (the bench
 //! uses it to compare with `ss` and `ps` on the same sockets and processes).
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -84,7 +83,7 @@ fn snapshot(
             let socks: Vec<_> = snap.socks.iter().collect();
             match loaded.as_mut() {
                 Some(l) => resolver.resolve_from(&socks, &l.owners().map_err(|e| e.to_string())?),
-                None => resolver.resolve(&socks, &HashMap::new(), Instant::now()),
+                None => resolver.resolve(&socks, &foldhash::HashMap::default(), Instant::now()),
             }
             owned = snap
                 .socks

@@ -102,9 +102,17 @@ pub fn render(s: &Status) -> String {
     line(
         "snapshots:",
         format!(
-            "{} every {} ({} complete){}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
+            "{} every {}{} ({} complete){}, last took {:.2} ms for {} sockets in {} namespaces ({} left out by the kernel filter){}",
             s.snapshots,
             fmt_ms(s.snapshot_interval_ms),
+            if s.snapshot_paced_ms > s.snapshot_interval_ms {
+                format!(
+                    " (now {} apart: a read of this many sockets is paced to its share of a core)",
+                    fmt_ms(s.snapshot_paced_ms)
+                )
+            } else {
+                String::new()
+            },
             s.complete_reads,
             if s.snapshots_skipped > 0 {
                 format!(

@@ -188,6 +188,10 @@ pub struct Status {
     #[serde(default)]
     pub fresh: FreshReads,
     pub snapshot_interval_ms: u64,
+    /// How far apart periodic reads are now: the interval, or more where a read costs more than
+    /// its share of a core (large tables). 0: not paced yet.
+    #[serde(default)]
+    pub snapshot_paced_ms: u64,
     pub last_snapshot_ms: f64,
     pub last_snapshot_sockets: usize,
     pub snapshot_failures: u64,

@@ -26,7 +26,7 @@ pub struct HeldProbe {
 impl HeldProbe {
     /// The dead TCP sockets `pids` hold: their socket descriptors whose inode is not in `live`
     /// (every inode the latest complete tables listed), confirmed one by one.
-    pub fn check(&mut self, pids: &[u32], live: &HashSet<u64>) -> Vec<DeadFd> {
+    pub fn check(&mut self, pids: &[u32], live: &foldhash::HashSet<u64>) -> Vec<DeadFd> {
         let mut out = Vec::new();
         let mut budget = MAX_CONFIRM;
         let mut seen: HashSet<(u32, u64)> = HashSet::new();
@@ -108,7 +108,7 @@ mod tests {
         };
         let unix = std::os::unix::net::UnixStream::pair().unwrap();
         // Everything but these sockets is "in a table" for this check.
-        let all: HashSet<u64> = procfs::socket_fds(std::process::id())
+        let all: foldhash::HashSet<u64> = procfs::socket_fds(std::process::id())
             .into_iter()
             .map(|(_, i)| i)
             .filter(|&i| i != inode(&dead) && i != inode(&live))

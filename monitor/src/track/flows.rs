@@ -6,7 +6,11 @@
 //! remembered (tombstone) so that a snapshot taken before the close cannot resurrect it.
 //! Snapshots are per network namespace: one namespace's complete read never drops another's flows.
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
+
+// Keyed by socket cookies (the kernel's, not a client's): foldhash, not SipHash (see
+// `kernel::owners`).
+use foldhash::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 

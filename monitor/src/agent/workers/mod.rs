@@ -44,6 +44,11 @@ pub struct ReadGate {
     /// Records the kernel could not queue (full rings), as last counted: a complete read
     /// follows any rise (it heals what the lost records would have said).
     lost: AtomicU64,
+    /// What the state owner spent merging the last round's tables (ns): a round costs its
+    /// merge as well as its read, and the reads are paced by both.
+    applied: AtomicU64,
+    /// How far apart periodic reads are now (ms), for `status`.
+    paced_ms: AtomicU64,
 }
 
 impl ReadGate {
@@ -57,6 +62,24 @@ impl ReadGate {
     }
     pub fn note_lost(&self, total: u64) {
         self.lost.store(total, Ordering::Relaxed);
+    }
+    /// The state owner merged one table of a round in `ns` (`first`: the round's first table).
+    pub fn note_applied(&self, first: bool, ns: u64) {
+        if first {
+            self.applied.store(ns, Ordering::Relaxed);
+        } else {
+            self.applied.fetch_add(ns, Ordering::Relaxed);
+        }
+    }
+    fn set_paced(&self, every: Duration) {
+        let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        self.paced_ms.store(ms, Ordering::Relaxed);
+    }
+    pub fn paced_ms(&self) -> u64 {
+        self.paced_ms.load(Ordering::Relaxed)
+    }
+    fn applied(&self) -> Duration {
+        Duration::from_nanos(self.applied.load(Ordering::Relaxed))
     }
     fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)

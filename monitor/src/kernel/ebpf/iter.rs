@@ -1,6 +1,6 @@
 //! The iterators: a snapshot of one namespace's TCP table (complete, or only the sockets worth a
 //! look), the owners of every socket file on the host, and keepalive on targeted sockets.
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::io::Read;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};

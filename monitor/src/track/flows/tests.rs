@@ -1,6 +1,7 @@
 use super::*;
 use crate::model::flow::TableCounters;
 use crate::model::observe::{Coverage, PidHint, SockSample, TcpSample};
+use foldhash::HashMapExt;
 
 const S: Nanos = 1_000_000_000;
 
@@ -291,7 +292,7 @@ fn events_open_and_close_flows() {
 #[test]
 fn snapshot_adds_preexisting_flows_with_unknown_state_age() {
     let mut t = FlowTable::default();
-    let owners = HashMap::from([(
+    let owners: HashMap<u64, _> = [(
         50u64,
         std::sync::Arc::new(Owner {
             pid: 3,
@@ -299,7 +300,9 @@ fn snapshot_adds_preexisting_flows_with_unknown_state_age() {
             cgroup: None,
             unit: None,
         }),
-    )]);
+    )]
+    .into_iter()
+    .collect();
     t.apply_snapshot(
         &snap(10 * S, 11 * S, vec![sock(7, tcp_state::ESTABLISHED, 50)]),
         &owners,
