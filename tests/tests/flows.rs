@@ -285,3 +285,39 @@ fn a_large_selection_is_read_whole(mode: &str) {
     );
 }
 both_modes!(a_large_selection_is_read_whole);
+
+/// Where waiting on the event rings is not possible (registering them fails; forced here with
+/// HOLDFAST_RING_WAIT=off), the pump drains them every 20 ms instead: 2000 connections that each
+/// live for well under a read's interval all reach the table, opened and closed, none lost.
+/// eBPF mode only: poll mode has no rings.
+#[test]
+fn events_flow_when_the_rings_are_polled() {
+    require_root();
+    let ns = Netns::new("ringpoll");
+    let agent = Agent::start_env(&ns, "ebpf", "", "", &[("HOLDFAST_RING_WAIT", "off")]);
+    let count = |s: &serde_json::Value, k: &str| s["table"][k].as_u64().unwrap_or(0);
+    let before = agent.status();
+    let o = ns
+        .cmd(&helper_bin("hf-load"))
+        .args(["churn", "127.0.0.1:7400", "2000"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = wait_for(
+        Duration::from_secs(5),
+        "both ends of 2000 connections opened and closed",
+        || {
+            let st = agent.status();
+            let opened = count(&st, "opened") - count(&before, "opened");
+            let closed = count(&st, "closed") - count(&before, "closed");
+            if opened >= 4000 && closed >= 4000 {
+                Ok(st)
+            } else {
+                Err(format!("opened {opened}, closed {closed}: {st}"))
+            }
+        },
+    );
+    assert_eq!(st["events_lost"], 0, "{st}");
+    let log = agent.stderr();
+    assert!(log.contains("draining the event rings every 20 ms"), "{log}");
+}

@@ -118,7 +118,9 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         let d = u64::from((now as u32).wrapping_sub(stamp));
         (d * 1000 / hz).min(u64::from(u32::MAX)) as u32
     };
-    let until = |exp: u64| -> i64 { (exp as i64).wrapping_sub(now as i64) * 1000 / hz as i64 };
+    let until = |exp: u64| {
+        TcpSample::expires_ms((exp as i64).wrapping_sub(now as i64).saturating_mul(1000) / hz as i64)
+    };
     let secs = |j: u32| -> Option<u32> { (j != 0).then(|| (u64::from(j) / hz) as u32) };
     let tcp = (flags & SNAP_FULL != 0).then(|| {
         let pending = b[o!(icsk_pending)];

@@ -27,7 +27,8 @@ pub struct Flow {
     pub uid: u32,
     /// Shared by every flow of the process.
     pub owner: Option<Arc<Owner>>,
-    pub pid_hint: Option<PidHint>,
+    /// Boxed: only flows whose owner is not known yet have one.
+    pub pid_hint: Option<Box<PidHint>>,
     pub tcp: Option<TcpSample>,
     /// When `tcp` was sampled.
     pub tcp_at: Nanos,
@@ -221,7 +222,7 @@ impl Flow {
             // sample is fresh, as `flows` asks by default, this is the kernel's value).
             timer_expires_ms: t
                 .and_then(|t| t.timer_expires_ms)
-                .map(|e| e.saturating_sub(ms(now.saturating_sub(self.tcp_at)) as i64)),
+                .map(|e| i64::from(e).saturating_sub(ms(now.saturating_sub(self.tcp_at)) as i64)),
             keepalive_idle_s: t.and_then(|t| t.keepalive_idle_s),
             keepalive_intvl_s: t.and_then(|t| t.keepalive_intvl_s),
             keepalive_cnt: t.and_then(|t| t.keepalive_cnt),

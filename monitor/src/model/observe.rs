@@ -103,14 +103,23 @@ pub struct TcpSample {
     pub unacked: u32,
     pub total_retrans: u32,
     pub timer: Timer,
-    /// Milliseconds until the timer fires (negative: overdue).
-    pub timer_expires_ms: Option<i64>,
+    /// Milliseconds until the timer fires (negative: overdue), within ±24 days (`expires_ms`):
+    /// 32 bits, a sample is kept per flow.
+    pub timer_expires_ms: Option<i32>,
     /// SO_KEEPALIVE: `Some` where the source knows it (eBPF), else inferred from the timer.
     pub keepalive: Option<bool>,
     /// Per-socket TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT where set on the socket (eBPF only).
     pub keepalive_idle_s: Option<u32>,
     pub keepalive_intvl_s: Option<u32>,
     pub keepalive_cnt: Option<u32>,
+}
+
+impl TcpSample {
+    /// A timer's distance in ms as kept in a sample (clamped to ±24 days; no TCP timer is
+    /// that far: TCP_KEEPIDLE is at most 32767 s).
+    pub fn expires_ms(ms: i64) -> i32 {
+        i32::try_from(ms).unwrap_or(if ms < 0 { i32::MIN } else { i32::MAX })
+    }
 }
 
 /// One socket from a snapshot.

@@ -144,7 +144,7 @@ fn fresh_after_answer(flow: &mut Flow, at: Nanos) {
     if t.timer == crate::model::observe::Timer::Keepalive
         && let Some(idle) = t.keepalive_idle_s
     {
-        t.timer_expires_ms = Some(i64::from(idle) * 1000);
+        t.timer_expires_ms = Some(TcpSample::expires_ms(i64::from(idle) * 1000));
     }
     flow.tcp_at = at;
     flow.quiet_until = 0;
@@ -386,7 +386,7 @@ impl FlowTable {
             EventKind::ProbeSent | EventKind::ProbeAnswered => {}
         }
         if let Some(h) = &e.pid_hint {
-            flow.pid_hint = Some(h.clone());
+            flow.pid_hint = Some(Box::new(h.clone()));
         }
         self.marks.changed(flow);
         self.calm = None;

@@ -146,12 +146,27 @@ pub fn spawn_pump(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Woken by the kernel when a record lands in a drained ring; an idle agent does not poll.
-        // Without readiness (registration failed) it polls every DRAIN_EVERY as before.
-        let ready = match events.readiness() {
-            Ok([a, b]) => Some((a, b)),
-            Err(e) => {
+        // Without readiness (registration failed, or HOLDFAST_RING_WAIT=off where waiting on
+        // the rings misbehaves) it polls every DRAIN_EVERY.
+        let wait = std::env::var("HOLDFAST_RING_WAIT");
+        let ready = match (wait.as_deref(), events.readiness()) {
+            (Ok("off"), _) => {
+                tracing::warn!("HOLDFAST_RING_WAIT=off: draining the event rings every 20 ms");
+                None
+            }
+            (_, Err(e)) => {
                 tracing::warn!("waiting on the event rings failed ({e}): draining them every 20 ms instead");
                 None
+            }
+            (w, Ok([a, b])) => {
+                if let Ok(v) = w
+                    && v != "on"
+                {
+                    tracing::warn!(
+                        "HOLDFAST_RING_WAIT={v:?} is neither \"on\" nor \"off\": waiting on the rings (the default)"
+                    );
+                }
+                Some((a, b))
             }
         };
         let mut last_counters = Instant::now() - COUNTERS_IDLE;
