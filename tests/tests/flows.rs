@@ -67,6 +67,11 @@ fn connect_then_close(mode: &str) {
             status["events"].as_u64().unwrap() >= 4,
             "state events were counted: {status}"
         );
+        // The owners came from the likely owner's descriptors, read by the task_file iterator
+        // limited to that process (not /proc, and not a walk of every socket file).
+        assert!(status["owner_targeted_walks"].as_u64().unwrap() >= 1, "{status}");
+        let log = agent.stderr();
+        assert!(!log.contains("per-process socket-file iterator failed"), "{log}");
     }
 }
 both_modes!(connect_then_close);

@@ -310,11 +310,62 @@ fn steady(
         0.0
     };
     let fresh = selected_flows(&a, tools, sockets)?;
+    let trickle = trickle(&a, tools)?;
     Ok(
         json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs(),
             "settled": { "cpu_pct": settled_cpu, "window_s": settled.as_secs(), "from_s": SETTLE.as_secs(), "reads": settled_reads, "complete_reads": settled_complete },
-            "flows_1k": fresh }),
+            "flows_1k": fresh, "trickle": trickle }),
     )
+}
+
+/// New long-lived sessions arriving slowly at a large table: one connection every
+/// TRICKLE_EVERY_MS, each held, on their own port.
+const TRICKLE_EVERY_MS: u64 = 500;
+const TRICKLE_PORT: &str = "5002";
+const TRICKLE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The settled agent while new connections trickle in: its CPU over TRICKLE_WINDOW (from 5 s
+/// after the first), the owner lookups and reads that took (from `status`), and how many of the
+/// new flows the agent shows with their owner at the end.
+fn trickle(a: &Agent, tools: &Path) -> Result<Value> {
+    let mut c = Ns::cmd(&tools.join("hf-load"));
+    c.args([
+        "trickle",
+        &format!("127.0.0.253:{TRICKLE_PORT}"),
+        &TRICKLE_EVERY_MS.to_string(),
+    ]);
+    let (_held, _) = Held::spawn(c, "ready")?;
+    std::thread::sleep(Duration::from_secs(5));
+    let counts = |a: &Agent| {
+        a.status().map_or([0; 3], |s| {
+            ["owner_full_walks", "owner_targeted_walks", "snapshots"].map(|k| s[k].as_u64().unwrap_or(0))
+        })
+    };
+    let before = counts(a);
+    let (c0, _) = a.usage();
+    let t0 = Instant::now();
+    std::thread::sleep(TRICKLE_WINDOW);
+    let (c1, _) = a.usage();
+    let secs = t0.elapsed().as_secs_f64();
+    let after = counts(a);
+    // Give the last connection its owner lookup (the next tick, then the exact read).
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = a
+        .query(&["flows", "--json", "--cached", "--port", TRICKLE_PORT])
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    let owned = rows.iter().filter(|f| f["pid"].as_u64().is_some()).count();
+    // The sockets there are, as `ss` lists them (both ends of every connection, and the listener).
+    let filter = format!("( sport = :{TRICKLE_PORT} or dport = :{TRICKLE_PORT} )");
+    let sockets = run_ok(Ns::cmd(Path::new("ss")).args(["-Htan", &filter]))?
+        .lines()
+        .count();
+    Ok(json!({
+        "sockets": sockets,
+        "every_ms": TRICKLE_EVERY_MS, "window_s": secs, "cpu_pct": (c1 - c0) / secs * 100.0,
+        "flows": rows.len(), "with_owner": owned,
+        "full_walks": after[0] - before[0], "targeted_walks": after[1] - before[1], "reads": after[2] - before[2],
+    }))
 }
 
 /// Connections of the `flows` query row: 500 (1000 sockets) on their own port.
@@ -628,6 +679,8 @@ fn compared_figures(r: &Value) -> Vec<(String, String, bool)> {
                 ("flows for 1k, eBPF", "steady_ebpf/flows_1k/fresh_best_s", true),
                 ("flows for 1k, poll", "steady_poll/flows_1k/fresh_best_s", true),
                 ("poll B/flow", "steady_poll/bytes_per_flow", true),
+                ("new connections CPU %, eBPF", "steady_ebpf/trickle/cpu_pct", true),
+                ("new connections CPU %, poll", "steady_poll/trickle/cpu_pct", true),
             ] {
                 out.push((
                     format!("{n} sockets: {what}"),
@@ -1054,6 +1107,28 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
                     q["ss_tin_port_s"].as_f64().unwrap_or(0.0),
                     q["fresh_best_s"].as_f64().unwrap_or(0.0)
                 ),
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nNew long-lived connections at a settled agent (one every {TRICKLE_EVERY_MS} ms, each held; agent CPU over {} s):",
+        TRICKLE_WINDOW.as_secs()
+    );
+    for sz in r["sizes"].as_array().into_iter().flatten() {
+        for m in ["ebpf", "poll"] {
+            let t = &sz[format!("steady_{m}").as_str()]["trickle"];
+            let _ = writeln!(
+                out,
+                "  {:>7} sockets {m:4}: {:.2} % of a core; {} of {} sockets on the port shown, {} with their owner; {} full owner walks, {} targeted, {} reads",
+                sz["sockets"],
+                t["cpu_pct"].as_f64().unwrap_or(0.0),
+                t["flows"],
+                t["sockets"],
+                t["with_owner"],
+                t["full_walks"],
+                t["targeted_walks"],
+                t["reads"],
             );
         }
     }

@@ -20,6 +20,15 @@ use crate::model::observe::{Owner, SockSample};
 const FULL_WALK_DUTY: u32 = 10;
 const MIN_FULL_WALK_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The socket inodes a process holds: `proc_sockets`, or in eBPF mode the task_file iterator
+/// limited to that process.
+pub type HeldBy<'a> = dyn FnMut(u32) -> Vec<u64> + 'a;
+
+/// The socket inodes `pid` holds, from /proc/PID/fd (about 3.5 µs per descriptor).
+pub fn proc_sockets(pid: u32) -> Vec<u64> {
+    socket_fds(pid).into_iter().map(|(_, i)| i).collect()
+}
+
 #[derive(Default)]
 pub struct OwnerResolver {
     cache: HashMap<u64, Arc<Owner>>,
@@ -40,13 +49,10 @@ impl OwnerResolver {
         self.cache.get(&inode)
     }
 
-    /// Adds what `pid` holds among `wanted` to the cache; returns how many it added.
-    fn scan(&mut self, pid: u32, wanted: &HashSet<u64>) -> usize {
-        let found: Vec<u64> = socket_fds(pid)
-            .into_iter()
-            .map(|(_, i)| i)
-            .filter(|i| wanted.contains(i))
-            .collect();
+    /// Adds what `pid` holds among `wanted` to the cache (`held_by`: the socket inodes a process
+    /// holds); returns how many it added.
+    fn scan(&mut self, pid: u32, wanted: &HashSet<u64>, held_by: &mut HeldBy<'_>) -> usize {
+        let found: Vec<u64> = held_by(pid).into_iter().filter(|i| wanted.contains(i)).collect();
         if found.is_empty() {
             return 0;
         }
@@ -86,6 +92,7 @@ impl OwnerResolver {
         socks: &[&SockSample],
         hints: &HashMap<u64, u32>,
         missing: HashSet<u64>,
+        held_by: &mut HeldBy<'_>,
     ) -> HashSet<u64> {
         self.note_listeners(socks);
         let mut candidates: Vec<u32> = socks
@@ -106,7 +113,7 @@ impl OwnerResolver {
                 break;
             }
             self.targeted_walks += 1;
-            self.scan(pid, &left);
+            self.scan(pid, &left, held_by);
             left.retain(|i| !self.cache.contains_key(i));
         }
         left
@@ -114,7 +121,12 @@ impl OwnerResolver {
 
     /// eBPF mode, before the task_file walk: resolves what the likely owners hold (see
     /// `likely`). Returns whether some socket is still without an owner (the walk is needed).
-    pub fn resolve_likely(&mut self, socks: &[&SockSample], hints: &HashMap<u64, u32>) -> bool {
+    pub fn resolve_likely(
+        &mut self,
+        socks: &[&SockSample],
+        hints: &HashMap<u64, u32>,
+        held_by: &mut HeldBy<'_>,
+    ) -> bool {
         let missing: HashSet<u64> = socks
             .iter()
             .map(|s| s.inode)
@@ -123,7 +135,7 @@ impl OwnerResolver {
         if missing.is_empty() {
             return false;
         }
-        let left = self.likely(socks, hints, missing);
+        let left = self.likely(socks, hints, missing, held_by);
         self.note_listeners(socks);
         !left.is_empty()
     }
@@ -182,7 +194,7 @@ impl OwnerResolver {
             return;
         }
         // Likely owners first: the connect()/listen() pid, and the listener's owner for accepted sockets.
-        let mut left = self.likely(socks, hints, missing);
+        let mut left = self.likely(socks, hints, missing, &mut proc_sockets);
         if left.is_empty() {
             return;
         }
@@ -192,7 +204,7 @@ impl OwnerResolver {
         }
         let t0 = Instant::now();
         for pid in all_pids() {
-            if self.scan(pid, &left) > 0 {
+            if self.scan(pid, &left, &mut proc_sockets) > 0 {
                 left.retain(|i| !self.cache.contains_key(i));
                 if left.is_empty() {
                     break;
@@ -267,14 +279,15 @@ mod tests {
         // The listener's owner comes from the pid seen at listen().
         assert!(!r.resolve_likely(
             &[&listener],
-            &[(1u64, me)].into_iter().collect::<HashMap<u64, u32>>()
+            &[(1u64, me)].into_iter().collect::<HashMap<u64, u32>>(),
+            &mut proc_sockets
         ));
         // A later read lists only the accepted socket (a filtered read leaves listeners out):
         // the listener's owner, remembered, holds it.
-        assert!(!r.resolve_likely(&[&accepted], &HashMap::new()));
+        assert!(!r.resolve_likely(&[&accepted], &HashMap::new(), &mut proc_sockets));
         assert_eq!(r.owner(inode(&a)).map(|o| o.pid), Some(me));
         // A socket no hint and no listener points at needs the walk of every descriptor.
-        assert!(r.resolve_likely(&[&client], &HashMap::new()));
+        assert!(r.resolve_likely(&[&client], &HashMap::new(), &mut proc_sockets));
         assert_eq!(r.owner(inode(&c)), None);
         assert_eq!((r.full_walks, r.targeted_walks), (0, 2));
         // A complete read without the listener forgets it.

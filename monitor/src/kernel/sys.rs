@@ -311,6 +311,91 @@ pub fn default_sigpipe() {
     };
 }
 
+/// An iterator limited to one process (Linux 5.19+): BPF_LINK_CREATE for the iterator program
+/// `prog` with `bpf_iter_link_info.task.pid`, then BPF_ITER_CREATE; returns the file to read.
+/// Written here because aya 0.16 attaches iterators without link info. Layouts from
+/// include/uapi/linux/bpf.h (`union bpf_attr`'s `link_create` and `iter_create`, `union
+/// bpf_iter_link_info`).
+pub fn iter_for_pid(prog: BorrowedFd<'_>, pid: u32) -> io::Result<std::fs::File> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_ITER_CREATE: libc::c_long = 33;
+    const BPF_TRACE_ITER: u32 = 28;
+    /// `union bpf_iter_link_info`: 16 bytes (its cgroup member ends with a u64); `task` first.
+    #[repr(C, align(8))]
+    struct IterLinkInfo {
+        tid: u32,
+        pid: u32,
+        pid_fd: u32,
+        _rest: u32,
+    }
+    /// `link_create`: prog_fd, target_fd, attach_type, flags, then the aligned iter_info pointer
+    /// and its length.
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        iter_info: u64,
+        iter_info_len: u32,
+        _rest: u32,
+    }
+    #[repr(C)]
+    struct IterCreate {
+        link_fd: u32,
+        flags: u32,
+    }
+    const _: () = assert!(size_of::<IterLinkInfo>() == 16 && size_of::<LinkCreate>() == 32);
+    let info = IterLinkInfo {
+        tid: 0,
+        pid,
+        pid_fd: 0,
+        _rest: 0,
+    };
+    let attr = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: BPF_TRACE_ITER,
+        flags: 0,
+        iter_info: &raw const info as u64,
+        iter_info_len: size_of::<IterLinkInfo>() as u32,
+        _rest: 0,
+    };
+    // SAFETY: `attr` and the `info` it points to are live, initialised and of the sizes passed;
+    // the kernel only reads them.
+    let link = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &raw const attr,
+            size_of::<LinkCreate>(),
+        )
+    };
+    if link < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    let create = IterCreate {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    // SAFETY: as above; the link stays open until the iterator's file is made.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ITER_CREATE,
+            &raw const create,
+            size_of::<IterCreate>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
 /// Gives freed heap pages back to the system (glibc keeps them otherwise: after a connection
 /// storm the agent's RSS would stay at its peak).
 pub fn trim_heap() {

@@ -4,6 +4,9 @@
 //!   (2N sockets), prints `ready N`, holds them until stdin closes.
 //! - `hf-load churn ADDR N`  N connect/accept/close cycles as fast as possible; prints
 //!   `churn N SECONDS`.
+//! - `hf-load trickle ADDR MS`  listens on ADDR, prints `ready`, then opens one connection to it
+//!   every MS milliseconds and holds every one (long-lived sessions arriving slowly), until stdin
+//!   closes.
 //! - `hf-load get ADDR`      HTTP GET /metrics, prints the body.
 //! - `hf-load procs N Z`     N sleeping children of which Z exit at once and stay zombies; prints
 //!   `ready`; on stdin close kills and reaps them all.
@@ -73,6 +76,26 @@ fn main() {
                 drop(s);
             }
             println!("churn {n} {:.6}", t0.elapsed().as_secs_f64());
+        }
+        Some("trickle") => {
+            raise_nofile();
+            let every = std::time::Duration::from_millis(args[3].parse().expect("MS"));
+            let l = TcpListener::bind(&args[2]).expect("bind");
+            let addr = l.local_addr().expect("addr");
+            println!("ready");
+            std::io::stdout().flush().ok();
+            std::thread::spawn(|| {
+                wait_stdin();
+                std::process::exit(0);
+            });
+            let mut held = Vec::new();
+            loop {
+                let next = Instant::now() + every;
+                let c = TcpStream::connect(addr).expect("connect");
+                let (s, _) = l.accept().expect("accept");
+                held.push((c, s));
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
         }
         Some("procs") => {
             let n: usize = args[2].parse().expect("N");
@@ -173,7 +196,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: hf-load conns ADDR N | churn ADDR N | churn-for ADDR SECONDS | procs N Z | get ADDR | ipc-idle SOCKET N | ipc-flows SOCKET N | squat PATH"
+                "usage: hf-load conns ADDR N | churn ADDR N | trickle ADDR MS | churn-for ADDR SECONDS | procs N Z | get ADDR | ipc-idle SOCKET N | ipc-flows SOCKET N | squat PATH"
             );
             std::process::exit(2);
         }
