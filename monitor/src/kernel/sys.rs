@@ -361,39 +361,26 @@ pub fn iter_for_pid(prog: BorrowedFd<'_>, pid: u32) -> io::Result<std::fs::File>
         iter_info_len: size_of::<IterLinkInfo>() as u32,
         _rest: 0,
     };
-    // SAFETY: `attr` and the `info` it points to are live, initialised and of the sizes passed;
-    // the kernel only reads them.
-    let link = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &raw const attr,
-            size_of::<LinkCreate>(),
-        )
-    };
-    if link < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
-    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    // `info` outlives the call that reads it through `attr`.
+    let link = bpf_fd(BPF_LINK_CREATE, &attr)?;
     let create = IterCreate {
         link_fd: link.as_raw_fd() as u32,
         flags: 0,
     };
-    // SAFETY: as above; the link stays open until the iterator's file is made.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ITER_CREATE,
-            &raw const create,
-            size_of::<IterCreate>(),
-        )
-    };
+    // The link stays open until the iterator's file is made.
+    Ok(std::fs::File::from(bpf_fd(BPF_ITER_CREATE, &create)?))
+}
+
+/// bpf(2) for a command that returns a new descriptor, with `attr` as its `union bpf_attr`.
+fn bpf_fd<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is live, initialised and of the size passed; the kernel only reads it and
+    // what it points to, which the caller keeps alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
-    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Gives freed heap pages back to the system (glibc keeps them otherwise: after a connection

@@ -99,8 +99,9 @@ pub struct Loaded {
     /// so the first filtered read after them does not report every socket again. None (the
     /// CLI's probes): complete reads leave SEEN alone.
     pub seen_mark_ms: Option<u64>,
-    /// Why the per-process task_file iterator failed (an older kernel): /proc is read instead.
-    pub pid_iter_failed: Option<String>,
+    /// The per-process task_file iterator failed (an older kernel; the log says why): /proc
+    /// is read instead.
+    pub pid_iter_failed: bool,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -232,7 +233,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         features,
         watch: watch::WatchState::default(),
         seen_mark_ms: None,
-        pid_iter_failed: None,
+        pid_iter_failed: false,
     };
     let watch = loaded.setup_watch(&btf);
     if let Err(e) = &watch {
