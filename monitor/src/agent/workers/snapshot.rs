@@ -23,8 +23,9 @@ use crate::model::observe::{NetnsId, Snapshot};
 const SNAPSHOT_DUTY: u32 = 100;
 /// Poll mode reads every table each time (nothing else sees new and closed sockets): such a round
 /// takes at most 1/POLL_DUTY of the time, read and merge counted. At 200k sockets a round costs
-/// about 0.5 s of CPU: one about every 100 s, and the agent settles near 0.7 % of a core where
-/// 1/100 gave 1.6-2.1 % (`perf` and /proc/PID/stat over 120 s, 200k idle loopback sockets).
+/// about 0.65 s: one about every 130 s, and the agent settles at 0.88 % of a core where 1/100
+/// gave 1.6-2.1 % (/proc/PID/stat over 180 s, 200k idle loopback sockets; 1.07-1.09 % in the
+/// bench's 180 s window, which held two rounds).
 /// Up to 20k sockets, rounds stay at the configured interval.
 const POLL_DUTY: u32 = 200;
 /// Snapshots asked for soon (a new flow of unknown owner) take at most 1/SOON_DUTY of wall time.
@@ -57,9 +58,9 @@ const HELD_WATCH: Duration = Duration::from_secs(10);
 const HELD_DUTY_INVERSE: u32 = 100;
 /// eBPF mode: what only heals (the complete read, the held-descriptor walk while none is known)
 /// takes at most 1/this of the time each: at least `full_interval` apart, and further apart when
-/// one costs more than 0.1 % of a core (200k sockets: a complete read takes about 0.2 s, so one
-/// every 200 s; 1M sockets: 1.2 s, one every 20 min). Events and filtered reads see everything
-/// else as it happens; a lost event brings the next complete read forward.
+/// one costs more than 0.1 % of a core (a complete round, its merge counted: at 200k sockets the
+/// read alone takes about 0.2 s, so one every several minutes; 1M sockets, over 20 min). Events and filtered reads see everything else as it happens; a lost event
+/// brings the next complete read forward.
 const HEAL_DUTY_INVERSE: u32 = 1000;
 
 /// How long after a complete read the next one comes (eBPF mode), given what it cost.
