@@ -201,8 +201,8 @@ impl State {
             out.hints.extend(p.pid.map(|pid| (p.cookie, pid)));
             let id = crate::kernel::sockdiag::SockId {
                 cookie: p.cookie,
-                local: f.local,
-                remote: f.remote,
+                local: f.local.addr(),
+                remote: f.remote.addr(),
             };
             out.ids.push((f.netns, id));
         }

@@ -100,7 +100,7 @@ pub fn wire_evidence(f: &Flow, now: Nanos) -> Option<Evidence> {
 
 /// How long `f` has been in its state (since first seen if it entered it before holdfast).
 pub fn state_age_ms(f: &Flow, now: Nanos) -> u64 {
-    ms(now.saturating_sub(f.state_since.unwrap_or(f.first_seen)))
+    ms(now.saturating_sub(f.state_since().unwrap_or(f.first_seen)))
 }
 
 /// The threshold for a stuck closing state, if `state` is one.
@@ -237,8 +237,8 @@ pub fn evaluate<'a>(
             .iter()
             .map(|f| StuckSocket {
                 cookie: f.cookie,
-                local: f.local,
-                remote: f.remote,
+                local: f.local.addr(),
+                remote: f.remote.addr(),
                 state: state_name(f.state).to_string(),
                 age_ms: state_age_ms(f, now),
             })
@@ -304,7 +304,7 @@ mod tests {
             state,
             0,
         );
-        f.state_since = Some(since);
+        f.set_state_since(since);
         f.inode = cookie;
         f.owner = Some(std::sync::Arc::new(Owner {
             pid: 50,

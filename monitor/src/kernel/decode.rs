@@ -121,7 +121,8 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
     let until = |exp: u64| {
         TcpSample::expires_ms((exp as i64).wrapping_sub(now as i64).saturating_mul(1000) / hz as i64)
     };
-    let secs = |j: u32| -> Option<u32> { (j != 0).then(|| (u64::from(j) / hz) as u32) };
+    // Within u16: the kernel refuses more than 32767 s (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL).
+    let secs = |j: u32| -> Option<u16> { (j != 0).then(|| (u64::from(j) / hz).min(u64::from(u16::MAX)) as u16) };
     let tcp = (flags & SNAP_FULL != 0).then(|| {
         let pending = b[o!(icsk_pending)];
         let (timer, expires) = match pending {
@@ -144,7 +145,7 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
             keepalive: Some(flags & SNAP_KEEPOPEN != 0),
             keepalive_idle_s: secs(u32_at(b, o!(keepalive_time))),
             keepalive_intvl_s: secs(u32_at(b, o!(keepalive_intvl))),
-            keepalive_cnt: (b[o!(keepalive_probes)] != 0).then_some(u32::from(b[o!(keepalive_probes)])),
+            keepalive_cnt: (b[o!(keepalive_probes)] != 0).then_some(u16::from(b[o!(keepalive_probes)])),
         }
     });
     Ok(SockSample {

@@ -1,5 +1,7 @@
 //! A TCP flow as holdfast tracks it (one per socket cookie), and its view for the CLI.
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroI32;
 use std::sync::Arc;
 
 use monitor_common::tcp_state;
@@ -15,11 +17,12 @@ pub struct Flow {
     pub cookie: u64,
     /// The socket's network namespace (cookies are unique across namespaces; addresses are not).
     pub netns: NetnsId,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub local: Endpoint,
+    pub remote: Endpoint,
     pub state: u8,
-    /// When the flow entered `state`; None if that happened before holdfast saw it.
-    pub state_since: Option<Nanos>,
+    /// When the flow entered `state`; `Nanos::MAX` if that happened before holdfast saw it
+    /// (8 bytes where an `Option` takes 16: `state_since()`).
+    entered: Nanos,
     pub first_seen: Nanos,
     /// Last time an event or snapshot confirmed the flow.
     pub last_seen: Nanos,
@@ -32,10 +35,12 @@ pub struct Flow {
     pub tcp: Option<TcpSample>,
     /// When `tcp` was sampled.
     pub tcp_at: Nanos,
-    pub resets_recv: u32,
-    pub resets_sent: u32,
+    /// RSTs received and sent (saturating: a flow sees one or two).
+    pub resets_recv: u16,
+    pub resets_sent: u16,
     pub retransmit_events: u32,
-    pub last_error: Option<i32>,
+    /// The errno of the last error report (`last_error()`; never 0).
+    error: Option<NonZeroI32>,
     /// The idle (since the last ACK received) in the last real sample that showed the flow calm:
     /// when a later sample shows less, the path survived that idle (path learning).
     pub seen_idle_ms: u32,
@@ -58,6 +63,60 @@ pub struct Flow {
     /// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
     /// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
     pub quiet_read: bool,
+}
+
+/// A socket address as a flow keeps it: 20 bytes where a `SocketAddr` takes 32 (two per flow).
+/// Nothing is lost: holdfast builds every address from an IP and a port (the kernel's socket
+/// tables), never with an IPv6 flow label or scope id.
+/// Ordered as `SocketAddr` is (IPv4 first, then address, then port).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    ip: IpAddr,
+    port: u16,
+}
+
+impl Endpoint {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Self {
+        Endpoint { ip: a.ip(), port: a.port() }
+    }
+}
+
+impl From<Endpoint> for SocketAddr {
+    fn from(e: Endpoint) -> Self {
+        e.addr()
+    }
+}
+
+impl PartialEq<SocketAddr> for Endpoint {
+    fn eq(&self, other: &SocketAddr) -> bool {
+        self.ip == other.ip() && self.port == other.port()
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.addr(), f)
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.addr(), f)
+    }
 }
 
 /// Counters of what the flow table has seen.
@@ -133,10 +192,10 @@ impl Flow {
         Flow {
             cookie,
             netns,
-            local,
-            remote,
+            local: local.into(),
+            remote: remote.into(),
             state,
-            state_since: None,
+            entered: Nanos::MAX,
             first_seen: at,
             last_seen: at,
             inode: 0,
@@ -151,11 +210,30 @@ impl Flow {
             seen_idle_ms: 0,
             trouble_idle_ms: 0,
             sample_aged: false,
-            last_error: None,
+            error: None,
             wire: None,
             quiet_until: 0,
             quiet_read: true,
         }
+    }
+
+    /// When the flow entered its state; None if before holdfast saw it.
+    pub fn state_since(&self) -> Option<Nanos> {
+        (self.entered != Nanos::MAX).then_some(self.entered)
+    }
+
+    pub fn set_state_since(&mut self, at: Nanos) {
+        self.entered = at;
+    }
+
+    /// The errno of the last error the kernel reported on the socket (eBPF mode).
+    pub fn last_error(&self) -> Option<i32> {
+        self.error.map(NonZeroI32::get)
+    }
+
+    /// Records an error report (0, which no report carries, clears it).
+    pub fn set_last_error(&mut self, errno: i32) {
+        self.error = NonZeroI32::new(errno);
     }
 
     /// Milliseconds since the last data sent, data received and ACK received, aged to `now`
@@ -197,10 +275,10 @@ impl Flow {
         FlowView {
             cookie: self.cookie,
             netns,
-            local: self.local,
-            remote: self.remote,
+            local: self.local.addr(),
+            remote: self.remote.addr(),
             state: state_name(self.state).to_string(),
-            state_age_ms: self.state_since.map(|s| ms(now.saturating_sub(s))),
+            state_age_ms: self.state_since().map(|s| ms(now.saturating_sub(s))),
             seen_for_ms: ms(now.saturating_sub(self.first_seen)),
             pid,
             comm,
@@ -223,16 +301,48 @@ impl Flow {
             timer_expires_ms: t
                 .and_then(|t| t.timer_expires_ms)
                 .map(|e| i64::from(e).saturating_sub(ms(now.saturating_sub(self.tcp_at)) as i64)),
-            keepalive_idle_s: t.and_then(|t| t.keepalive_idle_s),
-            keepalive_intvl_s: t.and_then(|t| t.keepalive_intvl_s),
-            keepalive_cnt: t.and_then(|t| t.keepalive_cnt),
-            resets_recv: self.resets_recv,
-            resets_sent: self.resets_sent,
+            keepalive_idle_s: t.and_then(|t| t.keepalive_idle_s).map(u32::from),
+            keepalive_intvl_s: t.and_then(|t| t.keepalive_intvl_s).map(u32::from),
+            keepalive_cnt: t.and_then(|t| t.keepalive_cnt).map(u32::from),
+            resets_recv: u32::from(self.resets_recv),
+            resets_sent: u32::from(self.resets_sent),
             retransmit_events: self.retransmit_events,
-            last_error: self.last_error,
+            last_error: self.last_error(),
             sample_age_ms: t.map(|_| ms(now.saturating_sub(self.tcp_at))),
             risk: None,
             wire_probes: self.wire.as_ref().map(|w| w.view(now)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flow table holds one `Flow` per socket: its size is most of the agent's memory per
+    /// flow (docs/bench.md, `B/flow`). Grows past this only on purpose.
+    #[test]
+    fn a_flow_stays_compact() {
+        let size = std::mem::size_of::<Flow>();
+        println!("Flow: {size} bytes, TcpSample: {} bytes", std::mem::size_of::<TcpSample>());
+        assert!(size <= 200, "Flow is {size} bytes");
+        assert_eq!(std::mem::size_of::<Endpoint>(), 20);
+    }
+
+    #[test]
+    fn endpoints_order_and_print_as_socket_addresses() {
+        let addrs: Vec<SocketAddr> = ["[::1]:80", "10.0.0.2:1", "10.0.0.1:9", "10.0.0.1:10"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let mut eps: Vec<Endpoint> = addrs.iter().map(|a| Endpoint::from(*a)).collect();
+        let mut sorted = addrs.clone();
+        sorted.sort();
+        eps.sort();
+        assert_eq!(eps.iter().map(Endpoint::addr).collect::<Vec<_>>(), sorted);
+        for a in &addrs {
+            assert_eq!(Endpoint::from(*a).to_string(), a.to_string());
+            assert_eq!(Endpoint::from(*a), *a);
         }
     }
 }

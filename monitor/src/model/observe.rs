@@ -109,9 +109,11 @@ pub struct TcpSample {
     /// SO_KEEPALIVE: `Some` where the source knows it (eBPF), else inferred from the timer.
     pub keepalive: Option<bool>,
     /// Per-socket TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT where set on the socket (eBPF only).
-    pub keepalive_idle_s: Option<u32>,
-    pub keepalive_intvl_s: Option<u32>,
-    pub keepalive_cnt: Option<u32>,
+    /// 16 bits: the kernel takes at most 32767 s, 32767 s and 127 (MAX_TCP_KEEPIDLE,
+    /// MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT in include/net/tcp.h).
+    pub keepalive_idle_s: Option<u16>,
+    pub keepalive_intvl_s: Option<u16>,
+    pub keepalive_cnt: Option<u16>,
 }
 
 impl TcpSample {

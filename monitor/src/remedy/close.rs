@@ -142,8 +142,8 @@ impl CloseRemedy {
             }
             let before = Some(ActionValues::Socket {
                 cookie: f.cookie,
-                local: f.local,
-                remote: f.remote,
+                local: f.local.addr(),
+                remote: f.remote.addr(),
                 state: state_name(f.state).to_string(),
                 evidence: c.evidence.clone(),
                 quiet_ms: quiet,

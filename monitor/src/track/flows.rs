@@ -20,6 +20,9 @@ use crate::model::flow::{Flow, TableCounters};
 use crate::model::observe::{Coverage, Event, EventKind, NetnsId, Owner, Snapshot, TcpSample, Timer};
 use crate::model::time::{Nanos, SEC};
 
+mod slab;
+use slab::FlowSlab;
+
 /// Closed flows kept for the detectors between two evaluations (post-mortems, the ledger).
 const CLOSED_KEEP: usize = 4096;
 /// A closed flow waits this long before the detectors see it, so that the error report that
@@ -36,7 +39,7 @@ const TOMBSTONE_MAX: usize = 500_000;
 
 #[derive(Default)]
 pub struct FlowTable {
-    flows: HashMap<u64, Flow>,
+    flows: FlowSlab,
     tombstones: HashMap<u64, Nanos>,
     /// Tombstones in the order they were made, for pruning without a walk.
     tomb_order: VecDeque<(u64, Nanos)>,
@@ -208,7 +211,7 @@ impl FlowTable {
     }
 
     pub fn get(&self, cookie: u64) -> Option<&Flow> {
-        self.flows.get(&cookie)
+        self.flows.get(cookie)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Flow> + Clone {
@@ -222,7 +225,7 @@ impl FlowTable {
     fn close(&mut self, cookie: u64, at: Nanos) {
         self.marks.gone(cookie);
         self.calm = None;
-        if let Some(f) = self.flows.remove(&cookie) {
+        if let Some(f) = self.flows.remove(cookie) {
             self.counters.closed += 1;
             if self.closed.len() >= CLOSED_KEEP {
                 self.closed.pop_front();
@@ -257,7 +260,7 @@ impl FlowTable {
         if let Some(c) = cookie {
             return self
                 .flows
-                .get(&c)
+                .get(c)
                 .ok_or_else(|| format!("no flow with cookie {c} (it may have closed)"));
         }
         let addr = spec.parse::<SocketAddr>().map_err(|_| {
@@ -290,14 +293,14 @@ impl FlowTable {
             .map(|(f, _)| f)
             .chain(self.flows.values())
             .find(|f| f.inode == inode)
-            .map(|f| (f.local, f.remote))
+            .map(|f| (f.local.addr(), f.remote.addr()))
     }
 
     /// Applies one kernel event. Returns true if it created a flow whose owner is unknown.
     pub fn apply_event(&mut self, e: &Event) -> bool {
         if matches!(e.kind, EventKind::ProbeSent | EventKind::ProbeAnswered) {
             // Probes never create a flow: they are about sockets already watched.
-            let flow = match self.flows.get_mut(&e.cookie) {
+            let flow = match self.flows.get_mut(e.cookie) {
                 Some(f) => f,
                 None => match self.closed.iter_mut().rev().find(|(f, _)| f.cookie == e.cookie) {
                     Some((f, _)) => f,
@@ -313,8 +316,8 @@ impl FlowTable {
                 }
             }
             // A closed flow's record is marked too; `gone` already forgot it, so unmark it.
-            let live = self.flows.contains_key(&e.cookie);
-            if let Some(f) = self.flows.get_mut(&e.cookie) {
+            let live = self.flows.contains_key(e.cookie);
+            if let Some(f) = self.flows.get_mut(e.cookie) {
                 self.marks.changed(f);
             }
             if live {
@@ -329,8 +332,8 @@ impl FlowTable {
                 && let Some((f, _)) = self.closed.iter_mut().rev().find(|(f, _)| f.cookie == e.cookie)
             {
                 match e.kind {
-                    EventKind::Error => f.last_error = Some(e.err),
-                    _ => f.resets_recv += 1,
+                    EventKind::Error => f.set_last_error(e.err),
+                    _ => f.resets_recv = f.resets_recv.saturating_add(1),
                 }
             }
             return false;
@@ -343,7 +346,7 @@ impl FlowTable {
             return false;
         }
         let mut created = false;
-        let flow = self.flows.entry(e.cookie).or_insert_with(|| {
+        let flow = self.flows.or_insert_with(e.cookie, || {
             created = true;
             Flow::new(e.cookie, e.netns, e.local, e.remote, e.state, e.ts)
         });
@@ -352,10 +355,10 @@ impl FlowTable {
         }
         // connect() runs before the local port is chosen: keep the best tuple seen.
         if e.local.port() != 0 || flow.local.port() == 0 {
-            flow.local = e.local;
+            flow.local = e.local.into();
         }
         if e.remote.port() != 0 {
-            flow.remote = e.remote;
+            flow.remote = e.remote.into();
         }
         if e.netns != 0 {
             flow.netns = e.netns;
@@ -365,11 +368,11 @@ impl FlowTable {
             EventKind::State => {
                 if flow.state != e.state || created {
                     flow.state = e.state;
-                    flow.state_since = Some(e.ts);
+                    flow.set_state_since(e.ts);
                 }
             }
-            EventKind::RecvRst => flow.resets_recv += 1,
-            EventKind::SendRst => flow.resets_sent += 1,
+            EventKind::RecvRst => flow.resets_recv = flow.resets_recv.saturating_add(1),
+            EventKind::SendRst => flow.resets_sent = flow.resets_sent.saturating_add(1),
             EventKind::Retransmit => {
                 flow.retransmit_events += 1;
                 // The first retransmission comes at least the minimum RTO (200 ms) after the send.
@@ -382,7 +385,7 @@ impl FlowTable {
                     flow.trouble_idle_ms = idle.clamp(1, u64::from(u32::MAX)) as u32;
                 }
             }
-            EventKind::Error => flow.last_error = Some(e.err),
+            EventKind::Error => flow.set_last_error(e.err),
             EventKind::ProbeSent | EventKind::ProbeAnswered => {}
         }
         if let Some(h) = &e.pid_hint {
@@ -422,11 +425,11 @@ impl FlowTable {
             // A query's read: only the flows it named (a socket met here first is left to the
             // next read, which brings its owner).
             let targeted = snap.coverage == Coverage::Targeted;
-            if targeted && !self.flows.contains_key(&s.cookie) {
+            if targeted && !self.flows.contains_key(s.cookie) {
                 continue;
             }
             let mut created = false;
-            let flow = self.flows.entry(s.cookie).or_insert_with(|| {
+            let flow = self.flows.or_insert_with(s.cookie, || {
                 created = true;
                 Flow::new(s.cookie, snap.netns, s.local, s.remote, s.state, at)
             });
@@ -465,12 +468,12 @@ impl FlowTable {
                 // Changed between snapshots without an event (poll mode, or a lost event).
                 if flow.last_seen < snap.started {
                     flow.state = s.state;
-                    flow.state_since = Some(at);
+                    flow.set_state_since(at);
                 }
             }
             flow.netns = snap.netns;
-            flow.local = s.local;
-            flow.remote = s.remote;
+            flow.local = s.local.into();
+            flow.remote = s.remote.into();
             if s.inode != 0 {
                 flow.inode = s.inode;
             }
@@ -590,7 +593,7 @@ impl FlowTable {
         }
         self.calm = None;
         for (c, until, read) in quiet {
-            if let Some(f) = self.flows.get_mut(c) {
+            if let Some(f) = self.flows.get_mut(*c) {
                 f.quiet_until = *until;
                 f.quiet_read = *read;
                 self.marks.awake.remove(c);
@@ -617,7 +620,7 @@ impl FlowTable {
         self.calm = None;
         match cookie {
             Some(c) => {
-                if let Some(f) = self.flows.get_mut(&c) {
+                if let Some(f) = self.flows.get_mut(c) {
                     f.quiet_until = 0;
                     self.marks.awake.insert(c);
                 }
@@ -640,7 +643,7 @@ impl FlowTable {
                 break;
             }
             self.marks.wheel.pop();
-            if let Some(f) = self.flows.get_mut(&c)
+            if let Some(f) = self.flows.get_mut(c)
                 && f.quiet_until == until
             {
                 f.quiet_until = 0;
@@ -667,7 +670,7 @@ impl FlowTable {
 
     /// The flows a leak detector can flag (see `notable`), without a walk.
     pub fn notable(&self) -> impl Iterator<Item = &Flow> + Clone {
-        self.marks.notable.iter().filter_map(|c| self.flows.get(c))
+        self.marks.notable.iter().filter_map(|c| self.flows.get(*c))
     }
 
     /// eBPF mode: the moment before which no ESTABLISHED flow can reach `filter_idle_ms` of idle
@@ -776,10 +779,7 @@ impl FlowTable {
     pub fn maintain(&mut self, now: Nanos) -> bool {
         self.prune_tombstones(now);
         let mut shrank = false;
-        if self.flows.capacity() > 4 * self.flows.len() + 4096 {
-            self.flows.shrink_to_fit();
-            shrank = true;
-        }
+        shrank |= self.flows.shrink_if_sparse();
         if self.tombstones.capacity() > 4 * self.tombstones.len() + 4096 {
             self.tombstones.shrink_to_fit();
             self.tomb_order.shrink_to_fit();

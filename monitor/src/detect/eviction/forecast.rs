@@ -122,9 +122,9 @@ pub fn keepalive_of(f: &Flow, known: Option<KaValues>, sysctl: KaValues) -> Keep
     let per_socket = known.or_else(|| {
         let (i, v, c) = sample?;
         (i.is_some() || v.is_some() || c.is_some()).then(|| KaValues {
-            idle_s: i.unwrap_or(sysctl.idle_s),
-            intvl_s: v.unwrap_or(sysctl.intvl_s),
-            cnt: c.unwrap_or(sysctl.cnt),
+            idle_s: i.map_or(sysctl.idle_s, u32::from),
+            intvl_s: v.map_or(sysctl.intvl_s, u32::from),
+            cnt: c.map_or(sysctl.cnt, u32::from),
         })
     });
     Keepalive {

@@ -80,8 +80,8 @@ pub fn kind_of(v: Forecast) -> Option<FindingKind> {
 pub fn flow_subject(f: &Flow, netns: Option<String>) -> Subject {
     Subject::Flow {
         cookie: f.cookie,
-        local: f.local,
-        remote: f.remote,
+        local: f.local.addr(),
+        remote: f.remote.addr(),
         netns,
         owner: f.pid_comm().map(|(pid, comm)| ProcRef {
             pid,
@@ -199,17 +199,15 @@ impl EvictionDetector {
                 }
                 continue;
             }
-            let memo = self.memo.entry(f.cookie).or_default();
-            memo.judged_at = Some(f.tcp_at);
-            let known = memo.known;
+            let known = memo.and_then(|m| m.known);
             let a = assess(f, now, pol, known, env);
             // Poll mode does not see per-socket keepalive values: read them once, then judge.
-            let memo = self.memo.entry(f.cookie).or_default();
             if a.keepalive.on == Some(true)
                 && a.keepalive.source == crate::model::eviction::KaSource::Sysctl
                 && a.applicable.is_some()
-                && memo.known.is_none()
+                && known.is_none()
             {
+                let memo = self.memo.entry(f.cookie).or_default();
                 if !memo.reading {
                     memo.reading = true;
                     pass.reads.push(f.cookie);
@@ -217,7 +215,19 @@ impl EvictionDetector {
                 memo.judged_at = None;
                 continue;
             }
-            memo.at_risk = a.at_risk().then(|| Box::new(a.clone()));
+            // A memo only where it carries something: the sample judged (read only for flows
+            // with keepalive on, above), an at-risk assessment, values learnt or a read in
+            // flight. Most flows have none of these; a memo each was about 75 bytes per flow
+            // at 200k flows.
+            let at_risk = a.at_risk().then(|| Box::new(a.clone()));
+            let reading = memo.is_some_and(|m| m.reading);
+            if t.keepalive == Some(true) || at_risk.is_some() || known.is_some() || reading {
+                let memo = self.memo.entry(f.cookie).or_default();
+                memo.judged_at = Some(f.tcp_at);
+                memo.at_risk = at_risk;
+            } else if memo.is_some() {
+                self.memo.remove(&f.cookie);
+            }
             if calm
                 && t.backoff == 0
                 && let Some((u, read)) = quiet_until(&a, f, now, pol)

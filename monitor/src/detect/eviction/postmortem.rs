@@ -13,7 +13,7 @@ pub const ECONNABORTED: i32 = 103;
 
 /// How a flow ended, in words.
 pub fn cause(f: &Flow) -> String {
-    match (f.resets_recv, f.last_error) {
+    match (f.resets_recv, f.last_error()) {
         (n, _) if n > 0 => "reset by the peer or a middlebox".into(),
         (_, Some(ETIMEDOUT)) => "timed out (unanswered retransmits or keepalive probes)".into(),
         (_, Some(ECONNRESET)) => "reset".into(),
@@ -31,8 +31,8 @@ pub fn cause(f: &Flow) -> String {
 /// None if the flow did not break that way.
 pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
     let t = f.tcp.as_ref()?;
-    let died_badly = f.resets_recv > 0 || matches!(f.last_error, Some(ETIMEDOUT) | Some(ECONNRESET));
-    let vanished_retransmitting = f.last_error.is_none()
+    let died_badly = f.resets_recv > 0 || matches!(f.last_error(), Some(ETIMEDOUT) | Some(ECONNRESET));
+    let vanished_retransmitting = f.last_error().is_none()
         && f.state == monitor_common::tcp_state::ESTABLISHED
         && t.retransmits > 0
         && t.unacked > 0;
@@ -42,7 +42,7 @@ pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
     if f.trouble_idle_ms > 0 {
         return Some(u64::from(f.trouble_idle_ms));
     }
-    (f.resets_recv > 0 || f.last_error == Some(ECONNRESET))
+    (f.resets_recv > 0 || f.last_error() == Some(ECONNRESET))
         .then(|| u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at)))
 }
 
@@ -50,7 +50,7 @@ pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
 /// with probes unanswered on the wire and no middlebox timeout explains it.
 fn dead_peer(f: &Flow, closed_at: Nanos, cause: &str, env: &mut dyn Env) -> Option<Verdict> {
     let w = f.wire.as_deref()?;
-    if f.last_error != Some(ETIMEDOUT) || w.outstanding == 0 {
+    if f.last_error() != Some(ETIMEDOUT) || w.outstanding == 0 {
         return None;
     }
     let first = w.streak_from.unwrap_or(w.last_sent);
@@ -105,7 +105,7 @@ pub fn judge(
     pol: &EvictionPolicy,
     env: &mut dyn Env,
 ) -> Option<Verdict> {
-    let died_badly = f.resets_recv > 0 || matches!(f.last_error, Some(ETIMEDOUT) | Some(ECONNRESET));
+    let died_badly = f.resets_recv > 0 || matches!(f.last_error(), Some(ETIMEDOUT) | Some(ECONNRESET));
     if !died_badly {
         return None;
     }
@@ -154,8 +154,8 @@ pub fn judge(
         details: Details::PostMortem {
             profile: app,
             silent_ms,
-            resets_recv: f.resets_recv,
-            error: f.last_error,
+            resets_recv: u32::from(f.resets_recv),
+            error: f.last_error(),
             cause: cause.to_string(),
         },
         notable: false,

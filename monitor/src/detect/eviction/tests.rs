@@ -47,7 +47,7 @@ pub fn flow(remote: &str, idle_ms: u32, ka: Option<bool>) -> Flow {
         1,
         0,
     );
-    f.state_since = Some(0);
+    f.set_state_since(0);
     f.inode = 5;
     f.owner = Some(Arc::new(Owner {
         pid: 77,
@@ -245,7 +245,7 @@ fn postmortem_after_reset_past_the_timeout() {
     let mut d = EvictionDetector::default();
     let no = |_: u64| false;
     let mut f = flow("10.77.2.2:80", 30_000, Some(false));
-    f.last_error = Some(postmortem::ETIMEDOUT);
+    f.set_last_error(postmortem::ETIMEDOUT);
     let p = d.evaluate(
         105 * S,
         std::iter::empty(),
@@ -287,7 +287,7 @@ fn a_flow_that_broke_bounds_its_path_and_a_learnt_timeout_applies_without_a_rule
     let no = |_: u64| false;
     // Timed out while retransmitting; it had idled 25 s when it first retransmitted.
     let mut f = flow("10.77.2.2:80", 31_000, Some(false));
-    f.last_error = Some(postmortem::ETIMEDOUT);
+    f.set_last_error(postmortem::ETIMEDOUT);
     f.trouble_idle_ms = 25_000;
     if let Some(t) = f.tcp.as_mut() {
         t.retransmits = 3;
@@ -312,7 +312,7 @@ fn a_flow_that_broke_bounds_its_path_and_a_learnt_timeout_applies_without_a_rule
         )]
     );
     // Poll mode: no error is reported; vanishing while retransmitting is a break too.
-    f.last_error = None;
+    f.set_last_error(0);
     assert_eq!(postmortem::idle_before_break(&f, 104 * S), Some(25_000));
     // Closed by the application after a calm sample: no evidence.
     let calm = flow("10.77.2.2:80", 30_000, Some(false));

@@ -16,7 +16,7 @@ fn flow(cookie: u64, state: u8, since: Nanos, quiet_ms: u32) -> Flow {
         state,
         0,
     );
-    f.state_since = Some(since);
+    f.set_state_since(since);
     f.inode = cookie;
     f.owner = Some(std::sync::Arc::new(crate::model::observe::Owner {
         pid: 50,

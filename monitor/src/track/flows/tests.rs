@@ -274,7 +274,7 @@ fn events_open_and_close_flows() {
     let f = t.get(1).unwrap();
     assert_eq!(f.state, tcp_state::ESTABLISHED);
     assert_eq!(f.local.port(), 4000, "the tuple is completed by later events");
-    assert_eq!(f.state_since, Some(2 * S));
+    assert_eq!(f.state_since(), Some(2 * S));
     assert_eq!(f.view(5 * S, None).pid, Some(9));
     t.apply_event(&ev(1, tcp_state::CLOSE, 3 * S));
     assert!(t.get(1).is_none());
@@ -370,7 +370,7 @@ fn poll_mode_state_changes_are_dated_by_the_snapshot() {
     );
     let f = t.get(4).unwrap();
     assert_eq!(f.state, tcp_state::CLOSE_WAIT);
-    assert_eq!(f.state_since, Some(2 * S));
+    assert_eq!(f.state_since(), Some(2 * S));
 }
 
 #[test]
@@ -384,7 +384,7 @@ fn resets_and_errors_are_counted() {
     r.err = 104;
     t.apply_event(&r);
     let f = t.get(1).unwrap();
-    assert_eq!((f.resets_recv, f.last_error), (1, Some(104)));
+    assert_eq!((f.resets_recv, f.last_error()), (1, Some(104)));
 }
 
 #[test]
@@ -418,7 +418,7 @@ fn an_error_after_the_close_event_joins_the_closed_record() {
     let closed = t.take_closed(3 * S);
     assert_eq!(closed.len(), 1);
     assert_eq!(
-        closed[0].0.last_error,
+        closed[0].0.last_error(),
         Some(110),
         "ETIMEDOUT after the close is kept"
     );
