@@ -567,6 +567,25 @@ impl Agent {
         self.json(&["status", "--json"]).expect("status")
     }
 
+    /// How far apart the agent's periodic reads are, once it has made one: the configured
+    /// interval, or more where reads are paced to their cost (`snapshot_paced_ms`: a read of
+    /// a nearly empty table still walks the kernel's whole hash table, several ms on a host with
+    /// a large one, and poll mode spends at most 0.5 % of a core on them). In poll mode a socket
+    /// opened now is in the table within one spacing.
+    pub fn read_spacing(&self) -> Duration {
+        wait_for(Duration::from_secs(10), "a first read", || {
+            let st = self.status();
+            if st["snapshots"].as_u64().unwrap_or(0) >= 1 {
+                Ok(())
+            } else {
+                Err(st.to_string())
+            }
+        });
+        let st = self.status();
+        let ms = |k: &str| st[k].as_u64().unwrap_or(0);
+        Duration::from_millis(ms("snapshot_paced_ms").max(ms("snapshot_interval_ms")))
+    }
+
     /// How many evaluation rounds of `kind` (zombies, flows, ledger) the agent has completed.
     pub fn rounds(&self, kind: &str) -> u64 {
         self.status()["rounds"][kind].as_u64().unwrap_or(0)

@@ -122,7 +122,8 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         TcpSample::expires_ms((exp as i64).wrapping_sub(now as i64).saturating_mul(1000) / hz as i64)
     };
     // Within u16: the kernel refuses more than 32767 s (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL).
-    let secs = |j: u32| -> Option<u16> { (j != 0).then(|| (u64::from(j) / hz).min(u64::from(u16::MAX)) as u16) };
+    let secs =
+        |j: u32| -> Option<u16> { (j != 0).then(|| (u64::from(j) / hz).min(u64::from(u16::MAX)) as u16) };
     let tcp = (flags & SNAP_FULL != 0).then(|| {
         let pending = b[o!(icsk_pending)];
         let (timer, expires) = match pending {

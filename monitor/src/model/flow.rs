@@ -91,7 +91,10 @@ impl Endpoint {
 
 impl From<SocketAddr> for Endpoint {
     fn from(a: SocketAddr) -> Self {
-        Endpoint { ip: a.ip(), port: a.port() }
+        Endpoint {
+            ip: a.ip(),
+            port: a.port(),
+        }
     }
 }
 
@@ -324,7 +327,10 @@ mod tests {
     #[test]
     fn a_flow_stays_compact() {
         let size = std::mem::size_of::<Flow>();
-        println!("Flow: {size} bytes, TcpSample: {} bytes", std::mem::size_of::<TcpSample>());
+        println!(
+            "Flow: {size} bytes, TcpSample: {} bytes",
+            std::mem::size_of::<TcpSample>()
+        );
         assert!(size <= 200, "Flow is {size} bytes");
         assert_eq!(std::mem::size_of::<Endpoint>(), 20);
     }

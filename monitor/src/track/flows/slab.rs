@@ -76,8 +76,9 @@ impl FlowSlab {
         let at = u32::try_from(self.flows.len()).expect("fewer than 2^32 flows");
         self.flows.push(flow);
         let (flows, hasher) = (&self.flows, &self.hasher);
-        self.index
-            .insert_unique(hasher.hash_one(cookie), at, |&i| hasher.hash_one(flows[i as usize].cookie));
+        self.index.insert_unique(hasher.hash_one(cookie), at, |&i| {
+            hasher.hash_one(flows[i as usize].cookie)
+        });
         &mut self.flows[at as usize]
     }
 
@@ -95,10 +96,9 @@ impl FlowSlab {
             // The last flow moves into the hole: its index entry follows it.
             let moved = self.flows[last].cookie;
             let flows = &self.flows;
-            if let Some(i) = self
-                .index
-                .find_mut(self.hasher.hash_one(moved), |&i| flows[i as usize].cookie == moved)
-            {
+            if let Some(i) = self.index.find_mut(self.hasher.hash_one(moved), |&i| {
+                flows[i as usize].cookie == moved
+            }) {
                 *i = at as u32;
             }
         }
@@ -159,7 +159,12 @@ mod tests {
         }
         assert_eq!(slab.len(), model.len());
         for c in 1..=5000u64 {
-            assert_eq!(slab.get(c * 7919).is_some(), model.contains(&(c * 7919)), "cookie {}", c * 7919);
+            assert_eq!(
+                slab.get(c * 7919).is_some(),
+                model.contains(&(c * 7919)),
+                "cookie {}",
+                c * 7919
+            );
         }
         // An existing flow is returned, not replaced.
         slab.get_mut(2 * 7919).unwrap().uid = 42;
