@@ -364,7 +364,9 @@ fn trickle(a: &Agent, tools: &Path) -> Result<Value> {
         "sockets": sockets,
         "every_ms": TRICKLE_EVERY_MS, "window_s": secs, "cpu_pct": (c1 - c0) / secs * 100.0,
         "flows": rows.len(), "with_owner": owned,
-        "full_walks": after[0] - before[0], "targeted_walks": after[1] - before[1], "reads": after[2] - before[2],
+        // Counters of one agent only grow; saturating all the same (an agent restarted between).
+        "full_walks": after[0].saturating_sub(before[0]), "targeted_walks": after[1].saturating_sub(before[1]),
+        "reads": after[2].saturating_sub(before[2]),
     }))
 }
 

@@ -8,7 +8,8 @@
 //! so a new session accepted by a known server or connected by a hinted pid costs one process's
 //! descriptors, and the walk of every descriptor is left to what they do not hold.
 // foldhash, not SipHash: the keys are the kernel's (inodes, pids), and a poll-mode round at 200k
-// sockets spent about a third of its user time hashing them with SipHash (`perf`).
+// sockets spent about half of its user time hashing them with SipHash (`perf`: the hashing
+// symbols 9-10 % of the samples, the snapshot thread's user time about 15 %).
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -159,12 +159,14 @@ pub fn spawn_pump(
                 None
             }
             (w, Ok([a, b])) => {
-                if let Ok(v) = w
-                    && v != "on"
-                {
-                    tracing::warn!(
+                match w {
+                    Ok("on") | Err(std::env::VarError::NotPresent) => {}
+                    Ok(v) => tracing::warn!(
                         "HOLDFAST_RING_WAIT={v:?} is neither \"on\" nor \"off\": waiting on the rings (the default)"
-                    );
+                    ),
+                    Err(std::env::VarError::NotUnicode(v)) => tracing::warn!(
+                        "HOLDFAST_RING_WAIT={v:?} is not text, let alone \"on\" or \"off\": waiting on the rings (the default)"
+                    ),
                 }
                 Some((a, b))
             }
