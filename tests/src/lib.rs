@@ -470,11 +470,14 @@ impl Agent {
                 dir.join("learned-paths.json").display()
             )
         };
-        // Quick reads unless the test sets its own.
+        // Quick reads unless the test sets its own. A read of a nearly empty namespace walks
+        // the kernel's whole TCP hash table (about 3 ms per address family on these machines),
+        // so at the default share of a core (0.5 % in poll mode) reads would be about 1.4 s apart
+        // per namespace: the tests give reads 20 %, as an operator who wants them fresh can.
         let snapshot = if extra_config.contains("[snapshot]") {
             ""
         } else {
-            "\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\n"
+            "\n[snapshot]\npoll_interval = \"200ms\"\nebpf_interval = \"2s\"\nread_cpu_percent = 20\n"
         };
         std::fs::write(
             &config,
@@ -568,10 +571,9 @@ impl Agent {
     }
 
     /// How far apart the agent's periodic reads are, once it has made one: the configured
-    /// interval, or more where reads are paced to their cost (`snapshot_paced_ms`: a read of
-    /// a nearly empty table still walks the kernel's whole hash table, several ms on a host with
-    /// a large one, and poll mode spends at most 0.5 % of a core on them). In poll mode a socket
-    /// opened now is in the table within one spacing.
+    /// interval, or more where reads are paced to their cost (`snapshot_paced_ms`, within the
+    /// share of a core `snapshot.read_cpu_percent` gives them). In poll mode a socket opened now
+    /// is in the table within one spacing.
     pub fn read_spacing(&self) -> Duration {
         wait_for(Duration::from_secs(10), "a first read", || {
             let st = self.status();

@@ -122,6 +122,11 @@ pub struct SnapshotSection {
     /// eBPF mode: how often a complete snapshot heals what events and filtered reads missed.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub full_interval: Duration,
+    /// The share of one core periodic reads may take, in percent, their merge into the table
+    /// counted; reads are spaced further apart than the interval when they cost more. Default:
+    /// 0.5 in poll mode (its complete reads), 1 in eBPF mode (its filtered reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_cpu_percent: Option<f64>,
 }
 
 impl Default for SnapshotSection {
@@ -130,6 +135,7 @@ impl Default for SnapshotSection {
             poll_interval: Duration::from_millis(500),
             ebpf_interval: Duration::from_secs(10),
             full_interval: Duration::from_secs(120),
+            read_cpu_percent: None,
         }
     }
 }

@@ -54,6 +54,16 @@ impl Config {
         range(s.poll_interval, MS(100), DAY, "snapshot", "poll_interval")?;
         range(s.ebpf_interval, MS(100), DAY, "snapshot", "ebpf_interval")?;
         range(s.full_interval, MS(100), DAY, "snapshot", "full_interval")?;
+        if let Some(p) = s.read_cpu_percent
+            && !(0.1..=50.0).contains(&p)
+        {
+            return Err(bad(
+                "snapshot",
+                None,
+                "read_cpu_percent",
+                format!("expected a share of one core between 0.1 and 50 (percent), found {p}"),
+            ));
+        }
         let z = &self.zombies;
         range(z.min_age, Duration::ZERO, DAY, "zombies", "min_age")?;
         range(z.scan_interval, MS(100), DAY, "zombies", "scan_interval")?;

@@ -18,16 +18,9 @@ use crate::kernel::{ebpf, tables};
 use crate::model::eviction::{KaRequest, KaResult, NetFacts};
 use crate::model::observe::{NetnsId, Snapshot};
 
-/// Periodic snapshots take at most 1/SNAPSHOT_DUTY of wall time (1 %), whatever the interval
-/// (eBPF mode: the filtered reads; complete ones heal, at HEAL_DUTY_INVERSE).
-const SNAPSHOT_DUTY: u32 = 100;
-/// Poll mode reads every table each time (nothing else sees new and closed sockets): such a round
-/// takes at most 1/POLL_DUTY of the time, read and merge counted. At 200k sockets a round costs
-/// about 0.65 s: one about every 130 s, and the agent settles at 0.88 % of a core where 1/100
-/// gave 1.6-2.1 % (/proc/PID/stat over 180 s, 200k idle loopback sockets; 1.07-1.09 % in the
-/// bench's 180 s window, which held two rounds).
-/// Up to 20k sockets, rounds stay at the configured interval.
-const POLL_DUTY: u32 = 200;
+/// The iterator's own early sample of new flows (eBPF mode) takes at most 1/SAMPLE_DUTY of the
+/// time. Periodic reads are paced by `Pacing::read_duty` (`config::policy::POLL_DUTY`).
+const SAMPLE_DUTY: u32 = 100;
 /// Snapshots asked for soon (a new flow of unknown owner) take at most 1/SOON_DUTY of wall time.
 const SOON_DUTY: u32 = 10;
 const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(100);
@@ -586,7 +579,7 @@ pub fn snapshot_worker(
             }
             last_cost = round;
             spacing = (cost * SOON_DUTY).max(MIN_SNAPSHOT_SPACING);
-            let periodic = (round * if ebpf { SNAPSHOT_DUTY } else { POLL_DUTY }).max(pacing.interval);
+            let periodic = (round * pacing.read_duty).max(pacing.interval);
             gate.set_paced(periodic);
             due = Instant::now() + if fresh_no_file > 0 { spacing } else { periodic };
             asked |= fresh_no_file > 0;
@@ -725,7 +718,7 @@ pub fn snapshot_worker(
                         spacing
                     } else {
                         // The iterator's own sample follows at no more than 1 % of the time.
-                        (last_cost * SNAPSHOT_DUTY).max(MIN_SNAPSHOT_SPACING)
+                        (last_cost * SAMPLE_DUTY).max(MIN_SNAPSHOT_SPACING)
                     };
                     due = due.min((last_start + next).max(Instant::now() + OWNER_LOOKUP_DELAY));
                     asked = true;

@@ -70,6 +70,13 @@ fn errors_name_file_line_key_and_expectation() {
     assert!(err("[agent\n").starts_with("f:1"));
     let e = err("[snapshot]\npoll_interval = \"1ms\"\n");
     assert!(e.contains("f:2") && e.contains("between 100ms and 1d"), "{e}");
+    for bad in ["0.01", "80", "nan", "\"5%\""] {
+        let e = err(&format!("[snapshot]\nread_cpu_percent = {bad}\n"));
+        assert!(
+            e.contains("f:2") && e.contains("snapshot.read_cpu_percent"),
+            "{bad}: {e}"
+        );
+    }
     assert!(err("[agent]\nsocket = \"rel/x\"\n").contains("absolute"));
 }
 
@@ -175,6 +182,7 @@ mod fuzz {
         fn known_keys_with_any_value(
             (table, key) in prop::sample::select(vec![
                 ("snapshot", "poll_interval"), ("snapshot", "ebpf_interval"), ("snapshot", "full_interval"),
+                ("snapshot", "read_cpu_percent"),
                 ("zombies", "min_age"), ("zombies", "heal_interval"), ("zombies", "scan_interval"),
                 ("keepalive", "probes"), ("keepalive", "floor"), ("keepalive", "refresh_ratio"),
                 ("eviction", "warn_ratio"), ("eviction", "default_profile"), ("leaks", "half_open_probes"),
