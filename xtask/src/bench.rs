@@ -140,7 +140,14 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("h.sock");
         let cfg = dir.join("h.toml");
-        std::fs::write(&cfg, config)?;
+        // Learnt paths of its own, fresh each run: what the host's agent (or a test run) learnt
+        // must not shorten the bench agent's timeouts and so its reads.
+        let learnt = dir.join("learned-paths.json");
+        let _ = std::fs::remove_file(&learnt);
+        std::fs::write(
+            &cfg,
+            format!("{config}\n[learning]\nstate_file = \"{}\"\n", learnt.display()),
+        )?;
         let child = Ns::cmd(bin)
             .args(["agent", "--mode", mode, "--config"])
             .arg(&cfg)

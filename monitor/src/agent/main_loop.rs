@@ -497,8 +497,11 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                     tracing::info!(netns = %name, id, "watching network namespace");
                 }
             }
-            // Names, sysctls or the set changed: forecasts judged quiet are judged again.
+            // Names, sysctls or the set changed: forecasts judged quiet are judged again, and
+            // the shortest timeout may have come or gone with a namespace (its conntrack, the
+            // paths learnt there).
             state.table.unquiet(None);
+            repolicy(state, rt, false);
         }
         Msg::ProcScan {
             scan,

@@ -176,6 +176,7 @@ impl State {
                         prefix: k.prefix.clone(),
                         timeout_s,
                         evidence,
+                        netns_present: self.netns_present(&k.netns),
                     },
                 )
             })

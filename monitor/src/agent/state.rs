@@ -259,10 +259,18 @@ impl State {
     }
 
     /// The shortest timeout not from the configuration: the namespaces' conntrack and the
-    /// timeouts learnt per path (flows may be cut by either).
+    /// timeouts learnt per path (flows may be cut by either). A path learnt in a namespace
+    /// that is not watched now (a container gone, a test namespace deleted) cuts no flow here:
+    /// it stays in the book, since a namespace of that name may come back, but it does not
+    /// shorten the policy, and so the eBPF read filter, for every namespace.
     pub fn shortest_external_s(&self) -> Option<u64> {
         let ct = self.netns.values().filter_map(|n| n.facts.conntrack_s).min();
-        let learned = self.learned.values().map(|v| v.0).min();
+        let learned = self
+            .learned
+            .iter()
+            .filter(|(k, _)| self.netns_present(&k.netns))
+            .map(|(_, v)| v.0)
+            .min();
         match (ct, learned) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -284,6 +292,11 @@ impl State {
         self.detect.eviction.forget(&live);
         self.remedies.keepalive.retain(&live);
         self.remedies.close.retain(&live);
+    }
+
+    /// Whether a namespace of this name is watched now (learnt paths are keyed by name).
+    pub fn netns_present(&self, name: &str) -> bool {
+        self.netns.values().any(|n| n.name == name)
     }
 
     /// The namespace in words (see [`netns_name`]).

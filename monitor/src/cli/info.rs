@@ -148,7 +148,11 @@ pub fn profiles(socket: &Path, json: bool) -> Result<(), ExitCode> {
             .map(|l| {
                 vec![
                     format!("{} via {}", l.prefix, l.gateway),
-                    l.netns.clone(),
+                    if l.netns_present {
+                        l.netns.clone()
+                    } else {
+                        format!("{} (gone)", l.netns)
+                    },
                     l.timeout_s.map_or("-".into(), |t| fmt_ms(t * 1000)),
                     l.evidence.clone(),
                 ]

@@ -225,4 +225,12 @@ pub struct LearnedPath {
     pub timeout_s: Option<u64>,
     /// The evidence in words, or why it does not (yet) give a timeout.
     pub evidence: String,
+    /// A namespace of that name is watched now. A path of a namespace that is gone is kept
+    /// (it may come back) but shortens no read interval.
+    #[serde(default = "yes")]
+    pub netns_present: bool,
+}
+
+fn yes() -> bool {
+    true
 }

@@ -385,3 +385,45 @@ fn new_flows_of_unknown_owner_are_looked_up_exactly_once_their_tuple_is_complete
     assert_eq!(l.hints, vec![(4, 9)]);
     assert!(st.owner_pending.is_empty());
 }
+
+#[test]
+fn a_path_learnt_in_a_namespace_that_is_gone_shortens_nothing() {
+    use crate::agent::state::NetnsInfo;
+    use crate::kernel::netns::NsHandle;
+    use crate::track::paths::{PathKey, prefix_of};
+    let mut st = state(RemedyMode::Off);
+    let key = |netns: &str| PathKey {
+        netns: netns.into(),
+        gateway: "10.77.1.1".into(),
+        prefix: prefix_of("10.77.2.2".parse().unwrap()),
+    };
+    st.paths.broke(key("blue"), 24_000, 1);
+    st.paths.broke(key("blue"), 24_000, 2);
+    assert!(st.relearn(), "two evictions teach a timeout");
+    assert_eq!(st.learned.get(&key("blue")).map(|v| v.0), Some(18));
+    // No namespace named blue is watched: the path is kept, but shortens nothing.
+    assert_eq!(st.shortest_external_s(), None);
+    let view = st.profiles_view();
+    assert_eq!(view.learned.len(), 1);
+    assert!(!view.learned[0].netns_present);
+    assert_eq!(view.learned[0].timeout_s, Some(18));
+    let blue = NetnsInfo {
+        id: 4242,
+        name: "blue".into(),
+        facts: Default::default(),
+        error: None,
+        handle: NsHandle {
+            id: 4242,
+            path: "/run/netns/blue".into(),
+        },
+    };
+    st.netns.insert(4242, blue);
+    assert_eq!(
+        st.shortest_external_s(),
+        Some(18),
+        "blue is back: its path counts"
+    );
+    assert!(st.profiles_view().learned[0].netns_present);
+    st.netns.remove(&4242);
+    assert_eq!(st.shortest_external_s(), None);
+}
