@@ -21,6 +21,16 @@ use crate::model::observe::{NetnsId, Snapshot};
 /// The iterator's own early sample of new flows (eBPF mode) takes at most 1/SAMPLE_DUTY of the
 /// time. Periodic reads are paced by `Pacing::read_duty` (`config::policy::POLL_DUTY`).
 const SAMPLE_DUTY: u32 = 100;
+/// A socket with no file that may still get one: in an accept queue (ESTABLISHED, or
+/// CLOSE_WAIT when the peer closed first; SYN_RECV and NEW_SYN_RECV are the handshake). A socket its program
+/// closed (FIN_WAIT1/2, CLOSING, LAST_ACK, TIME_WAIT) has no file for good: looking again
+/// finds no owner. Under a connection storm every read found such orphans, and each asked for
+/// another read: 30 table reads and 20 walks of every socket file in 8 s of two churn loops.
+fn awaits_accept(s: &crate::model::observe::SockSample) -> bool {
+    use monitor_common::tcp_state::{CLOSE_WAIT, ESTABLISHED, NEW_SYN_RECV, SYN_RECV};
+    s.inode == 0 && matches!(s.state, ESTABLISHED | SYN_RECV | NEW_SYN_RECV | CLOSE_WAIT)
+}
+
 /// Snapshots asked for soon (a new flow of unknown owner) take at most 1/SOON_DUTY of wall time.
 const SOON_DUTY: u32 = 10;
 const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(100);
@@ -99,6 +109,45 @@ impl FreshBudget {
     fn spent(&mut self, cost: Duration, now: Instant) {
         self.cost = cost;
         self.free_at = now + cost * (FRESH_DUTY - 1);
+    }
+}
+
+/// Reads asked for soon, back to back: a storm of new connections. Under one every read finds
+/// new flows of unknown owner (or not yet accepted) and asks for the next, and each read of a
+/// table full of TIME_WAIT sockets walks the whole hash table: two churn loops on 2 cores made
+/// 35 reads and 25 walks of every socket file in 8 s, 5.7 % of a core, most of it for flows
+/// gone microseconds later. Each read asked soon within twice `calm` of the last doubles the
+/// spacing of the next, up to `calm` (the periodic interval); twice `calm` quiet starts over. A session opened
+/// in a storm gets its owner within one periodic interval, as the periodic read finds it.
+#[derive(Default)]
+struct SoonBackoff {
+    last: Option<Instant>,
+    streak: u32,
+}
+
+impl SoonBackoff {
+    /// A read asked for soon started at `now`. Within twice `calm` of the last is still the
+    /// storm (at the cap, reads come `calm` apart plus their own time).
+    fn read(&mut self, now: Instant, calm: Duration) {
+        let close = self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) <= calm.saturating_mul(2));
+        self.streak = if close { (self.streak + 1).min(16) } else { 0 };
+        self.last = Some(now);
+    }
+
+    /// How far after the last read the next read asked for soon may come, at `now`: the
+    /// storm is over once no read was asked for in twice `calm`.
+    fn spacing(&self, now: Instant, spacing: Duration, calm: Duration) -> Duration {
+        let storm = self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) <= calm.saturating_mul(2));
+        if !storm || self.streak == 0 {
+            return spacing;
+        }
+        spacing
+            .saturating_mul(1 << self.streak.min(16))
+            .min(calm.max(spacing))
     }
 }
 
@@ -380,6 +429,7 @@ pub fn snapshot_worker(
     let mut no_file_seen: HashSet<u64> = HashSet::new();
     let mut due = Instant::now();
     let mut spacing = MIN_SNAPSHOT_SPACING;
+    let mut soon_reads = SoonBackoff::default();
     // What the last read of every table cost.
     let mut last_cost = Duration::ZERO;
     let mut last_start = Instant::now();
@@ -456,6 +506,9 @@ pub fn snapshot_worker(
         } else if now >= due {
             let round_start = Instant::now();
             last_start = now;
+            if asked {
+                soon_reads.read(now, pacing.interval);
+            }
             asked = false;
             events_at_read = gate.events();
             let lost_now = gate.lost();
@@ -559,7 +612,7 @@ pub fn snapshot_worker(
             // A socket not yet accepted has no file: look again soon, once per socket.
             let fresh_no_file = all_socks
                 .iter()
-                .filter(|s| s.inode == 0 && s.tcp.is_some() && s.state != monitor_common::tcp_state::LISTEN)
+                .filter(|s| s.tcp.is_some() && awaits_accept(s))
                 .filter(|s| no_file_seen.insert(s.cookie))
                 .count();
             let sent = !snaps.is_empty();
@@ -581,7 +634,8 @@ pub fn snapshot_worker(
             spacing = (cost * SOON_DUTY).max(MIN_SNAPSHOT_SPACING);
             let periodic = (round * pacing.read_duty).max(pacing.interval);
             gate.set_paced(periodic);
-            due = Instant::now() + if fresh_no_file > 0 { spacing } else { periodic };
+            let soon = soon_reads.spacing(Instant::now(), spacing, pacing.interval);
+            due = Instant::now() + if fresh_no_file > 0 { soon } else { periodic };
             asked |= fresh_no_file > 0;
             if !sent {
                 due = Instant::now() + pacing.interval.max(spacing);
@@ -662,7 +716,8 @@ pub fn snapshot_worker(
                         hints.insert(c, pid);
                     }
                 }
-                let soon = (last_start + spacing).max(Instant::now() + OWNER_LOOKUP_DELAY);
+                let next = soon_reads.spacing(Instant::now(), spacing, pacing.interval);
+                let soon = (last_start + next).max(Instant::now() + OWNER_LOOKUP_DELAY);
                 due = due.min(soon);
                 asked = true;
             }
@@ -690,9 +745,7 @@ pub fn snapshot_worker(
                         snaps.iter().flat_map(|s| s.socks.iter()).collect();
                     // Not accepted yet (no file), or held by none of its likely owners: a read
                     // soon (with the walk of every socket file if need be).
-                    soon |= socks
-                        .iter()
-                        .any(|s| s.inode == 0 && s.state != monitor_common::tcp_state::LISTEN);
+                    soon |= socks.iter().any(|s| awaits_accept(s));
                     soon |= match &mut source {
                         Source::Ebpf(l) => {
                             resolver.resolve_likely(&socks, &hints, &mut |pid| l.sockets_of_or_proc(pid))
@@ -715,7 +768,7 @@ pub fn snapshot_worker(
                 }
                 if soon || sample {
                     let next = if soon {
-                        spacing
+                        soon_reads.spacing(Instant::now(), spacing, pacing.interval)
                     } else {
                         // The iterator's own sample follows at no more than 1 % of the time.
                         (last_cost * SAMPLE_DUTY).max(MIN_SNAPSHOT_SPACING)
@@ -820,6 +873,45 @@ mod tests {
         // A longer configured interval stands.
         let long = Duration::from_secs(3600);
         assert_eq!(heal_every(long, Duration::from_millis(1200)), long);
+    }
+
+    #[test]
+    fn reads_asked_back_to_back_back_off_to_the_periodic_interval() {
+        let t0 = Instant::now();
+        let (spacing, calm) = (Duration::from_millis(150), Duration::from_secs(2));
+        let mut b = SoonBackoff::default();
+        assert_eq!(b.spacing(t0, spacing, calm), spacing, "no storm yet");
+        b.read(t0, calm);
+        assert_eq!(b.spacing(t0, spacing, calm), spacing, "one read is no storm");
+        // A storm: every read asks for the next.
+        let mut now = t0;
+        let mut reads = 1;
+        let end = t0 + Duration::from_secs(8);
+        loop {
+            now += b.spacing(now, spacing, calm);
+            if now >= end {
+                break;
+            }
+            b.read(now, calm);
+            reads += 1;
+        }
+        // 150, 300, 600, 1200 ms, then every 2 s: 7 reads in 8 s instead of 53.
+        assert_eq!(reads, 7);
+        assert_eq!(
+            b.spacing(now, spacing, calm),
+            calm,
+            "capped at the periodic interval"
+        );
+        // Quiet for twice the interval: the next new flow is read at the short spacing again.
+        assert_eq!(b.spacing(now + calm, spacing, calm), calm, "still the storm");
+        let later = now + calm * 2 + Duration::from_millis(1);
+        assert_eq!(b.spacing(later, spacing, calm), spacing);
+        b.read(later, calm);
+        assert_eq!(b.spacing(later, spacing, calm), spacing);
+        // A spacing longer than the interval (a huge table) is kept, not shortened.
+        let long = Duration::from_secs(5);
+        b.read(later + Duration::from_millis(10), calm);
+        assert_eq!(b.spacing(later, long, calm), long);
     }
 
     #[test]
