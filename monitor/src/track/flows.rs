@@ -497,6 +497,9 @@ impl FlowTable {
             }
             if let Some(o) = owners.get(&s.inode) {
                 flow.owner = Some(o.clone());
+                // The owner says who holds it: the hint from connect() is no longer needed (a
+                // box and a string per connecting flow, about 80 bytes).
+                flow.pid_hint = None;
             }
             flow.last_seen = flow.last_seen.max(at);
             // A flow exactly as its last sample foretold (idle for the time between, nothing

@@ -319,6 +319,41 @@ fn snapshot_adds_preexisting_flows_with_unknown_state_age() {
 }
 
 #[test]
+fn the_connect_hint_goes_once_the_owner_is_known() {
+    let mut t = FlowTable::default();
+    let mut e = ev(8, tcp_state::SYN_SENT, S);
+    e.pid_hint = Some(PidHint {
+        pid: 9,
+        comm: "ssh".into(),
+    });
+    t.apply_event(&e);
+    assert_eq!(
+        t.get(8).unwrap().view(2 * S, None).pid,
+        Some(9),
+        "the hint until then"
+    );
+    let owners: HashMap<u64, _> = [(
+        60u64,
+        std::sync::Arc::new(Owner {
+            pid: 9,
+            comm: "ssh".into(),
+            cgroup: None,
+            unit: None,
+        }),
+    )]
+    .into_iter()
+    .collect();
+    t.apply_snapshot(
+        &snap(2 * S, 3 * S, vec![sock(8, tcp_state::ESTABLISHED, 60)]),
+        &owners,
+    );
+    let f = t.get(8).unwrap();
+    assert!(f.pid_hint.is_none(), "no box and string kept beside the owner");
+    let v = f.view(4 * S, None);
+    assert_eq!((v.pid, v.comm.as_deref()), (Some(9), Some("ssh")));
+}
+
+#[test]
 fn snapshot_drops_flows_closed_unseen_but_not_newer_ones() {
     let mut t = FlowTable::default();
     t.apply_event(&ev(1, tcp_state::ESTABLISHED, S));
