@@ -164,6 +164,7 @@ fn load_paths(cfg: &Config) -> crate::track::paths::PathBook {
 
 /// Runs the agent in the foreground until SIGINT or SIGTERM.
 pub fn run(cfg: Config, config_desc: String, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    sys::tune_heap();
     // Two workers: the state owner is one task; CLI connections, the accept loop and the event
     // pump run beside it, so a request waits for at most the state owner's current step.
     let rt = tokio::runtime::Builder::new_multi_thread()

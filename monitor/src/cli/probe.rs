@@ -83,7 +83,11 @@ fn snapshot(
             let socks: Vec<_> = snap.socks.iter().collect();
             match loaded.as_mut() {
                 Some(l) => resolver.resolve_from(&socks, &l.owners().map_err(|e| e.to_string())?),
-                None => resolver.resolve(&socks, &foldhash::HashMap::default(), Instant::now()),
+                None => resolver.resolve(
+                    &socks,
+                    &crate::kernel::owners::PidHints::new(0, Instant::now()),
+                    Instant::now(),
+                ),
             }
             owned = snap
                 .socks

@@ -30,6 +30,79 @@ pub fn proc_sockets(pid: u32) -> Vec<u64> {
     socket_fds(pid).into_iter().map(|(_, i)| i).collect()
 }
 
+/// Recent facts by socket cookie, forgotten after one to two `age`s: two generations, the older
+/// dropped whole (its memory with it) when the younger has aged. For what is about sockets just
+/// opened and used by the next reads (the pid seen at connect(), a socket not yet accepted):
+/// what no read used within that age is about a socket gone. Kept until a complete read
+/// before, a storm of new connections left 65 536 pid hints (2.2 MB) for minutes in eBPF mode.
+pub struct Recent<V> {
+    young: HashMap<u64, V>,
+    old: HashMap<u64, V>,
+    aged_at: Instant,
+    max: usize,
+}
+
+/// cookie -> pid seen at connect()/listen().
+pub type PidHints = Recent<u32>;
+
+impl<V> Recent<V> {
+    /// At most `max` entries (more are not kept).
+    pub fn new(max: usize, now: Instant) -> Self {
+        Recent {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            aged_at: now,
+            max,
+        }
+    }
+
+    /// Keeps `v` for `cookie`; false when it was known already or there is no room.
+    pub fn insert(&mut self, cookie: u64, v: V) -> bool {
+        if self.old.contains_key(&cookie)
+            || self.young.contains_key(&cookie)
+            || self.young.len() + self.old.len() >= self.max
+        {
+            return false;
+        }
+        self.young.insert(cookie, v);
+        true
+    }
+
+    pub fn get(&self, cookie: &u64) -> Option<&V> {
+        self.young.get(cookie).or_else(|| self.old.get(cookie))
+    }
+
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets the older generation once `age` has passed since the last time.
+    pub fn age(&mut self, now: Instant, age: Duration) {
+        if now.saturating_duration_since(self.aged_at) >= age {
+            self.old = std::mem::take(&mut self.young);
+            self.aged_at = now;
+        }
+    }
+
+    /// Forgets everything, memory included.
+    pub fn clear(&mut self) {
+        self.young = HashMap::new();
+        self.old = HashMap::new();
+    }
+
+    /// Keeps what `keep` says (a complete read: only live sockets).
+    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        self.young.retain(|c, _| keep(*c));
+        self.old.retain(|c, _| keep(*c));
+        self.young.shrink_to_fit();
+        self.old.shrink_to_fit();
+    }
+}
+
 #[derive(Default)]
 pub struct OwnerResolver {
     cache: HashMap<u64, Arc<Owner>>,
@@ -91,7 +164,7 @@ impl OwnerResolver {
     fn likely(
         &mut self,
         socks: &[&SockSample],
-        hints: &HashMap<u64, u32>,
+        hints: &PidHints,
         missing: HashSet<u64>,
         held_by: &mut HeldBy<'_>,
     ) -> HashSet<u64> {
@@ -125,7 +198,7 @@ impl OwnerResolver {
     pub fn resolve_likely(
         &mut self,
         socks: &[&SockSample],
-        hints: &HashMap<u64, u32>,
+        hints: &PidHints,
         held_by: &mut HeldBy<'_>,
     ) -> bool {
         let missing: HashSet<u64> = socks
@@ -181,7 +254,7 @@ impl OwnerResolver {
     }
 
     /// Resolves the owners of `socks`. `hints` maps cookie -> pid seen at connect()/listen().
-    pub fn resolve(&mut self, socks: &[&SockSample], hints: &HashMap<u64, u32>, now: Instant) {
+    pub fn resolve(&mut self, socks: &[&SockSample], hints: &PidHints, now: Instant) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
         self.cache.retain(|i, _| live.contains(i));
         self.unfindable.retain(|i| live.contains(i));
@@ -225,6 +298,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recent_facts_are_forgotten_after_one_to_two_ages() {
+        let t0 = Instant::now();
+        let age = Duration::from_secs(10);
+        let mut r: Recent<u32> = Recent::new(3, t0);
+        assert!(r.insert(1, 10));
+        assert!(!r.insert(1, 11), "known already");
+        r.age(t0 + Duration::from_secs(5), age);
+        assert_eq!(r.get(&1), Some(&10), "younger than an age");
+        r.age(t0 + Duration::from_secs(10), age);
+        assert!(r.insert(2, 20));
+        assert_eq!(
+            (r.get(&1), r.get(&2)),
+            (Some(&10), Some(&20)),
+            "one generation old"
+        );
+        assert!(!r.insert(1, 12), "known in the older generation");
+        assert!(r.insert(3, 30));
+        assert!(!r.insert(4, 40), "full");
+        r.age(t0 + Duration::from_secs(20), age);
+        assert_eq!(r.get(&1), None, "two ages: forgotten");
+        assert_eq!(r.get(&2), Some(&20));
+        assert_eq!(r.len(), 2);
+        r.retain(|c| c == 3);
+        assert_eq!((r.get(&2), r.get(&3)), (None, Some(&30)));
+        r.clear();
+        assert!(r.is_empty());
+    }
+
+    #[test]
     fn finds_the_owner_of_its_own_socket() {
         use std::os::unix::fs::MetadataExt;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -240,9 +342,8 @@ mod tests {
             tcp: None,
         };
         let mut r = OwnerResolver::default();
-        let hints = [(1u64, std::process::id())]
-            .into_iter()
-            .collect::<HashMap<u64, u32>>();
+        let mut hints = PidHints::new(16, Instant::now());
+        hints.insert(1, std::process::id());
         r.resolve(&[&sock], &hints, Instant::now());
         assert_eq!(r.owner(inode).map(|o| o.pid), Some(std::process::id()));
         assert_eq!(r.full_walks, 0, "the hint made a full walk unnecessary");
@@ -277,18 +378,17 @@ mod tests {
         let client = sample(3, ESTABLISHED, ca, la, inode(&c));
         let me = std::process::id();
         let mut r = OwnerResolver::default();
+        let none = PidHints::new(0, Instant::now());
+        let mut hints = PidHints::new(16, Instant::now());
+        hints.insert(1, me);
         // The listener's owner comes from the pid seen at listen().
-        assert!(!r.resolve_likely(
-            &[&listener],
-            &[(1u64, me)].into_iter().collect::<HashMap<u64, u32>>(),
-            &mut proc_sockets
-        ));
+        assert!(!r.resolve_likely(&[&listener], &hints, &mut proc_sockets));
         // A later read lists only the accepted socket (a filtered read leaves listeners out):
         // the listener's owner, remembered, holds it.
-        assert!(!r.resolve_likely(&[&accepted], &HashMap::new(), &mut proc_sockets));
+        assert!(!r.resolve_likely(&[&accepted], &none, &mut proc_sockets));
         assert_eq!(r.owner(inode(&a)).map(|o| o.pid), Some(me));
         // A socket no hint and no listener points at needs the walk of every descriptor.
-        assert!(r.resolve_likely(&[&client], &HashMap::new(), &mut proc_sockets));
+        assert!(r.resolve_likely(&[&client], &none, &mut proc_sockets));
         assert_eq!(r.owner(inode(&c)), None);
         assert_eq!((r.full_walks, r.targeted_walks), (0, 2));
         // A complete read without the listener forgets it.

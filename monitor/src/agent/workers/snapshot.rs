@@ -12,7 +12,7 @@ use crate::agent::{FreshRead, Msg};
 use crate::config::policy::Pacing;
 use crate::kernel::netns::discover::{Discovery, Found};
 use crate::kernel::netns::{self, NsHandle, SockstatFiles, TcpCounts};
-use crate::kernel::owners::{OwnerResolver, proc_sockets};
+use crate::kernel::owners::{OwnerResolver, PidHints, Recent, proc_sockets};
 use crate::kernel::sockdiag::SockId;
 use crate::kernel::{ebpf, tables};
 use crate::model::eviction::{KaRequest, KaResult, NetFacts};
@@ -72,8 +72,11 @@ fn heal_every(full_every: Duration, full_cost: Duration) -> Duration {
 }
 /// Poll mode: how often the watched processes' descriptors are looked at.
 const HELD_POLL_EVERY: Duration = Duration::from_secs(5);
-/// Pid hints kept at most (a connection storm between two complete reads).
+/// Pid hints kept at most (a connection storm), and sockets remembered as not yet accepted.
 const MAX_HINTS: usize = 65_536;
+/// Pid hints and sockets not yet accepted are kept one to two of this (or of the periodic
+/// interval, if longer): the reads asked for them come sooner.
+const HINT_AGE: Duration = Duration::from_secs(10);
 /// Fresh reads for queries take at most 1/FRESH_DUTY of the time (10 %).
 const FRESH_DUTY: u32 = 10;
 /// How often each namespace's sysctls are read.
@@ -424,9 +427,11 @@ pub fn snapshot_worker(
 ) {
     let mut resolver = OwnerResolver::default();
     // The pid seen at connect()/listen() of flows of unknown owner (eBPF mode; by cookie), to
-    // look at first. Bounded; dropped at each complete read.
-    let mut hints: HashMap<u64, u32> = HashMap::new();
-    let mut no_file_seen: HashSet<u64> = HashSet::new();
+    // look at first, and the sockets seen not yet accepted. Bounded; what no read used within
+    // `HINT_AGE` (or the periodic interval, if longer) to twice that is dropped, and at each
+    // complete read what is not live.
+    let mut hints = PidHints::new(MAX_HINTS, Instant::now());
+    let mut no_file_seen: Recent<()> = Recent::new(MAX_HINTS, Instant::now());
     let mut due = Instant::now();
     let mut spacing = MIN_SNAPSHOT_SPACING;
     let mut soon_reads = SoonBackoff::default();
@@ -472,6 +477,9 @@ pub fn snapshot_worker(
     }
     loop {
         let now = Instant::now();
+        let hint_age = HINT_AGE.max(pacing.interval);
+        hints.age(now, hint_age);
+        no_file_seen.age(now, hint_age);
         let discover_due = discovered.is_none_or(|t| {
             t.elapsed() >= discover_every(&pacing, ebpf)
                 || (discover_asked && t.elapsed() >= DISCOVER_SPACING)
@@ -604,16 +612,14 @@ pub fn snapshot_worker(
             };
             if full {
                 let live: HashSet<u64> = all_socks.iter().map(|s| s.cookie).collect();
-                no_file_seen.retain(|c| live.contains(c));
-                no_file_seen.shrink_to_fit();
+                no_file_seen.retain(|c| live.contains(&c));
                 hints.clear();
-                hints.shrink_to_fit();
             }
             // A socket not yet accepted has no file: look again soon, once per socket.
             let fresh_no_file = all_socks
                 .iter()
                 .filter(|s| s.tcp.is_some() && awaits_accept(s))
-                .filter(|s| no_file_seen.insert(s.cookie))
+                .filter(|s| no_file_seen.insert(s.cookie, ()))
                 .count();
             let sent = !snaps.is_empty();
             for (i, snap) in snaps.into_iter().enumerate() {
@@ -712,9 +718,7 @@ pub fn snapshot_worker(
             }
             Ok(WorkerMsg::Soon(new_hints)) => {
                 for (c, pid) in new_hints {
-                    if hints.len() < MAX_HINTS {
-                        hints.insert(c, pid);
-                    }
+                    hints.insert(c, pid);
                 }
                 let next = soon_reads.spacing(Instant::now(), spacing, pacing.interval);
                 let soon = (last_start + next).max(Instant::now() + OWNER_LOOKUP_DELAY);
@@ -727,9 +731,7 @@ pub fn snapshot_worker(
                 read,
             }) => {
                 for (c, pid) in new_hints {
-                    if hints.len() < MAX_HINTS {
-                        hints.insert(c, pid);
-                    }
+                    hints.insert(c, pid);
                 }
                 let mut soon = read;
                 // A new flow that may have keepalive on: its per-socket settings (which sock_diag
