@@ -22,10 +22,10 @@ use crate::model::observe::{NetnsId, Snapshot};
 /// time. Periodic reads are paced by `Pacing::read_duty` (`config::policy::POLL_DUTY`).
 const SAMPLE_DUTY: u32 = 100;
 /// A socket with no file that may still get one: in an accept queue (ESTABLISHED, or
-/// CLOSE_WAIT when the peer closed first; SYN_RECV and NEW_SYN_RECV are the handshake). A socket its program
-/// closed (FIN_WAIT1/2, CLOSING, LAST_ACK, TIME_WAIT) has no file for good: looking again
-/// finds no owner. Under a connection storm every read found such orphans, and each asked for
-/// another read: 30 table reads and 20 walks of every socket file in 8 s of two churn loops.
+/// CLOSE_WAIT when the peer closed first; SYN_RECV and NEW_SYN_RECV are the handshake). A
+/// socket its program closed (FIN_WAIT1/2, CLOSING, LAST_ACK, TIME_WAIT) has no file for good:
+/// looking again finds no owner, yet under a connection storm every read found such orphans
+/// and asked for another read (see `SoonBackoff`).
 fn awaits_accept(s: &crate::model::observe::SockSample) -> bool {
     use monitor_common::tcp_state::{CLOSE_WAIT, ESTABLISHED, NEW_SYN_RECV, SYN_RECV};
     s.inode == 0 && matches!(s.state, ESTABLISHED | SYN_RECV | NEW_SYN_RECV | CLOSE_WAIT)
@@ -120,8 +120,9 @@ impl FreshBudget {
 /// table full of TIME_WAIT sockets walks the whole hash table: two churn loops on 2 cores made
 /// 35 reads and 25 walks of every socket file in 8 s, 5.7 % of a core, most of it for flows
 /// gone microseconds later. Each read asked soon within twice `calm` of the last doubles the
-/// spacing of the next, up to `calm` (the periodic interval); twice `calm` quiet starts over. A session opened
-/// in a storm gets its owner within one periodic interval, as the periodic read finds it.
+/// spacing of the next, up to `calm` (the periodic interval); twice `calm` quiet starts over.
+/// A session opened in a storm gets its owner within one periodic interval, as the periodic
+/// read finds it.
 #[derive(Default)]
 struct SoonBackoff {
     last: Option<Instant>,
