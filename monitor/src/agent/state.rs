@@ -265,10 +265,16 @@ impl State {
     /// shorten the policy, and so the eBPF read filter, for every namespace.
     pub fn shortest_external_s(&self) -> Option<u64> {
         let ct = self.netns.values().filter_map(|n| n.facts.conntrack_s).min();
+        // The names once, not a walk of the namespaces per learnt path.
+        let names: HashSet<&str> = if self.learned.is_empty() {
+            HashSet::new()
+        } else {
+            self.netns.values().map(|n| n.name.as_str()).collect()
+        };
         let learned = self
             .learned
             .iter()
-            .filter(|(k, _)| self.netns_present(&k.netns))
+            .filter(|(k, _)| names.contains(k.netns.as_str()))
             .map(|(_, v)| v.0)
             .min();
         match (ct, learned) {
