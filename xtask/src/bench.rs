@@ -881,7 +881,8 @@ pub fn run(bin: &Path, tools: &Path, sizes: &[usize]) -> Result<Value> {
     let ns_two = under_agent(bin, "ebpf", || churn_parallel(tools, cycles))?.3;
     bpf_stats_enabled(false);
     let bare_s = median(&bare);
-    let mut churn_out = json!({ "cycles": cycles, "rounds": CHURN_ROUNDS, "bare_s": bare_s, "bare_runs_s": bare });
+    let mut churn_out =
+        json!({ "cycles": cycles, "rounds": CHURN_ROUNDS, "bare_s": bare_s, "bare_runs_s": bare });
     for (i, mode) in ["ebpf", "poll"].into_iter().enumerate() {
         let r = &runs[i];
         let t = median(&r.iter().map(|x| x.0).collect::<Vec<_>>());
