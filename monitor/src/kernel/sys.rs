@@ -390,7 +390,8 @@ fn bpf_fd<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
 /// after two 20 s churn loops the agent stayed 3-5 MB above its size before (live heap: 0.7 MB,
 /// heaptrack), and came back to it with fixed thresholds (`tests/hostile.rs`, and by hand:
 /// 16.4 MB before, 16.6 MB 20 s after). Large buffers are then mapped and unmapped each time;
-/// they are few (read batches, snapshots). Call before any thread starts.
+/// they are few (read batches, snapshots): event batches stay under the threshold
+/// (`agent::workers::BATCH_EVENTS`). Call before any thread starts.
 pub fn tune_heap() {
     let keep = |name: &str| std::env::var_os(name).is_some();
     // SAFETY: mallopt only sets the allocator's parameters; no thread allocates concurrently.

@@ -33,16 +33,20 @@ pub struct Events {
 }
 
 impl Events {
-    /// Decodes every socket record waiting; returns the number of undecodable ones.
-    pub fn drain(&mut self, out: &mut Vec<Event>) -> u64 {
+    /// Decodes the socket records waiting, up to `max` records; returns the number of
+    /// undecodable ones, and whether it stopped at `max` (more may be waiting).
+    pub fn drain(&mut self, out: &mut Vec<Event>, max: usize) -> (u64, bool) {
         let mut bad = 0;
-        while let Some(item) = self.ring.next() {
+        for _ in 0..max {
+            let Some(item) = self.ring.next() else {
+                return (bad, false);
+            };
             match decode::event(&item) {
                 Ok(e) => out.push(e),
                 Err(_) => bad += 1,
             }
         }
-        bad
+        (bad, true)
     }
 
     /// Decodes every process record waiting; returns the number of undecodable ones.
