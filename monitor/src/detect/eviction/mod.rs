@@ -5,6 +5,7 @@
 pub mod forecast;
 mod postmortem;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::Env;
@@ -51,7 +52,7 @@ pub struct Pass {
     /// Post-mortems past their time: resolve them.
     pub expired: Vec<Key>,
     /// Flows closed since the last pass, with why they died, for the findings they leave.
-    pub closed: HashMap<u64, String>,
+    pub closed: HashMap<u64, Cow<'static, str>>,
     /// Flows through a gateway that broke after idling: (cookie, namespace, gateway,
     /// destination, idle ms), for the path learner.
     pub breaks: Vec<(u64, NetnsId, String, std::net::IpAddr, u64)>,

@@ -1,5 +1,7 @@
 //! Post-mortems: a flow that died by RST or timeout after idling past its middlebox's timeout was
 //! most likely evicted (`likely-evicted`, post-mortem).
+use std::borrow::Cow;
+
 use super::super::Env;
 use super::{Family, Key, Scope, Verdict, applicable, flow_subject};
 use crate::config::policy::EvictionPolicy;
@@ -12,13 +14,15 @@ pub const ECONNRESET: i32 = 104;
 pub const ECONNABORTED: i32 = 103;
 
 /// How a flow ended, in words.
-pub fn cause(f: &Flow) -> String {
+pub fn cause(f: &Flow) -> Cow<'static, str> {
+    // Borrowed where it can be: every closed flow gets one (a connection storm closes tens of
+    // thousands a second), and nearly all are just "closed".
     match (f.resets_recv, f.last_error()) {
         (n, _) if n > 0 => "reset by the peer or a middlebox".into(),
         (_, Some(ETIMEDOUT)) => "timed out (unanswered retransmits or keepalive probes)".into(),
         (_, Some(ECONNRESET)) => "reset".into(),
         (_, Some(ECONNABORTED)) => "aborted".into(),
-        (_, Some(e)) => format!("closed with error {e}"),
+        (_, Some(e)) => format!("closed with error {e}").into(),
         _ => "closed".into(),
     }
 }
