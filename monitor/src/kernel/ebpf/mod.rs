@@ -131,6 +131,10 @@ fn merr(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
     }
 }
 
+/// aya-log's ring (its default is 128 KiB, 260 KiB of RSS with both halves mapped). The
+/// programs log only rare failures (an address they cannot read), each record well under 1 KiB.
+const LOG_RING_BYTES: u32 = 16 << 10;
+
 /// Map sizes for this host. The ring buffers' pages are mapped into the agent (they count in its
 /// RSS: at a fixed 4 + 1 MiB they were 10 MiB of a 20.5 MiB idle agent, both halves of each ring
 /// being mapped). The memory of sockets already reported (`SEEN`) is socket-local storage: it
@@ -169,6 +173,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("EVENTS", sizes.events)
         .map_max_entries("PROCS", sizes.procs)
+        .map_max_entries("AYA_LOGS", LOG_RING_BYTES)
         .load(EBPF_OBJECT)?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Iter(format!("kernel BTF: {e}")))?;
     for name in stat::PROGRAMS.into_iter().chain(PROC_TRACEPOINTS) {
