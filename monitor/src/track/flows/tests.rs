@@ -239,6 +239,43 @@ fn the_detectors_see_what_changed_and_what_fell_due() {
 }
 
 #[test]
+fn a_storm_between_two_counts_makes_the_ledger_recount_and_then_follow_changes_again() {
+    let mut t = FlowTable::default();
+    // Flows opened and closed between two counts: past the bound, one recount instead.
+    let n = super::LEDGER_CHANGES_MAX as u64 + 1;
+    for c in 1..n {
+        t.apply_event(&ev(c, tcp_state::ESTABLISHED, S));
+        t.apply_event(&ev(c, tcp_state::CLOSE, S + 1));
+    }
+    t.apply_event(&ev(n, tcp_state::ESTABLISHED, 2 * S));
+    assert!(
+        t.marks.ledger.is_empty(),
+        "the storm's cookies are not kept: {}",
+        t.marks.ledger.len()
+    );
+    assert_eq!(t.take_ledger_changes(), None, "a storm: recount");
+    assert_eq!(t.take_ledger_changes(), Some(vec![]), "counted: nothing new");
+    assert_eq!(
+        t.to_judge(3 * S),
+        vec![n],
+        "the forecast still sees the live flow"
+    );
+    t.apply_event(&ev(n, tcp_state::CLOSE_WAIT, 3 * S));
+    assert_eq!(
+        t.take_ledger_changes(),
+        Some(vec![n]),
+        "changes are followed again"
+    );
+    assert_eq!(t.notable().map(|f| f.cookie).collect::<Vec<_>>(), vec![n]);
+    t.maintain(4 * S);
+    let room = (t.marks.awake.capacity(), t.marks.ledger.capacity());
+    assert!(
+        room.0 < 4096 * 4 && room.1 < 4096 * 4,
+        "the storm's marks give their room back: {room:?}"
+    );
+}
+
+#[test]
 fn a_read_showing_a_flow_as_foretold_keeps_its_judgements() {
     let mut t = FlowTable::default();
     t.apply_snapshot(
