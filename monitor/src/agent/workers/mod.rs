@@ -22,6 +22,8 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 /// Decoded events per message, at most: 64 KiB of `Event`s, under the 128 KiB above which glibc
 /// maps an allocation for itself (`kernel::sys::tune_heap`), so batches reuse heap memory.
 const BATCH_EVENTS: usize = (64 << 10) / std::mem::size_of::<crate::model::observe::Event>();
+// A cap of 0 would drain nothing and loop.
+const _: () = assert!(BATCH_EVENTS > 0);
 /// Kernel counters are read at most this often while records flow, and this often when idle.
 const COUNTERS_BUSY: Duration = Duration::from_millis(500);
 const COUNTERS_IDLE: Duration = Duration::from_secs(5);
