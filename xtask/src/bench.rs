@@ -1073,7 +1073,7 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
         let x = &c[m];
         let _ = writeln!(
             out,
-            "  {m:4}: {:.2}s (+{:.1}%), {} events ({:.0}/s), lost {}, {} ns per program run",
+            "  {m:4}: {:.2}s ({:+.1}%), {} events ({:.0}/s), lost {}, {} ns per program run",
             x["seconds"].as_f64().unwrap_or(0.0),
             x["added_pct"].as_f64().unwrap_or(0.0),
             x["events"],
@@ -1087,7 +1087,7 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
     let x = &c["parallel"];
     let _ = writeln!(
         out,
-        "  two loops at once: bare {:.2}s ({:.0} connections/s), eBPF {:.2}s (+{:.1}%), {} events, lost {}, {} ns per program run",
+        "  two loops at once: bare {:.2}s ({:.0} connections/s), eBPF {:.2}s ({:+.1}%), {} events, lost {}, {} ns per program run",
         x["bare_s"].as_f64().unwrap_or(0.0),
         x["connections_per_s"].as_f64().unwrap_or(0.0),
         x["ebpf_s"].as_f64().unwrap_or(0.0),
