@@ -56,7 +56,7 @@ pub fn half_open(f: &Flow, now: Nanos, cfg: &LeaksSection) -> Option<Evidence> {
         zero_window_probing,
         keepalive_probing,
         reasons,
-        wire: f.wire.as_ref().map(|w| w.view(now)),
+        wire: f.wire().map(|w| w.view(now)),
     })
 }
 
@@ -67,7 +67,7 @@ pub fn wire_evidence(f: &Flow, now: Nanos) -> Option<Evidence> {
     if f.state != tcp_state::ESTABLISHED {
         return None;
     }
-    let w = f.wire.as_deref()?;
+    let w = f.wire()?;
     let lost = w.unanswered(now);
     if lost == 0 {
         return None;

@@ -1,5 +1,6 @@
 //! Pure decoders for the records the eBPF programs emit (`&[u8] -> Result<_, DecodeError>`).
 use std::mem::size_of;
+use std::num::NonZeroU16;
 
 use monitor_common::{
     EventRecord, OwnerRecord, ProcRecord, SNAP_FULL, SNAP_KA_TIMER, SNAP_KEEPOPEN, SnapRecord, kind,
@@ -128,8 +129,9 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
         TcpSample::expires_ms((exp as i64).wrapping_sub(now as i64).saturating_mul(1000) / hz as i64)
     };
     // Within u16: the kernel refuses more than 32767 s (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL).
-    let secs =
-        |j: u32| -> Option<u16> { (j != 0).then(|| (u64::from(j) / hz).min(u64::from(u16::MAX)) as u16) };
+    let secs = |j: u32| -> Option<NonZeroU16> {
+        NonZeroU16::new((u64::from(j) / hz).min(u64::from(u16::MAX)) as u16)
+    };
     let tcp = (flags & SNAP_FULL != 0).then(|| {
         let pending = b[o!(icsk_pending)];
         let (timer, expires) = match pending {
@@ -148,11 +150,11 @@ pub fn snap(bytes: &[u8], hz: u32) -> Result<SockSample, DecodeError> {
             unacked: u32_at(b, o!(packets_out)),
             total_retrans: u32_at(b, o!(total_retrans)),
             timer,
-            timer_expires_ms: expires,
+            timer_expires_ms: expires.unwrap_or(0),
             keepalive: Some(flags & SNAP_KEEPOPEN != 0),
             keepalive_idle_s: secs(u32_at(b, o!(keepalive_time))),
             keepalive_intvl_s: secs(u32_at(b, o!(keepalive_intvl))),
-            keepalive_cnt: (b[o!(keepalive_probes)] != 0).then_some(u16::from(b[o!(keepalive_probes)])),
+            keepalive_cnt: NonZeroU16::new(u16::from(b[o!(keepalive_probes)])),
         }
     });
     Ok(SockSample {

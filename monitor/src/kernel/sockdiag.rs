@@ -128,7 +128,11 @@ fn tcp_info(t: &[u8], state: u8, timer: u8, expires: u32) -> TcpSample {
         unacked: at(24),
         total_retrans: at(100),
         timer,
-        timer_expires_ms: (timer != Timer::None).then_some(TcpSample::expires_ms(i64::from(expires))),
+        timer_expires_ms: if timer == Timer::None {
+            0
+        } else {
+            TcpSample::expires_ms(i64::from(expires))
+        },
         // sock_diag has no SO_KEEPALIVE flag: an ESTABLISHED socket with sk_timer armed has it.
         keepalive: (state == monitor_common::tcp_state::ESTABLISHED && timer != Timer::Retransmit)
             .then_some(timer == Timer::Keepalive),

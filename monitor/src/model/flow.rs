@@ -30,31 +30,18 @@ pub struct Flow {
     pub uid: u32,
     /// Shared by every flow of the process.
     pub owner: Option<Arc<Owner>>,
-    /// Boxed: only flows whose owner is not known yet have one.
-    pub pid_hint: Option<Box<PidHint>>,
     pub tcp: Option<TcpSample>,
     /// When `tcp` was sampled.
     pub tcp_at: Nanos,
-    /// RSTs received and sent (saturating: a flow sees one or two).
-    pub resets_recv: u16,
-    pub resets_sent: u16,
-    pub retransmit_events: u32,
-    /// The errno of the last error report (`last_error()`; never 0).
-    error: Option<NonZeroI32>,
     /// The idle (since the last ACK received) in the last real sample that showed the flow calm:
     /// when a later sample shows less, the path survived that idle (path learning).
     pub seen_idle_ms: u32,
-    /// Set when the flow first retransmits after being calm: an upper bound of how long it had
-    /// idled before the send that went unanswered (the idle since the last ACK at the first
-    /// retransmit event less the minimum RTO, or at the first sample showing the retransmission).
-    /// 0 while calm. Note: lsndtime (tcpi_last_data_sent) moves with every retransmission, so it
-    /// cannot date the original send.
-    pub trouble_idle_ms: u32,
     /// `tcp` was aged by a filtered read that left the flow out (its idle values are capped
     /// estimates, not the kernel's): not evidence for path learning.
     pub sample_aged: bool,
-    /// Keepalive probes seen on the wire (watched sockets, eBPF mode); boxed: few flows have it.
-    pub wire: Option<Box<ProbeLog>>,
+    /// What few flows have (a hint of the owner, probes on the wire, resets, retransmissions,
+    /// an error): boxed, 8 bytes for a flow without any (`Rare`).
+    rare: Option<Box<Rare>>,
     /// The eviction forecast found the flow calm and not at risk before this time (no
     /// middlebox, kept by keepalive, or idle short of the warn point); it is not assessed again
     /// before then. 0 whenever the flow changes (a new sample, an event), the policy or the
@@ -63,6 +50,28 @@ pub struct Flow {
     /// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
     /// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
     pub quiet_read: bool,
+}
+
+/// The part of a flow that few flows have: a flow keeps it boxed, and drops the box when
+/// nothing in it is left (32 bytes a flow before, on every flow).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rare {
+    /// Who called connect()/listen(), until the owner is known.
+    pid_hint: Option<PidHint>,
+    /// Keepalive probes seen on the wire (watched sockets, eBPF mode).
+    wire: Option<ProbeLog>,
+    /// The errno of the last error report (never 0).
+    error: Option<NonZeroI32>,
+    /// RSTs received and sent (saturating: a flow sees one or two).
+    resets_recv: u16,
+    resets_sent: u16,
+    retransmit_events: u32,
+    /// Set when the flow first retransmits after being calm: an upper bound of how long it had
+    /// idled before the send that went unanswered (the idle since the last ACK at the first
+    /// retransmit event less the minimum RTO, or at the first sample showing the retransmission).
+    /// 0 while calm. Note: lsndtime (tcpi_last_data_sent) moves with every retransmission, so it
+    /// cannot date the original send.
+    trouble_idle_ms: u32,
 }
 
 /// A socket address as a flow keeps it: 20 bytes where a `SocketAddr` takes 32 (two per flow).
@@ -204,17 +213,11 @@ impl Flow {
             inode: 0,
             uid: 0,
             owner: None,
-            pid_hint: None,
             tcp: None,
             tcp_at: 0,
-            resets_recv: 0,
-            resets_sent: 0,
-            retransmit_events: 0,
             seen_idle_ms: 0,
-            trouble_idle_ms: 0,
             sample_aged: false,
-            error: None,
-            wire: None,
+            rare: None,
             quiet_until: 0,
             quiet_read: true,
         }
@@ -229,14 +232,90 @@ impl Flow {
         self.entered = at;
     }
 
+    /// The rare part, made on first use.
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the rare part when nothing is left in it.
+    fn tidy(&mut self) {
+        if self.rare.as_deref().is_some_and(|r| *r == Rare::default()) {
+            self.rare = None;
+        }
+    }
+
     /// The errno of the last error the kernel reported on the socket (eBPF mode).
     pub fn last_error(&self) -> Option<i32> {
-        self.error.map(NonZeroI32::get)
+        self.rare.as_ref()?.error.map(NonZeroI32::get)
     }
 
     /// Records an error report (0, which no report carries, clears it).
     pub fn set_last_error(&mut self, errno: i32) {
-        self.error = NonZeroI32::new(errno);
+        self.rare_mut().error = NonZeroI32::new(errno);
+        self.tidy();
+    }
+
+    /// Who called connect()/listen() (kept until the owner is known).
+    pub fn pid_hint(&self) -> Option<&PidHint> {
+        self.rare.as_ref()?.pid_hint.as_ref()
+    }
+
+    pub fn set_pid_hint(&mut self, hint: Option<PidHint>) {
+        if hint.is_some() || self.rare.is_some() {
+            self.rare_mut().pid_hint = hint;
+            self.tidy();
+        }
+    }
+
+    /// Keepalive probes seen on the wire (watched sockets, eBPF mode).
+    pub fn wire(&self) -> Option<&ProbeLog> {
+        self.rare.as_ref()?.wire.as_ref()
+    }
+
+    /// The probe log, made on first use.
+    pub fn wire_mut(&mut self) -> &mut ProbeLog {
+        self.rare_mut().wire.get_or_insert_with(ProbeLog::default)
+    }
+
+    /// RSTs received (saturating).
+    pub fn resets_recv(&self) -> u16 {
+        self.rare.as_ref().map_or(0, |r| r.resets_recv)
+    }
+
+    pub fn resets_sent(&self) -> u16 {
+        self.rare.as_ref().map_or(0, |r| r.resets_sent)
+    }
+
+    pub fn count_reset_recv(&mut self) {
+        let r = self.rare_mut();
+        r.resets_recv = r.resets_recv.saturating_add(1);
+    }
+
+    pub fn count_reset_sent(&mut self) {
+        let r = self.rare_mut();
+        r.resets_sent = r.resets_sent.saturating_add(1);
+    }
+
+    /// Retransmission events seen (eBPF mode).
+    pub fn retransmit_events(&self) -> u32 {
+        self.rare.as_ref().map_or(0, |r| r.retransmit_events)
+    }
+
+    pub fn count_retransmit(&mut self) {
+        let r = self.rare_mut();
+        r.retransmit_events = r.retransmit_events.saturating_add(1);
+    }
+
+    /// How long the flow had idled before the send that went unanswered (`Rare`); 0 while calm.
+    pub fn trouble_idle_ms(&self) -> u32 {
+        self.rare.as_ref().map_or(0, |r| r.trouble_idle_ms)
+    }
+
+    pub fn set_trouble_idle_ms(&mut self, idle_ms: u32) {
+        if idle_ms != 0 || self.rare.is_some() {
+            self.rare_mut().trouble_idle_ms = idle_ms;
+            self.tidy();
+        }
     }
 
     /// Milliseconds since the last data sent, data received and ACK received, aged to `now`
@@ -261,7 +340,7 @@ impl Flow {
 
     /// The owning process (or the one seen at connect()/listen()).
     pub fn pid_comm(&self) -> Option<(u32, &str)> {
-        match (&self.owner, &self.pid_hint) {
+        match (&self.owner, self.pid_hint()) {
             (Some(o), _) => Some((o.pid, o.comm.as_str())),
             (None, Some(h)) => Some((h.pid, h.comm.as_str())),
             (None, None) => None,
@@ -302,18 +381,18 @@ impl Flow {
             // The timer counted down since the sample (negative: it fired since; when the
             // sample is fresh, as `flows` asks by default, this is the kernel's value).
             timer_expires_ms: t
-                .and_then(|t| t.timer_expires_ms)
+                .and_then(TcpSample::timer_expires)
                 .map(|e| i64::from(e).saturating_sub(ms(now.saturating_sub(self.tcp_at)) as i64)),
-            keepalive_idle_s: t.and_then(|t| t.keepalive_idle_s).map(u32::from),
-            keepalive_intvl_s: t.and_then(|t| t.keepalive_intvl_s).map(u32::from),
-            keepalive_cnt: t.and_then(|t| t.keepalive_cnt).map(u32::from),
-            resets_recv: u32::from(self.resets_recv),
-            resets_sent: u32::from(self.resets_sent),
-            retransmit_events: self.retransmit_events,
+            keepalive_idle_s: t.and_then(|t| t.keepalive_idle_s).map(|s| u32::from(s.get())),
+            keepalive_intvl_s: t.and_then(|t| t.keepalive_intvl_s).map(|s| u32::from(s.get())),
+            keepalive_cnt: t.and_then(|t| t.keepalive_cnt).map(|n| u32::from(n.get())),
+            resets_recv: u32::from(self.resets_recv()),
+            resets_sent: u32::from(self.resets_sent()),
+            retransmit_events: self.retransmit_events(),
             last_error: self.last_error(),
             sample_age_ms: t.map(|_| ms(now.saturating_sub(self.tcp_at))),
             risk: None,
-            wire_probes: self.wire.as_ref().map(|w| w.view(now)),
+            wire_probes: self.wire().map(|w| w.view(now)),
         }
     }
 }
@@ -323,7 +402,8 @@ mod tests {
     use super::*;
 
     /// The flow table holds one `Flow` per socket: its size is most of the agent's memory per
-    /// flow (docs/bench.md, `B/flow`). Grows past this only on purpose.
+    /// flow (docs/bench.md, `B/flow`). Grows past this only on purpose (200 bytes before the rare
+    /// fields went into `Rare` and the sample's options into niches).
     #[test]
     fn a_flow_stays_compact() {
         let size = std::mem::size_of::<Flow>();
@@ -331,8 +411,50 @@ mod tests {
             "Flow: {size} bytes, TcpSample: {} bytes",
             std::mem::size_of::<TcpSample>()
         );
-        assert!(size <= 200, "Flow is {size} bytes");
+        assert!(size <= 168, "Flow is {size} bytes");
+        assert_eq!(std::mem::size_of::<Option<TcpSample>>(), 36);
         assert_eq!(std::mem::size_of::<Endpoint>(), 20);
+    }
+
+    /// The rare part exists only while something is in it: a flow whose owner hint was
+    /// replaced by its owner carries no box.
+    #[test]
+    fn the_rare_part_comes_and_goes_with_its_contents() {
+        let mut f = Flow::new(
+            1,
+            0,
+            "10.0.0.1:1".parse().unwrap(),
+            "10.0.0.2:2".parse().unwrap(),
+            1,
+            0,
+        );
+        assert!(f.rare.is_none());
+        f.set_pid_hint(None);
+        f.set_trouble_idle_ms(0);
+        assert!(f.rare.is_none(), "clearing what is not there makes nothing");
+        f.set_pid_hint(Some(PidHint {
+            pid: 7,
+            comm: "sshd".into(),
+        }));
+        f.set_trouble_idle_ms(1500);
+        assert_eq!(f.pid_comm(), Some((7, "sshd")));
+        assert_eq!(f.trouble_idle_ms(), 1500);
+        f.set_pid_hint(None);
+        assert!(f.rare.is_some(), "the trouble mark is still in it");
+        f.set_trouble_idle_ms(0);
+        assert!(f.rare.is_none());
+        f.count_reset_recv();
+        f.set_last_error(104);
+        f.wire_mut().on_sent(5, 1);
+        f.set_last_error(0);
+        assert_eq!(
+            (f.resets_recv(), f.last_error(), f.wire().map(|w| w.sent)),
+            (1, None, Some(1))
+        );
+        for _ in 0..70_000 {
+            f.count_reset_sent();
+        }
+        assert_eq!(f.resets_sent(), u16::MAX, "saturates");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What the agent learns from the kernel, independent of where it came from (eBPF or poll).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU16;
 
 use serde::{Deserialize, Serialize};
 
@@ -103,20 +104,27 @@ pub struct TcpSample {
     pub unacked: u32,
     pub total_retrans: u32,
     pub timer: Timer,
-    /// Milliseconds until the timer fires (negative: overdue), within ±24 days (`expires_ms`):
-    /// 32 bits, a sample is kept per flow.
-    pub timer_expires_ms: Option<i32>,
+    /// Milliseconds until `timer` fires (negative: overdue), within ±24 days (`expires_ms`);
+    /// 0 and meaningless without a timer (`timer_expires()`). 32 bits and no `Option` (which
+    /// would take 8): a sample is kept per flow.
+    pub timer_expires_ms: i32,
     /// SO_KEEPALIVE: `Some` where the source knows it (eBPF), else inferred from the timer.
     pub keepalive: Option<bool>,
     /// Per-socket TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT where set on the socket (eBPF only).
     /// 16 bits: the kernel takes at most 32767 s, 32767 s and 127 (MAX_TCP_KEEPIDLE,
-    /// MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT in include/net/tcp.h).
-    pub keepalive_idle_s: Option<u16>,
-    pub keepalive_intvl_s: Option<u16>,
-    pub keepalive_cnt: Option<u16>,
+    /// MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT in include/net/tcp.h), and at least 1 (0 is "not set
+    /// on the socket"): 2 bytes each where an `Option<u16>` takes 4, a sample is kept per flow.
+    pub keepalive_idle_s: Option<NonZeroU16>,
+    pub keepalive_intvl_s: Option<NonZeroU16>,
+    pub keepalive_cnt: Option<NonZeroU16>,
 }
 
 impl TcpSample {
+    /// Milliseconds until the timer fires, if one is pending.
+    pub fn timer_expires(&self) -> Option<i32> {
+        (self.timer != Timer::None).then_some(self.timer_expires_ms)
+    }
+
     /// A timer's distance in ms as kept in a sample (clamped to ±24 days; no TCP timer is
     /// that far: TCP_KEEPIDLE is at most 32767 s).
     pub fn expires_ms(ms: i64) -> i32 {

@@ -297,8 +297,7 @@ impl KeepaliveRemedy {
         let job = self.jobs.get_mut(&f.cookie)?;
         // A probe seen leaving after the change proves keepalive on and armed.
         let probed = wire
-            && f.wire
-                .as_deref()
+            && f.wire()
                 .is_some_and(|w| w.sent > 0 && w.last_sent >= job.requested);
         match job.stage {
             Stage::Applied if probed => {}
@@ -360,8 +359,7 @@ impl KeepaliveRemedy {
             // or in the last sample's tcpi_probes): the peer stopped answering. Said on the
             // action and on the finding's resolution.
             let unanswered = f
-                .wire
-                .as_deref()
+                .wire()
                 .map(|w| w.outstanding)
                 .filter(|&n| n > 0)
                 .or_else(|| f.tcp.as_ref().map(|t| u32::from(t.probes)).filter(|&n| n > 0))?;
@@ -381,7 +379,7 @@ impl KeepaliveRemedy {
             return None;
         }
         let finding = job.finding;
-        let sent = f.wire.as_deref().map_or(0, |w| w.sent);
+        let sent = f.wire().map_or(0, |w| w.sent);
         let text = if sent > 0 {
             format!(
                 "the connection ended ({cause}) before any probe was answered: {sent} probe(s) sent, none answered"
@@ -481,7 +479,7 @@ fn base_text(text: &str) -> String {
 fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore) -> Option<Change> {
     let refresh = fmt_ms(u64::from(job.values.refresh_s()) * 1000);
     let at = job.requested;
-    if let Some(w) = f.wire.as_deref()
+    if let Some(w) = f.wire()
         && w.last_answer.is_some_and(|t| t > at)
     {
         job.stage = Stage::Verified;
@@ -502,7 +500,7 @@ fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore)
     if !f.sample_aged
         && let Some((_, _, ack_ms)) = f.ages_ms(now)
         && ack_ms.saturating_mul(1_000_000) < now.saturating_sub(job.at)
-        && f.wire.as_deref().is_none_or(|w| w.outstanding == 0)
+        && f.wire().is_none_or(|w| w.outstanding == 0)
     {
         job.stage = Stage::Verified;
         return store.amend_action(job.finding, RemedyAction::Keepalive, |act| {
@@ -515,7 +513,7 @@ fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore)
             );
         });
     }
-    let w = f.wire.as_deref()?;
+    let w = f.wire()?;
     let lost = w.unanswered(now);
     if lost == 0 {
         return None;

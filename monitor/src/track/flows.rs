@@ -118,7 +118,7 @@ impl Marks {
 /// showing probes, unacknowledged data or retransmissions, or probes watched on the wire.
 fn notable(f: &Flow) -> bool {
     (f.state != tcp_state::ESTABLISHED && f.state != tcp_state::LISTEN)
-        || f.wire.is_some()
+        || f.wire().is_some()
         || f.tcp
             .as_ref()
             .is_some_and(|t| t.probes > 0 || t.unacked > 0 || t.retransmits > 0 || t.backoff > 0)
@@ -147,7 +147,7 @@ fn fresh_after_answer(flow: &mut Flow, at: Nanos) {
     if t.timer == crate::model::observe::Timer::Keepalive
         && let Some(idle) = t.keepalive_idle_s
     {
-        t.timer_expires_ms = Some(TcpSample::expires_ms(i64::from(idle) * 1000));
+        t.timer_expires_ms = TcpSample::expires_ms(i64::from(idle.get()) * 1000);
     }
     flow.tcp_at = at;
     flow.quiet_until = 0;
@@ -307,7 +307,7 @@ impl FlowTable {
                     None => return false,
                 },
             };
-            let log = flow.wire.get_or_insert_with(Default::default);
+            let log = flow.wire_mut();
             match e.kind {
                 EventKind::ProbeSent => log.on_sent(e.ts, e.err.max(0) as u32),
                 _ => {
@@ -333,7 +333,7 @@ impl FlowTable {
             {
                 match e.kind {
                     EventKind::Error => f.set_last_error(e.err),
-                    _ => f.resets_recv = f.resets_recv.saturating_add(1),
+                    _ => f.count_reset_recv(),
                 }
             }
             return false;
@@ -371,25 +371,25 @@ impl FlowTable {
                     flow.set_state_since(e.ts);
                 }
             }
-            EventKind::RecvRst => flow.resets_recv = flow.resets_recv.saturating_add(1),
-            EventKind::SendRst => flow.resets_sent = flow.resets_sent.saturating_add(1),
+            EventKind::RecvRst => flow.count_reset_recv(),
+            EventKind::SendRst => flow.count_reset_sent(),
             EventKind::Retransmit => {
-                flow.retransmit_events += 1;
+                flow.count_retransmit();
                 // The first retransmission comes at least the minimum RTO (200 ms) after the send.
-                if flow.trouble_idle_ms == 0
+                if flow.trouble_idle_ms() == 0
                     && !flow.sample_aged
                     && let Some(t) = &flow.tcp
                 {
                     let since_sample = e.ts.saturating_sub(flow.tcp_at) / 1_000_000;
                     let idle = (u64::from(t.last_ack_recv_ms) + since_sample).saturating_sub(200);
-                    flow.trouble_idle_ms = idle.clamp(1, u64::from(u32::MAX)) as u32;
+                    flow.set_trouble_idle_ms(idle.clamp(1, u64::from(u32::MAX)) as u32);
                 }
             }
             EventKind::Error => flow.set_last_error(e.err),
             EventKind::ProbeSent | EventKind::ProbeAnswered => {}
         }
         if let Some(h) = &e.pid_hint {
-            flow.pid_hint = Some(Box::new(h.clone()));
+            flow.set_pid_hint(Some(h.clone()));
         }
         self.marks.changed(flow);
         self.calm = None;
@@ -487,9 +487,9 @@ impl FlowTable {
                 }
                 flow.seen_idle_ms = if calm { t.last_ack_recv_ms } else { 0 };
                 if calm {
-                    flow.trouble_idle_ms = 0;
-                } else if flow.trouble_idle_ms == 0 && t.retransmits > 0 && t.unacked > 0 {
-                    flow.trouble_idle_ms = t.last_ack_recv_ms.max(1);
+                    flow.set_trouble_idle_ms(0);
+                } else if flow.trouble_idle_ms() == 0 && t.retransmits > 0 && t.unacked > 0 {
+                    flow.set_trouble_idle_ms(t.last_ack_recv_ms.max(1));
                 }
                 flow.tcp = s.tcp.clone();
                 flow.tcp_at = at;
@@ -499,7 +499,7 @@ impl FlowTable {
                 flow.owner = Some(o.clone());
                 // The owner says who holds it: the hint from connect() is no longer needed (a
                 // box and a string per connecting flow, about 80 bytes).
-                flow.pid_hint = None;
+                flow.set_pid_hint(None);
             }
             flow.last_seen = flow.last_seen.max(at);
             // A flow exactly as its last sample foretold (idle for the time between, nothing
@@ -724,7 +724,10 @@ impl FlowTable {
             // keepalive time, and the kernel reports a socket with probes outstanding without
             // any event: from then on every read is needed (unknown per-socket time: now).
             if t.keepalive == Some(true) || t.timer == Timer::Keepalive {
-                let ka_ms = u64::from(t.keepalive_idle_s.unwrap_or(0)).saturating_mul(1000);
+                let ka_ms = t
+                    .keepalive_idle_s
+                    .map_or(0, |s| u64::from(s.get()))
+                    .saturating_mul(1000);
                 let left = ka_ms.checked_sub(idle).filter(|l| *l > 0)?;
                 until = until.min((f.tcp_at + left * 1_000_000).saturating_sub(SLACK));
             }

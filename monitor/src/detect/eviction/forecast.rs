@@ -11,9 +11,9 @@ fn rule_matches(r: &Rule, f: &Flow, netns_name: &dyn Fn() -> Option<String>) -> 
     let owner = f.owner.as_ref();
     r.cidr.is_none_or(|c| c.contains(f.remote.ip()))
         && r.port.is_none_or(|p| f.remote.port() == p || f.local.port() == p)
-        && r.comm.as_ref().is_none_or(|c| {
-            owner.is_some_and(|o| &o.comm == c) || f.pid_hint.as_ref().is_some_and(|h| &h.comm == c)
-        })
+        && r.comm
+            .as_ref()
+            .is_none_or(|c| owner.is_some_and(|o| &o.comm == c) || f.pid_hint().is_some_and(|h| &h.comm == c))
         && r.unit
             .as_ref()
             .is_none_or(|u| owner.and_then(|o| o.unit.as_ref()) == Some(u))
@@ -122,9 +122,9 @@ pub fn keepalive_of(f: &Flow, known: Option<KaValues>, sysctl: KaValues) -> Keep
     let per_socket = known.or_else(|| {
         let (i, v, c) = sample?;
         (i.is_some() || v.is_some() || c.is_some()).then(|| KaValues {
-            idle_s: i.map_or(sysctl.idle_s, u32::from),
-            intvl_s: v.map_or(sysctl.intvl_s, u32::from),
-            cnt: c.map_or(sysctl.cnt, u32::from),
+            idle_s: i.map_or(sysctl.idle_s, |s| u32::from(s.get())),
+            intvl_s: v.map_or(sysctl.intvl_s, |s| u32::from(s.get())),
+            cnt: c.map_or(sysctl.cnt, |n| u32::from(n.get())),
         })
     });
     Keepalive {

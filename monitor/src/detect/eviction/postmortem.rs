@@ -17,7 +17,7 @@ pub const ECONNABORTED: i32 = 103;
 pub fn cause(f: &Flow) -> Cow<'static, str> {
     // Borrowed where it can be: every closed flow gets one (a connection storm closes tens of
     // thousands a second), and nearly all are just "closed".
-    match (f.resets_recv, f.last_error()) {
+    match (f.resets_recv(), f.last_error()) {
         (n, _) if n > 0 => "reset by the peer or a middlebox".into(),
         (_, Some(ETIMEDOUT)) => "timed out (unanswered retransmits or keepalive probes)".into(),
         (_, Some(ECONNRESET)) => "reset".into(),
@@ -35,7 +35,7 @@ pub fn cause(f: &Flow) -> Cow<'static, str> {
 /// None if the flow did not break that way.
 pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
     let t = f.tcp.as_ref()?;
-    let died_badly = f.resets_recv > 0 || matches!(f.last_error(), Some(ETIMEDOUT) | Some(ECONNRESET));
+    let died_badly = f.resets_recv() > 0 || matches!(f.last_error(), Some(ETIMEDOUT) | Some(ECONNRESET));
     let vanished_retransmitting = f.last_error().is_none()
         && f.state == monitor_common::tcp_state::ESTABLISHED
         && t.retransmits > 0
@@ -43,17 +43,17 @@ pub fn idle_before_break(f: &Flow, closed_at: Nanos) -> Option<u64> {
     if !died_badly && !vanished_retransmitting {
         return None;
     }
-    if f.trouble_idle_ms > 0 {
-        return Some(u64::from(f.trouble_idle_ms));
+    if f.trouble_idle_ms() > 0 {
+        return Some(u64::from(f.trouble_idle_ms()));
     }
-    (f.resets_recv > 0 || f.last_error() == Some(ECONNRESET))
+    (f.resets_recv() > 0 || f.last_error() == Some(ECONNRESET))
         .then(|| u64::from(t.last_ack_recv_ms) + ms(closed_at.saturating_sub(f.tcp_at)))
 }
 
 /// The post-mortem of a flow that keepalive found dead (eBPF mode, probes watched): it timed out
 /// with probes unanswered on the wire and no middlebox timeout explains it.
 fn dead_peer(f: &Flow, closed_at: Nanos, cause: &str, env: &mut dyn Env) -> Option<Verdict> {
-    let w = f.wire.as_deref()?;
+    let w = f.wire()?;
     if f.last_error() != Some(ETIMEDOUT) || w.outstanding == 0 {
         return None;
     }
@@ -109,7 +109,7 @@ pub fn judge(
     pol: &EvictionPolicy,
     env: &mut dyn Env,
 ) -> Option<Verdict> {
-    let died_badly = f.resets_recv > 0 || matches!(f.last_error(), Some(ETIMEDOUT) | Some(ECONNRESET));
+    let died_badly = f.resets_recv() > 0 || matches!(f.last_error(), Some(ETIMEDOUT) | Some(ECONNRESET));
     if !died_badly {
         return None;
     }
@@ -123,23 +123,19 @@ pub fn judge(
     };
     // Probes watched: a probe that went unanswered while the flow had idled less than the
     // middlebox's timeout reached a middlebox that still knew the flow: the peer is gone.
-    if let Some(w) = f.wire.as_deref().filter(|w| w.outstanding > 0) {
+    if let Some(w) = f.wire().filter(|w| w.outstanding > 0) {
         let last_ack = closed_at.saturating_sub(silent_ms.saturating_mul(1_000_000));
         let first = w.streak_from.unwrap_or(w.last_sent);
         if ms(first.saturating_sub(last_ack)) < app.timeout_s.saturating_mul(1000) {
             return dead_peer(f, closed_at, cause, env);
         }
     }
-    let probe = f
-        .wire
-        .as_deref()
-        .filter(|w| w.outstanding > 0)
-        .map_or(String::new(), |w| {
-            format!(
-                "; the keepalive probe sent {} before the end went unanswered",
-                fmt_ms(ms(closed_at.saturating_sub(w.streak_from.unwrap_or(w.last_sent))))
-            )
-        });
+    let probe = f.wire().filter(|w| w.outstanding > 0).map_or(String::new(), |w| {
+        format!(
+            "; the keepalive probe sent {} before the end went unanswered",
+            fmt_ms(ms(closed_at.saturating_sub(w.streak_from.unwrap_or(w.last_sent))))
+        )
+    });
     let summary = format!(
         "connection {cause} after {} without an ACK, longer than the {} idle timeout of {}: the middlebox most likely evicted it{probe}",
         fmt_ms(silent_ms),
@@ -158,7 +154,7 @@ pub fn judge(
         details: Details::PostMortem {
             profile: app,
             silent_ms,
-            resets_recv: u32::from(f.resets_recv),
+            resets_recv: u32::from(f.resets_recv()),
             error: f.last_error(),
             cause: cause.to_string(),
         },

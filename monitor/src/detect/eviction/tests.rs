@@ -8,6 +8,7 @@ use crate::config::{KeepaliveSection, Rule};
 use crate::detect::FakeEnv;
 use crate::model::eviction::{NetFacts, RoutePath};
 use crate::model::observe::{Owner, TcpSample};
+use std::num::NonZeroU16;
 
 const S: Nanos = SEC;
 
@@ -206,7 +207,7 @@ fn a_finding_judged_on_an_unchanged_sample_does_not_flap() {
     let mut d = EvictionDetector::default();
     // Keepalive on with sysctl values (too slow), recently active: judged once, then quick-rejected.
     let mut f = flow("10.77.2.2:80", 100, Some(true));
-    f.tcp.as_mut().unwrap().keepalive_idle_s = Some(30);
+    f.tcp.as_mut().unwrap().keepalive_idle_s = NonZeroU16::new(30);
     let no = |_: u64| false;
     for i in 0..5 {
         let p = d.evaluate(100 * S + i * S / 2, [&f].into_iter(), &[], &pol, &mut env, &no);
@@ -270,7 +271,7 @@ fn postmortem_after_reset_past_the_timeout() {
     // A reset after a short idle is not blamed on the middlebox.
     let mut g = flow("10.77.2.2:80", 1_000, Some(false));
     g.cookie = 10;
-    g.resets_recv = 1;
+    g.count_reset_recv();
     let p = d.evaluate(106 * S, std::iter::empty(), &[(g, 100 * S)], &pol, &mut env, &no);
     assert!(p.postmortems.is_empty());
     // Post-mortems expire after an hour, with a key to resolve.
@@ -288,7 +289,7 @@ fn a_flow_that_broke_bounds_its_path_and_a_learnt_timeout_applies_without_a_rule
     // Timed out while retransmitting; it had idled 25 s when it first retransmitted.
     let mut f = flow("10.77.2.2:80", 31_000, Some(false));
     f.set_last_error(postmortem::ETIMEDOUT);
-    f.trouble_idle_ms = 25_000;
+    f.set_trouble_idle_ms(25_000);
     if let Some(t) = f.tcp.as_mut() {
         t.retransmits = 3;
         t.unacked = 1;
@@ -319,7 +320,7 @@ fn a_flow_that_broke_bounds_its_path_and_a_learnt_timeout_applies_without_a_rule
     assert_eq!(postmortem::idle_before_break(&calm, 104 * S), None);
     // A reset answering the first send after a calm sample: the idle up to the reset.
     let mut r = flow("10.77.2.2:80", 21_000, Some(false));
-    r.resets_recv = 1;
+    r.count_reset_recv();
     assert_eq!(postmortem::idle_before_break(&r, 101 * S), Some(22_000));
     // With a learnt timeout for the path, a flow without a rule gets it.
     struct Learnt(FakeEnv);

@@ -170,11 +170,11 @@ fn decodes_iterator_records_with_jiffies_wraparound() {
     assert_eq!(t.last_data_recv_ms, 8000);
     assert_eq!(t.last_ack_recv_ms, 0);
     assert_eq!(t.timer, Timer::Keepalive);
-    assert_eq!(t.timer_expires_ms, Some(1000));
+    assert_eq!(t.timer_expires(), Some(1000));
     assert_eq!(t.keepalive, Some(true));
-    assert_eq!(t.keepalive_idle_s, Some(30));
+    assert_eq!(t.keepalive_idle_s, NonZeroU16::new(30));
     assert_eq!(t.keepalive_intvl_s, None);
-    assert_eq!(t.keepalive_cnt, Some(4));
+    assert_eq!(t.keepalive_cnt, NonZeroU16::new(4));
 }
 
 #[test]

@@ -54,7 +54,7 @@ fn parses_a_socket_with_tcp_info() {
     );
     assert_eq!(t.total_retrans, 9);
     assert_eq!(t.timer, Timer::Keepalive);
-    assert_eq!(t.timer_expires_ms, Some(1500));
+    assert_eq!(t.timer_expires(), Some(1500));
     assert_eq!(t.keepalive, Some(true));
 }
 

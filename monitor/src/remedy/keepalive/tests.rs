@@ -272,8 +272,7 @@ fn on_the_wire_a_remedy_is_verified_by_an_answer() {
     // A probe left (seen on the wire): armed, not yet verified; the finding stays open.
     let mut g = flow("10.77.2.2:80", 17_000, Some(true));
     g.tcp_at = 100 * S;
-    g.wire = Some(Box::default());
-    g.wire.as_mut().unwrap().on_sent(100 * S + 5, 0);
+    g.wire_mut().on_sent(100 * S + 5, 0);
     assert!(r.verify(101 * S, &g, None, &mut store).is_some());
     assert!(r.awaiting_answer(9));
     let text = |s: &FindingStore| s.get(1).unwrap().actions[0].outcome.text.clone();
@@ -295,7 +294,7 @@ fn on_the_wire_a_remedy_is_verified_by_an_answer() {
         "not said twice"
     );
     // The answer verifies.
-    g.wire.as_mut().unwrap().on_answered(102 * S + 10, 300);
+    g.wire_mut().on_answered(102 * S + 10, 300);
     assert!(r.verify(103 * S, &g, None, &mut store).is_some());
     assert!(text(&store).contains("verified on the wire"), "{}", text(&store));
     assert!(!text(&store).contains("unanswered"), "{}", text(&store));
@@ -311,7 +310,7 @@ fn a_death_before_any_answer_is_said() {
     for i in 0..4 {
         w.on_sent(101 * S + i * 2 * S, i as u32);
     }
-    g.wire = Some(Box::new(w));
+    *g.wire_mut() = w;
     assert!(r.on_closed(&g, "timed out", &mut store).is_some());
     let act = &store.get(1).unwrap().actions[0];
     assert_eq!(act.outcome.status, OutcomeStatus::Ineffective);

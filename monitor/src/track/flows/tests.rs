@@ -2,6 +2,7 @@ use super::*;
 use crate::model::flow::TableCounters;
 use crate::model::observe::{Coverage, PidHint, SockSample, TcpSample};
 use foldhash::HashMapExt;
+use std::num::NonZeroU16;
 
 const S: Nanos = 1_000_000_000;
 
@@ -160,7 +161,7 @@ fn calm_until_is_the_first_moment_a_left_out_flow_can_reach_the_filter() {
     let mut s = idle_sock(6, 1_000);
     if let Some(x) = s.tcp.as_mut() {
         x.keepalive = Some(true);
-        x.keepalive_idle_s = Some(3);
+        x.keepalive_idle_s = NonZeroU16::new(3);
     }
     t.apply_snapshot(&snap(S, S, vec![s.clone()]), &HashMap::new());
     assert_eq!(
@@ -385,7 +386,7 @@ fn the_connect_hint_goes_once_the_owner_is_known() {
         &owners,
     );
     let f = t.get(8).unwrap();
-    assert!(f.pid_hint.is_none(), "no box and string kept beside the owner");
+    assert!(f.pid_hint().is_none(), "no box and string kept beside the owner");
     let v = f.view(4 * S, None);
     assert_eq!((v.pid, v.comm.as_deref()), (Some(9), Some("ssh")));
 }
@@ -456,7 +457,7 @@ fn resets_and_errors_are_counted() {
     r.err = 104;
     t.apply_event(&r);
     let f = t.get(1).unwrap();
-    assert_eq!((f.resets_recv, f.last_error()), (1, Some(104)));
+    assert_eq!((f.resets_recv(), f.last_error()), (1, Some(104)));
 }
 
 #[test]
@@ -552,13 +553,13 @@ fn samples_record_survived_idles_and_the_idle_before_trouble() {
     let mut e = ev(1, tcp_state::ESTABLISHED, 8 * S);
     e.kind = EventKind::Retransmit;
     t.apply_event(&e);
-    assert_eq!(t.get(1).unwrap().trouble_idle_ms, 25_000 - 200);
+    assert_eq!(t.get(1).unwrap().trouble_idle_ms(), 25_000 - 200);
     // Without events (poll mode) the first sample that shows the retransmission does.
     let mut p = FlowTable::default();
     p.apply_snapshot(&snap(S, S, vec![idle(20_000, 0)]), &none);
     p.apply_snapshot(&snap(2 * S, 2 * S, vec![idle(21_000, 1)]), &none);
     p.apply_snapshot(&snap(3 * S, 3 * S, vec![idle(22_000, 2)]), &none);
-    assert_eq!(p.get(1).unwrap().trouble_idle_ms, 21_000);
+    assert_eq!(p.get(1).unwrap().trouble_idle_ms(), 21_000);
     assert!(p.take_survivals().is_empty(), "no ACK came: nothing survived");
     // A sample aged by a filtered read is a capped estimate: a retransmission does not date the
     // send from it; the next real sample (troubled flows are always reported) does.
@@ -572,9 +573,13 @@ fn samples_record_survived_idles_and_the_idle_before_trouble() {
     let mut e = ev(1, tcp_state::ESTABLISHED, 31 * S);
     e.kind = EventKind::Retransmit;
     q.apply_event(&e);
-    assert_eq!(q.get(1).unwrap().trouble_idle_ms, 0, "not from a capped estimate");
+    assert_eq!(
+        q.get(1).unwrap().trouble_idle_ms(),
+        0,
+        "not from a capped estimate"
+    );
     q.apply_snapshot(&snap(32 * S, 32 * S, vec![idle(31_500, 1)]), &none);
-    assert_eq!(q.get(1).unwrap().trouble_idle_ms, 31_500);
+    assert_eq!(q.get(1).unwrap().trouble_idle_ms(), 31_500);
 }
 
 #[test]
@@ -586,8 +591,8 @@ fn an_answered_probe_makes_the_flow_fresh() {
         x.last_ack_recv_ms = 9_000;
         x.probes = 1;
         x.timer = crate::model::observe::Timer::Keepalive;
-        x.keepalive_idle_s = Some(10);
-        x.timer_expires_ms = Some(0);
+        x.keepalive_idle_s = NonZeroU16::new(10);
+        x.timer_expires_ms = 0;
     }
     t.apply_snapshot(&snap(0, 10 * S, vec![s]), &HashMap::new());
     let mut sent = ev(1, tcp_state::ESTABLISHED, 10 * S + 1);
@@ -600,13 +605,13 @@ fn an_answered_probe_makes_the_flow_fresh() {
     let f = t.get(1).unwrap();
     let x = f.tcp.as_ref().unwrap();
     assert_eq!(
-        (x.last_ack_recv_ms, x.probes, x.timer_expires_ms),
+        (x.last_ack_recv_ms, x.probes, x.timer_expires()),
         (0, 0, Some(10_000))
     );
     assert_eq!(x.last_data_sent_ms, 500 + 2_000, "data idles aged to the answer");
     assert_eq!(f.tcp_at, 12 * S);
     assert_eq!(f.idle_ms(13 * S), Some(1_000));
-    let w = f.wire.as_ref().unwrap();
+    let w = f.wire().unwrap();
     assert_eq!((w.sent, w.answered, w.last_rtt_us), (1, 1, Some(80)));
     // Probe events never create a flow.
     let mut stray = ev(2, tcp_state::ESTABLISHED, 12 * S);
@@ -621,9 +626,9 @@ fn a_query_read_refreshes_only_the_flows_it_named() {
     let mut iter_sample = sock(1, tcp_state::ESTABLISHED, 5);
     if let Some(x) = iter_sample.tcp.as_mut() {
         x.keepalive = Some(true);
-        x.keepalive_idle_s = Some(30);
-        x.keepalive_intvl_s = Some(5);
-        x.keepalive_cnt = Some(3);
+        x.keepalive_idle_s = NonZeroU16::new(30);
+        x.keepalive_intvl_s = NonZeroU16::new(5);
+        x.keepalive_cnt = NonZeroU16::new(3);
     }
     t.apply_snapshot(
         &snap(S, S, vec![iter_sample, sock(2, tcp_state::ESTABLISHED, 6)]),
@@ -649,7 +654,7 @@ fn a_query_read_refreshes_only_the_flows_it_named() {
     );
     assert_eq!(
         (x.keepalive_idle_s, x.keepalive_intvl_s, x.keepalive_cnt),
-        (Some(30), Some(5), Some(3)),
+        (NonZeroU16::new(30), NonZeroU16::new(5), NonZeroU16::new(3)),
         "the iterator's settings stand"
     );
     assert!(t.get(9).is_none(), "a socket not named is not created by a query");
