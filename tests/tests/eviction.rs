@@ -292,3 +292,69 @@ fn cgroup_connections_get_keepalive(mode: &str) {
     drop(agent);
 }
 both_modes!(cgroup_connections_get_keepalive);
+
+/// A flow judged to have no middlebox on its path is judged again when its route changes. The
+/// client reaches the server over an on-link route (the router answers ARP for it: the client
+/// cannot tell a NAT is there), so the idle flow is judged safe and left alone; then the route
+/// is corrected to go through the router. The agent finds the change (it follows each
+/// namespace's routes and rules) and reports the flow at risk under the default profile, as it
+/// would a flow that started on that route: within a refresh, not at the next periodic
+/// judgement of quiet flows (10 min).
+fn a_route_change_wakes_a_quiet_judgement(mode: &str) {
+    require_root();
+    let bed = NatBed::new(TIMEOUT_S as u32);
+    bed.router
+        .run(&["sysctl", "-qw", "net.ipv4.conf.rc0.proxy_arp=1"]);
+    bed.client
+        .run(&["ip", "route", "add", "10.77.2.2/32", "dev", "c0"]);
+    let server = Peer::spawn(&bed.server, "listen", &format!("{NAT_SERVER_IP}:5432"));
+    let mut client = Peer::spawn_with(&bed.client, &["connect", "10.77.2.2:5432"], None);
+    assert_eq!(
+        client.tell("send"),
+        "sent true",
+        "the on-link route reaches the server"
+    );
+    let cfg = format!(
+        "[[profiles]]\nname = \"lab-nat\"\nidle_timeout = \"{TIMEOUT_S}s\"\n\n[eviction]\ndefault_profile = \"lab-nat\"\n"
+    );
+    let agent = Agent::start(&bed.client, mode, &cfg);
+    let local = client.addr();
+    wait_for(Duration::from_secs(15), "the flow listed", || {
+        agent.flow_at(&local).ok_or_else(|| "not yet".to_string())
+    });
+    let risky = |a: &Agent| {
+        ["idle-near-eviction", "likely-evicted"]
+            .iter()
+            .flat_map(|k| a.flow_findings(k, &local))
+            .next()
+    };
+    // Judged (a round runs every 2 s) and left alone: on-link, no middlebox.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(risky(&agent).is_none(), "on-link: no middlebox, no finding");
+    let (code, out, _) = agent.cli(&["explain", &local]);
+    assert_eq!(code, 0);
+    assert!(out.contains("on-link"), "judged on-link: {out}");
+    bed.client.run(&[
+        "ip",
+        "route",
+        "replace",
+        "10.77.2.2/32",
+        "via",
+        "10.77.1.1",
+        "dev",
+        "c0",
+    ]);
+    let changed = Instant::now();
+    // Routes are compared every 10 s; then a round judges the flow. (Without following routes:
+    // 27 s in eBPF mode, over 60 s in poll mode, in one run.)
+    let f = wait_for(Duration::from_secs(20), "a finding under the new route", || {
+        risky(&agent).ok_or_else(|| "none yet".to_string())
+    });
+    assert!(f["summary"].as_str().unwrap_or("").contains("lab-nat"), "{f}");
+    println!(
+        "{mode}: found at risk {:.1} s after the route changed",
+        changed.elapsed().as_secs_f64()
+    );
+    drop(server);
+}
+both_modes!(a_route_change_wakes_a_quiet_judgement);

@@ -236,6 +236,15 @@ pub async fn run(
 /// Routes and sysctls can change under a running agent; memory of a past storm goes back.
 fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
     state.router.forget();
+    // A quiet flow was judged on its path: where routes or rules changed, judge again.
+    for id in state.router.changed(now) {
+        let flows = state.table.unquiet_netns(id);
+        tracing::debug!(
+            netns = id,
+            flows,
+            "routes or rules changed: the flows there are judged again"
+        );
+    }
     let own = crate::kernel::netns::own_id();
     let mut facts_changed = false;
     if let Some(n) = state.netns.get_mut(&own) {

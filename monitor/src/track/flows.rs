@@ -638,6 +638,18 @@ impl FlowTable {
         }
     }
 
+    /// Every flow of one namespace is assessed again (its routes changed); returns how many.
+    pub fn unquiet_netns(&mut self, netns: NetnsId) -> usize {
+        self.calm = None;
+        let mut n = 0;
+        for f in self.flows.values_mut().filter(|f| f.netns == netns) {
+            f.quiet_until = 0;
+            self.marks.awake.insert(f.cookie);
+            n += 1;
+        }
+        n
+    }
+
     /// The flows the eviction forecast must judge at `now`: those changed since it last
     /// looked or not judged quiet, and the quiet ones whose time has come (woken here).
     pub fn to_judge(&mut self, now: Nanos) -> Vec<u64> {
