@@ -265,26 +265,29 @@ fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
 /// count of every flow are behind it.
 const SETTLE: Duration = Duration::from_secs(60);
 
-/// CPU % of one core over `window` from now, and the reads (all, complete) the agent made in it.
-fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64) {
+/// CPU % of one core over `window` from now, the reads (all, complete) the agent made in it,
+/// and the flows its eviction forecast judged in it (what woke: changes and judgements due).
+fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64, u64) {
     let reads = |a: &Agent| {
-        a.status().map_or((0, 0), |s| {
+        a.status().map_or((0, 0, 0), |s| {
             (
                 s["snapshots"].as_u64().unwrap_or(0),
                 s["complete_reads"].as_u64().unwrap_or(0),
+                s["rounds"]["judged"].as_u64().unwrap_or(0),
             )
         })
     };
-    let (r0, f0) = reads(a);
+    let (r0, f0, j0) = reads(a);
     let (c0, _) = a.usage();
     let t0 = Instant::now();
     std::thread::sleep(window);
     let (c1, _) = a.usage();
-    let (r1, f1) = reads(a);
+    let (r1, f1, j1) = reads(a);
     (
         (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0,
         r1.saturating_sub(r0),
         f1.saturating_sub(f0),
+        j1.saturating_sub(j0),
     )
 }
 
@@ -306,9 +309,9 @@ fn steady(
     })?;
     let tracked = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    let (cpu, _, _) = cpu_window(&a, window);
+    let (cpu, _, _, _) = cpu_window(&a, window);
     std::thread::sleep(SETTLE.saturating_sub(tracked.elapsed()));
-    let (settled_cpu, settled_reads, settled_complete) = cpu_window(&a, settled);
+    let (settled_cpu, settled_reads, settled_complete, settled_judged) = cpu_window(&a, settled);
     let (_, rss) = a.usage();
     let flows = a.status().and_then(|s| s["flows"].as_u64()).unwrap_or(0);
     let per_flow = if flows > 0 {
@@ -320,7 +323,7 @@ fn steady(
     let trickle = trickle(&a, tools)?;
     Ok(
         json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs(),
-            "settled": { "cpu_pct": settled_cpu, "window_s": settled.as_secs(), "from_s": SETTLE.as_secs(), "reads": settled_reads, "complete_reads": settled_complete },
+            "settled": { "cpu_pct": settled_cpu, "window_s": settled.as_secs(), "from_s": SETTLE.as_secs(), "reads": settled_reads, "complete_reads": settled_complete, "judged": settled_judged },
             "flows_1k": fresh, "trickle": trickle }),
     )
 }
@@ -1052,12 +1055,13 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
             let x = &sz[format!("steady_{m}").as_str()]["settled"];
             let _ = writeln!(
                 out,
-                "  {:>7} sockets {m:4}: {:.2} % over {} s, {} reads ({} complete)",
+                "  {:>7} sockets {m:4}: {:.2} % over {} s, {} reads ({} complete), {} flows judged",
                 sz["sockets"],
                 x["cpu_pct"].as_f64().unwrap_or(0.0),
                 x["window_s"],
                 x["reads"],
                 x["complete_reads"],
+                x["judged"],
             );
         }
     }

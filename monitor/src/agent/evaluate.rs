@@ -161,6 +161,7 @@ pub fn flows(
     judge.extend(st.remedies.keepalive.watched());
     judge.sort_unstable();
     judge.dedup();
+    st.stats.rounds.judged += judge.len() as u64;
     let ka = &st.remedies.keepalive;
     let mut env = AgentEnv {
         router: &mut st.router,

@@ -141,6 +141,10 @@ pub struct Rounds {
     pub zombies: u64,
     pub flows: u64,
     pub ledger: u64,
+    /// Flows the eviction forecast judged, in all rounds: what changed or fell due, not every
+    /// flow every round (a figure that grows with the table says something wakes them all).
+    #[serde(default)]
+    pub judged: u64,
 }
 
 /// `flows` queries' own reads of the kernel (`status`).
