@@ -237,7 +237,11 @@ pub async fn run(
 fn refresh(state: &mut State, rt: &mut Runtime, now: u64) {
     state.router.forget();
     // A quiet flow was judged on its path: where routes or rules changed, judge again.
-    for id in state.router.changed(now) {
+    let netns = &state.netns;
+    for id in state
+        .router
+        .changed(now, &|id| netns.get(&id).map(|n| n.handle.clone()))
+    {
         let flows = state.table.unquiet_netns(id);
         tracing::debug!(
             netns = id,

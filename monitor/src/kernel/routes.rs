@@ -260,21 +260,26 @@ impl Router {
 
     /// The namespaces whose routes or rules changed since the last call (each at most once per
     /// `REJUDGE_MIN`; a change within it is found again at a later call), or whose tables
-    /// cannot be followed (too large, unreadable: once per `REJUDGE_MIN`). Their cached paths
-    /// are dropped. A namespace that cannot be entered is skipped (it is gone; discovery
-    /// forgets it).
-    pub fn changed(&mut self, now: Nanos) -> Vec<NetnsId> {
+    /// cannot be followed (too large, unreadable, or the namespace could not be entered: once
+    /// per `REJUDGE_MIN`). Their cached paths are dropped. `handle_of` gives each namespace's
+    /// current handle (the process a handle names may have ended while the namespace lives
+    /// on); a namespace it no longer knows is skipped (discovery forgets it).
+    pub fn changed(&mut self, now: Nanos, handle_of: &dyn Fn(NetnsId) -> Option<NsHandle>) -> Vec<NetnsId> {
         let mut out = Vec::new();
         for (&id, f) in self.followed.iter_mut() {
             if f.last_change != 0 && now.saturating_sub(f.last_change) < REJUDGE_MIN {
                 continue;
             }
-            self.seq = self.seq.wrapping_add(3);
-            let seq = self.seq;
-            let Ok(read) = f.handle.within(|| own_socket().and_then(|s| digest(&s, seq))) else {
+            let Some(handle) = handle_of(id) else {
                 continue;
             };
-            let d = read.ok().flatten();
+            f.handle = handle;
+            self.seq = self.seq.wrapping_add(3);
+            let seq = self.seq;
+            let d = match f.handle.within(|| own_socket().and_then(|s| digest(&s, seq))) {
+                Ok(read) => read.ok().flatten(),
+                Err(_) => None,
+            };
             if d.is_none() || d != f.digest {
                 f.digest = d;
                 f.last_change = now;
@@ -433,9 +438,17 @@ mod tests {
         assert!(r.followed.is_empty(), "loopback asks nothing and follows nothing");
         assert_eq!(r.path(&ns.handle, "10.9.0.7".parse().unwrap()), RoutePath::OnLink);
         let t = 1000 * SEC;
-        assert!(r.changed(t).is_empty(), "nothing changed since the first lookup");
+        let known = |id: NetnsId| (id == ns.handle.id).then(|| ns.handle.clone());
+        assert!(
+            r.changed(t, &known).is_empty(),
+            "nothing changed since the first lookup"
+        );
         ns.ip(&["route", "add", "10.10.0.0/16", "via", "10.9.0.2"]);
-        assert_eq!(r.changed(t + SEC), vec![ns.handle.id]);
+        assert!(
+            r.changed(t + SEC, &|_| None).is_empty(),
+            "a namespace no longer known: skipped"
+        );
+        assert_eq!(r.changed(t + SEC, &known), vec![ns.handle.id]);
         assert_eq!(
             r.path(&ns.handle, dst),
             RoutePath::Gateway("10.9.0.2".into()),
@@ -443,15 +456,31 @@ mod tests {
         );
         ns.ip(&["route", "del", "10.10.0.0/16"]);
         assert!(
-            r.changed(t + 2 * SEC).is_empty(),
+            r.changed(t + 2 * SEC, &known).is_empty(),
             "within a minute of the last: later"
         );
         assert_eq!(
-            r.changed(t + SEC + REJUDGE_MIN),
+            r.changed(t + SEC + REJUDGE_MIN, &known),
             vec![ns.handle.id],
             "then reported"
         );
-        assert!(r.changed(t + 3 * REJUDGE_MIN).is_empty(), "and once");
+        assert!(r.changed(t + 3 * REJUDGE_MIN, &known).is_empty(), "and once");
+        // The handle named a process that ended (here: a file that is not a namespace): the
+        // namespace cannot be entered and is reported, once a minute, until a handle works.
+        let stale = |id: NetnsId| {
+            Some(NsHandle {
+                id,
+                path: "/proc/self/status".into(),
+            })
+        };
+        assert_eq!(r.changed(t + 4 * REJUDGE_MIN, &stale), vec![ns.handle.id]);
+        assert!(r.changed(t + 4 * REJUDGE_MIN + SEC, &stale).is_empty());
+        assert_eq!(
+            r.changed(t + 5 * REJUDGE_MIN, &known),
+            vec![ns.handle.id],
+            "readable again"
+        );
+        assert!(r.changed(t + 6 * REJUDGE_MIN, &known).is_empty());
         r.forget_netns(ns.handle.id);
         assert!(r.followed.is_empty());
     }
