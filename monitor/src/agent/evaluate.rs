@@ -330,17 +330,23 @@ pub fn ledger(now: Nanos, st: &mut State) -> Vec<Change> {
         "the descriptors were closed".into()
     });
     let leaked = detect::leaks::leaked(st.table.notable(), now, &st.policy.leaks);
-    // What changed since the last count (flows opened, closed, given an owner), not every flow.
-    let counting = match st.table.take_ledger_changes() {
-        Some(changed) => detect::ledger::Counting::Changed {
-            changed: changed.into_iter().map(|c| (c, st.table.get(c))).collect(),
-            all: Box::new(st.table.iter()),
-        },
-        None => detect::ledger::Counting::All(Box::new(st.table.iter())),
-    };
-    st.detect
-        .ledger
-        .update_from(now, counting, &leaked, &held, &st.policy.services);
+    // What changed since the last count (flows opened, closed, given an owner), not every
+    // flow; every flow when the services changed or too much changed to list.
+    let changed = st.table.take_ledger_changes();
+    let gone = st.table.take_ledger_gone();
+    let ledger = &mut st.detect.ledger;
+    let relookup = ledger.begin(&st.policy.services);
+    let cookies = changed.as_deref().filter(|_| !relookup);
+    st.table.retally(cookies, |f| ledger.account(f));
+    ledger.closed(&gone);
+    let table = &st.table;
+    ledger.finish(
+        now,
+        leaked
+            .iter()
+            .filter_map(|c| table.get(*c).and_then(|f| f.tally.svc())),
+        &held,
+    );
     st.leaked = leaked;
     let verdicts = st.detect.ledger.evaluate(&st.policy.services, &st.policy.ledger);
     out.extend(

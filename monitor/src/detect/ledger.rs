@@ -1,6 +1,6 @@
 //! The session ledger: per service (and its processes) how many sessions opened, closed, are
 //! live and leaked, against what limit, and when the trend reaches it (`session-budget`).
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use monitor_common::tcp_state;
@@ -10,9 +10,8 @@ use crate::config::{LedgerSection, ServiceConfig};
 use crate::findings::{Family, Key, Scope, Verdict};
 use crate::kernel::procfs::nofile;
 use crate::model::finding::{Details, FindingKind, Severity, Subject};
-use crate::model::flow::Flow;
+use crate::model::flow::{Flow, Tally};
 pub use crate::model::leaks::LedgerRow;
-use crate::model::observe::Owner;
 use crate::model::time::{Nanos, SEC, fmt_ms};
 /// Trend samples: one every SAMPLE_EVERY over TREND_WINDOW.
 const SAMPLE_EVERY: Nanos = 2 * SEC;
@@ -29,40 +28,15 @@ struct Acc {
     held: u64,
 }
 
-/// What the ledger is given to count.
-pub enum Counting<'a> {
-    /// Every flow (what is not among them has closed).
-    All(Box<dyn Iterator<Item = &'a Flow> + 'a>),
-    /// What changed since the last update (None: gone), and every flow for a recount.
-    Changed {
-        changed: Vec<(u64, Option<&'a Flow>)>,
-        all: Box<dyn Iterator<Item = &'a Flow> + 'a>,
-    },
-}
-
-/// A flow the ledger counts: 16 bytes, one map entry of 24 per counted flow (it was 32 with a
-/// separate pid, an optional owner and a round number: about 43 bytes a flow at 200k flows,
-/// now about 33).
-struct Counted {
-    /// The service it was counted as opened by (its close is counted there).
-    opened_as: u32,
-    /// Its service now.
-    svc: u32,
-    /// The owner `svc` was found for, whose pid it is counted under (held: the same `Arc` means
-    /// the same owner).
-    owner: Arc<Owner>,
-}
-
 #[derive(Default)]
 pub struct Ledger {
-    /// Flows counted as opened, with their service (an index into `names`). Keyed by socket
-    /// cookies (the kernel's): foldhash.
-    counted: foldhash::HashMap<u64, Counted>,
-    /// The service of each (owner address, local port) looked up in this update (owners are
-    /// shared `Arc`s, one per process).
+    /// The service of each (owner address, port key) looked up in this count (owners are
+    /// shared `Arc`s, one per process; the port key is the local port only where a configured
+    /// service names it, else 0: one entry per process, not per ephemeral port).
     round_owner: HashMap<(usize, u16), u32>,
-    /// The services the lookups were made with.
+    /// The services the lookups are made with, and the ports they name.
     services: Vec<ServiceConfig>,
+    ports: Vec<u16>,
     /// Live flows per service id, and per (service id, pid), kept as flows are counted.
     live_by: Vec<u64>,
     pids_by: HashMap<(u32, u32), u32>,
@@ -91,55 +65,96 @@ impl Ledger {
         id
     }
 
-    /// Accounts the current flows. A flow counted before and absent now has closed, whether or
-    /// not its close was seen (under a connection storm closes are sampled, never lost from
-    /// the count).
-    pub fn update<'a>(
-        &mut self,
-        now: Nanos,
-        flows: impl Iterator<Item = &'a Flow> + 'a,
-        leaked: &HashSet<u64>,
-        held: &HashMap<String, (u64, Vec<u32>)>,
-        services: &[ServiceConfig],
-    ) {
-        self.update_from(now, Counting::All(Box::new(flows)), leaked, held, services);
+    /// Starts a count with the configured services. True when they changed since the last
+    /// count (a reload): every flow must then be accounted again, its service looked up anew.
+    pub fn begin(&mut self, services: &[ServiceConfig]) -> bool {
+        self.round_owner.clear();
+        if self.services == services {
+            return false;
+        }
+        self.services = services.to_vec();
+        self.ports = services.iter().filter_map(|s| s.port).collect();
+        true
     }
 
-    /// Accounts what changed since the last update: each changed cookie with its flow, None
-    /// for a flow gone. Everything else counts as it did (no walk of every flow). A change of
-    /// the configured services recounts from `all`.
-    pub fn update_from<'a>(
+    /// Accounts one flow as it is now and returns its new tally (the caller keeps it on the
+    /// flow): opened when first counted, moved between services or processes when its owner or
+    /// service changed, closed when it is no longer a counted session (a listener, no owner).
+    pub fn account(&mut self, f: &Flow) -> Tally {
+        let now = if f.state == tcp_state::LISTEN {
+            None
+        } else {
+            self.service(f)
+        };
+        match (f.tally.get(), now) {
+            (Some((opened_as, svc, pid)), Some((id, opid))) => {
+                if (svc, pid) != (id, opid) {
+                    self.count(svc, pid, 1, false);
+                    self.count(id, opid, 1, true);
+                }
+                Tally::counted(opened_as, id, opid)
+            }
+            (Some(_), None) => {
+                self.closed(&[(f.tally, 1)]);
+                Tally::NONE
+            }
+            (None, Some((id, pid))) => {
+                self.count(id, pid, 1, true);
+                if let Some(name) = self.names.get(id as usize) {
+                    self.acc.entry(name.clone()).or_default().opened += 1;
+                }
+                Tally::counted(id, id, pid)
+            }
+            (None, None) => Tally::NONE,
+        }
+    }
+
+    /// The service id and pid a flow counts under now (None: no owner yet).
+    fn service(&mut self, f: &Flow) -> Option<(u32, u32)> {
+        let owner = f.owner.as_ref()?;
+        let port = f.local.port();
+        let key = (
+            Arc::as_ptr(owner) as usize,
+            if self.ports.contains(&port) { port } else { 0 },
+        );
+        let svc = match self.round_owner.get(&key) {
+            Some(id) => *id,
+            None => {
+                let name = service_of(f, &self.services)?;
+                let id = self.intern(name);
+                self.round_owner.insert(key, id);
+                id
+            }
+        };
+        Some((svc, owner.pid))
+    }
+
+    /// Counts closed sessions: `n` flows of each tally (their close is counted under the
+    /// service they were opened as).
+    pub fn closed(&mut self, gone: &[(Tally, u64)]) {
+        for (t, n) in gone {
+            let Some((opened_as, svc, pid)) = t.get() else {
+                continue;
+            };
+            self.count(svc, pid, *n, false);
+            if let Some(name) = self.names.get(opened_as as usize) {
+                self.acc.entry(name.clone()).or_default().closed += n;
+            }
+        }
+    }
+
+    /// Ends a count: `leaked` gives the service of each leaked flow (its tally's), `held` the
+    /// descriptors each service holds to dead sockets (sessions it still pays for).
+    pub fn finish(
         &mut self,
         now: Nanos,
-        counting: Counting<'a>,
-        leaked: &HashSet<u64>,
+        leaked: impl IntoIterator<Item = u32>,
         held: &HashMap<String, (u64, Vec<u32>)>,
-        services: &[ServiceConfig],
     ) {
-        // The configured services changed (a reload): every flow's service is looked up again.
-        let relookup = self.services != services;
-        if relookup {
-            self.services = services.to_vec();
-        }
-        match counting {
-            Counting::All(flows) => self.account_all(flows, relookup, services),
-            Counting::Changed { changed, all } if relookup => {
-                // Recount: the changed ones as they are now, then every flow.
-                for (c, f) in changed {
-                    self.account(c, f, relookup, services);
-                }
-                self.account_all(all, relookup, services);
-            }
-            Counting::Changed { changed, .. } => {
-                for (c, f) in changed {
-                    self.account(c, f, relookup, services);
-                }
-            }
-        }
-        // Addresses name owners only while their flows hold them: this update's lookups end here.
+        // Addresses name owners only while their flows hold them: this count's lookups end here.
         self.round_owner.clear();
-        if self.counted.capacity() > 4 * self.counted.len() + 4096 {
-            self.counted.shrink_to_fit();
+        if self.round_owner.capacity() > 1024 {
+            self.round_owner = HashMap::new();
         }
         for a in self.acc.values_mut() {
             a.live = 0;
@@ -147,7 +162,6 @@ impl Ledger {
             a.held = 0;
             a.pids.clear();
         }
-        // Descriptors held to dead sockets are sessions the service still pays for.
         for (svc, (n, pids)) in held {
             let a = self.acc.entry(svc.clone()).or_default();
             a.held = *n;
@@ -160,10 +174,8 @@ impl Ledger {
             }
         }
         let mut leaked_by = vec![0u64; self.names.len()];
-        for c in leaked {
-            if let Some(e) = self.counted.get(c)
-                && let Some(n) = leaked_by.get_mut(e.svc as usize)
-            {
+        for svc in leaked {
+            if let Some(n) = leaked_by.get_mut(svc as usize) {
                 *n += 1;
             }
         }
@@ -204,106 +216,20 @@ impl Ledger {
         }
     }
 
-    /// Counts every flow; a flow counted before and not among them has closed.
-    fn account_all<'a>(
-        &mut self,
-        flows: Box<dyn Iterator<Item = &'a Flow> + 'a>,
-        relookup: bool,
-        services: &[ServiceConfig],
-    ) {
-        let mut seen: foldhash::HashSet<u64> = foldhash::HashSet::default();
-        for f in flows {
-            seen.insert(f.cookie);
-            self.account(f.cookie, Some(f), relookup, services);
-        }
-        let absent: Vec<u64> = self
-            .counted
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .copied()
-            .collect();
-        for c in absent {
-            self.account(c, None, relookup, services);
-        }
-    }
-
-    /// Counts one flow as it is now (`None`: gone): opened when first counted, closed when
-    /// gone, and moved between services or processes when its owner changed. `relookup`: the
-    /// services changed, so the service its owner was found to be is looked up again.
-    fn account(&mut self, cookie: u64, f: Option<&Flow>, relookup: bool, services: &[ServiceConfig]) {
-        let now = f.filter(|f| f.state != tcp_state::LISTEN).and_then(|f| {
-            let owner = f.owner.as_ref()?;
-            let known = self
-                .counted
-                .get(&cookie)
-                .filter(|c| !relookup && Arc::ptr_eq(&c.owner, owner))
-                .map(|c| c.svc);
-            // Within one update every owner is held by its flows: its address names it.
-            let key = (Arc::as_ptr(owner) as usize, f.local.port());
-            let svc = match known.or_else(|| self.round_owner.get(&key).copied()) {
-                Some(id) => id,
-                None => {
-                    let id = self.intern(service_of(f, services)?);
-                    self.round_owner.insert(key, id);
-                    id
-                }
-            };
-            Some((svc, owner.clone()))
-        });
-        match (
-            self.counted
-                .get(&cookie)
-                .map(|c| (c.svc, c.owner.pid, c.opened_as)),
-            now,
-        ) {
-            (Some((svc, pid, _)), Some((id, owner))) => {
-                if (svc, pid) != (id, owner.pid) {
-                    self.count(svc, pid, false);
-                    self.count(id, owner.pid, true);
-                }
-                if let Some(c) = self.counted.get_mut(&cookie) {
-                    c.svc = id;
-                    c.owner = owner;
-                }
-            }
-            (Some((svc, pid, opened_as)), None) => {
-                self.counted.remove(&cookie);
-                self.count(svc, pid, false);
-                if let Some(name) = self.names.get(opened_as as usize) {
-                    self.acc.entry(name.clone()).or_default().closed += 1;
-                }
-            }
-            (None, Some((id, owner))) => {
-                self.count(id, owner.pid, true);
-                self.counted.insert(
-                    cookie,
-                    Counted {
-                        opened_as: id,
-                        svc: id,
-                        owner,
-                    },
-                );
-                if let Some(name) = self.names.get(id as usize) {
-                    self.acc.entry(name.clone()).or_default().opened += 1;
-                }
-            }
-            (None, None) => {}
-        }
-    }
-
-    /// One live flow more (`up`) or less for a service and process.
-    fn count(&mut self, svc: u32, pid: u32, up: bool) {
+    /// `k` live flows more (`up`) or fewer for a service and process.
+    fn count(&mut self, svc: u32, pid: u32, k: u64, up: bool) {
         let i = svc as usize;
         if self.live_by.len() <= i {
             self.live_by.resize(i + 1, 0);
         }
         let n = self.pids_by.entry((svc, pid)).or_default();
+        let k32 = u32::try_from(k).unwrap_or(u32::MAX);
         if up {
-            self.live_by[i] += 1;
-            *n += 1;
+            self.live_by[i] += k;
+            *n = n.saturating_add(k32);
         } else {
-            self.live_by[i] = self.live_by[i].saturating_sub(1);
-            *n = n.saturating_sub(1);
+            self.live_by[i] = self.live_by[i].saturating_sub(k);
+            *n = n.saturating_sub(k32);
             if *n == 0 {
                 self.pids_by.remove(&(svc, pid));
             }
@@ -409,6 +335,8 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use crate::findings::FindingStore;
     use crate::model::finding::Transition;
@@ -433,6 +361,58 @@ mod tests {
         f
     }
 
+    /// The flow table as the ledger sees it: flows with their tallies, and the tallies of
+    /// those closed since the last count.
+    #[derive(Clone, Default)]
+    struct Table {
+        flows: BTreeMap<u64, Flow>,
+        gone: Vec<(Tally, u64)>,
+    }
+
+    impl Table {
+        fn of(flows: impl IntoIterator<Item = Flow>) -> Self {
+            Table {
+                flows: flows.into_iter().map(|f| (f.cookie, f)).collect(),
+                gone: vec![],
+            }
+        }
+
+        fn close(&mut self, cookie: u64) {
+            if let Some(f) = self.flows.remove(&cookie)
+                && f.tally.get().is_some()
+            {
+                self.gone.push((f.tally, 1));
+            }
+        }
+
+        /// One count, as the agent makes it: the flows in `changed` (None: every flow).
+        fn count(
+            &mut self,
+            l: &mut Ledger,
+            now: Nanos,
+            changed: Option<&[u64]>,
+            leaked: &HashSet<u64>,
+            held: &HashMap<String, (u64, Vec<u32>)>,
+            svc: &[ServiceConfig],
+        ) {
+            let all = l.begin(svc) || changed.is_none();
+            for f in self.flows.values_mut() {
+                if all || changed.is_some_and(|c| c.contains(&f.cookie)) {
+                    f.tally = l.account(f);
+                }
+            }
+            l.closed(&std::mem::take(&mut self.gone));
+            let flows = &self.flows;
+            l.finish(
+                now,
+                leaked
+                    .iter()
+                    .filter_map(|c| flows.get(c).and_then(|f| f.tally.svc())),
+                held,
+            );
+        }
+    }
+
     #[test]
     fn counting_the_changes_equals_counting_every_flow() {
         let svc = vec![ServiceConfig {
@@ -448,16 +428,13 @@ mod tests {
         });
         let none = HashMap::new();
         let (mut full, mut inc) = (Ledger::default(), Ledger::default());
-        let mut flows: std::collections::BTreeMap<u64, Flow> = (0..20).map(|c| (c, flow(c, 1))).collect();
-        let mut changed: Vec<u64> = flows.keys().copied().collect();
+        let mut t_full = Table::of((0..20).map(|c| flow(c, 1)));
+        let mut t_inc = t_full.clone();
+        let mut changed: Vec<u64> = t_inc.flows.keys().copied().collect();
         for step in 0..6u64 {
             let leaked: HashSet<u64> = [1, 2, 3].into();
-            full.update(step * SEC, flows.values(), &leaked, &none, &svc);
-            let counting = Counting::Changed {
-                changed: changed.iter().map(|c| (*c, flows.get(c))).collect(),
-                all: Box::new(flows.values()),
-            };
-            inc.update_from(step * SEC, counting, &leaked, &none, &svc);
+            t_full.count(&mut full, step * SEC, None, &leaked, &none, &svc);
+            t_inc.count(&mut inc, step * SEC, Some(&changed), &leaked, &none, &svc);
             let rows = |l: &Ledger| {
                 l.rows(&svc)
                     .into_iter()
@@ -465,20 +442,20 @@ mod tests {
                     .collect::<Vec<_>>()
             };
             assert_eq!(rows(&full), rows(&inc), "step {step}");
+            if step == 0 {
+                assert_eq!(rows(&inc)[0].4, 3, "flows 1, 2 and 3 are leaked bridge sessions");
+            }
             // Next: two close, two open, one changes owner (another service and process).
-            changed = vec![
-                step * 2,
-                step * 2 + 1,
-                100 + step * 2,
-                100 + step * 2 + 1,
-                10 + step,
-            ];
-            flows.remove(&(step * 2));
-            flows.remove(&(step * 2 + 1));
-            flows.insert(100 + step * 2, flow(100 + step * 2, 1));
-            flows.insert(100 + step * 2 + 1, flow(100 + step * 2 + 1, 1));
-            if let Some(f) = flows.get_mut(&(10 + step)) {
-                f.owner = Some(other.clone());
+            changed = vec![100 + step * 2, 100 + step * 2 + 1, 10 + step];
+            for t in [&mut t_full, &mut t_inc] {
+                t.close(step * 2);
+                t.close(step * 2 + 1);
+                for c in [100 + step * 2, 100 + step * 2 + 1] {
+                    t.flows.insert(c, flow(c, 1));
+                }
+                if let Some(f) = t.flows.get_mut(&(10 + step)) {
+                    f.owner = Some(other.clone());
+                }
             }
         }
         let r = inc.rows(&svc);
@@ -504,8 +481,15 @@ mod tests {
         }];
         let none = HashMap::new();
         let mut l = Ledger::default();
-        let flows: Vec<Flow> = (0..5).map(|c| flow(c, 1)).collect();
-        l.update(SEC, flows.iter(), &HashSet::new(), &none, &bridge);
+        let mut t = Table::of((0..5).map(|c| flow(c, 1)));
+        t.count(
+            &mut l,
+            SEC,
+            Some(&[0, 1, 2, 3, 4]),
+            &HashSet::new(),
+            &none,
+            &bridge,
+        );
         let live = |l: &Ledger, svc: &[ServiceConfig]| {
             l.rows(svc)
                 .into_iter()
@@ -515,22 +499,41 @@ mod tests {
         assert_eq!(live(&l, &bridge), vec![("bridge".to_string(), 5, 5, 0)]);
         // A reload renames the service: the flows move, counted as opened under bridge (their
         // closes are counted there), live under media; nothing else changed about them.
-        let counting = Counting::Changed {
-            changed: vec![(0, None)],
-            all: Box::new(flows[1..].iter()),
-        };
-        l.update_from(2 * SEC, counting, &HashSet::new(), &none, &media);
+        t.close(0);
+        t.count(&mut l, 2 * SEC, Some(&[]), &HashSet::new(), &none, &media);
         assert_eq!(
             live(&l, &media),
             vec![("bridge".to_string(), 0, 5, 1), ("media".to_string(), 4, 0, 0)]
         );
-        // And the next update, with nothing changed, keeps them there.
-        let counting = Counting::Changed {
-            changed: vec![],
-            all: Box::new(flows[1..].iter()),
-        };
-        l.update_from(3 * SEC, counting, &HashSet::new(), &none, &media);
-        assert_eq!(live(&l, &media)[1], ("media".to_string(), 4, 0, 0));
+        // And the next count, with nothing changed, keeps them there; a close is counted
+        // under the service the flow was opened as.
+        t.close(1);
+        t.count(&mut l, 3 * SEC, Some(&[]), &HashSet::new(), &none, &media);
+        assert_eq!(
+            live(&l, &media),
+            vec![("bridge".to_string(), 0, 5, 2), ("media".to_string(), 3, 0, 0)]
+        );
+    }
+
+    #[test]
+    fn a_flow_that_stops_being_a_session_is_counted_closed() {
+        let svc = vec![ServiceConfig {
+            name: "bridge".into(),
+            comm: Some("bridge".into()),
+            ..Default::default()
+        }];
+        let none = HashMap::new();
+        let mut l = Ledger::default();
+        let mut t = Table::of([flow(1, 1), flow(2, 1)]);
+        t.count(&mut l, SEC, None, &HashSet::new(), &none, &svc);
+        // Its owner is no longer known: no longer counted, once.
+        t.flows.get_mut(&2).unwrap().owner = None;
+        for k in 2..4 {
+            t.count(&mut l, k * SEC, Some(&[2]), &HashSet::new(), &none, &svc);
+        }
+        let r = &l.rows(&svc)[0];
+        assert_eq!((r.opened, r.closed, r.live), (2, 1, 1));
+        assert_eq!(t.flows[&2].tally, Tally::NONE);
     }
 
     #[test]
@@ -544,13 +547,13 @@ mod tests {
         let cfg = LedgerSection::default();
         let mut l = Ledger::default();
         let mut store = FindingStore::default();
-        let mut flows: Vec<Flow> = Vec::new();
+        let mut t = Table::default();
         let none = HashMap::new();
         // One leaked session every 10 s.
         for i in 0..8u64 {
-            flows.push(flow(i, tcp_state::CLOSE_WAIT));
-            let leaked: HashSet<u64> = flows.iter().map(|f| f.cookie).collect();
-            l.update(i * 10 * SEC, flows.iter(), &leaked, &none, &svc);
+            t.flows.insert(i, flow(i, tcp_state::CLOSE_WAIT));
+            let leaked: HashSet<u64> = t.flows.keys().copied().collect();
+            t.count(&mut l, i * 10 * SEC, Some(&[i]), &leaked, &none, &svc);
             let c = store.reconcile(Family::Budget, l.evaluate(&svc, &cfg), i * 10 * SEC, |_, _| {
                 "back".into()
             });
@@ -578,9 +581,18 @@ mod tests {
             store.all()[0].summary
         );
         // Sessions close: counted, and the budget resolves once the trend stops.
-        flows.drain(..6);
+        for c in 0..6 {
+            t.close(c);
+        }
         for k in 0..200u64 {
-            l.update((80 + k * 2) * SEC, flows.iter(), &HashSet::new(), &none, &svc);
+            t.count(
+                &mut l,
+                (80 + k * 2) * SEC,
+                Some(&[]),
+                &HashSet::new(),
+                &none,
+                &svc,
+            );
         }
         let r = &l.rows(&svc)[0];
         assert_eq!((r.closed, r.live), (6, 2));
@@ -600,7 +612,7 @@ mod tests {
         }];
         let mut l = Ledger::default();
         let held = HashMap::from([("bridge".to_string(), (4u64, vec![7u32]))]);
-        l.update(SEC, std::iter::empty(), &HashSet::new(), &held, &svc);
+        Table::default().count(&mut l, SEC, None, &HashSet::new(), &held, &svc);
         let r = &l.rows(&svc)[0];
         assert_eq!(
             (r.live, r.leaked, r.held, r.pids.as_slice()),

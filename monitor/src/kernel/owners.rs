@@ -103,9 +103,117 @@ impl<V> Recent<V> {
     }
 }
 
+/// Socket inode -> owner, compact: socket inodes are the kernel's `get_next_ino()` numbers (32
+/// bits), each mapped to a slot of `owners`, one per owner found (8-byte entries where
+/// inode -> `Arc` took 16: at 200k sockets about 22 -> 11 bytes a socket, heaptrack).
+#[derive(Default)]
+struct OwnerCache {
+    by_inode: HashMap<u32, u32>,
+    /// Inodes past 32 bits (none on Linux today: kept right all the same).
+    wide: HashMap<u64, u32>,
+    /// Each owner with the number of inodes mapped to it (freed at 0).
+    owners: Vec<Option<(Arc<Owner>, u32)>>,
+    free: Vec<u32>,
+}
+
+impl OwnerCache {
+    fn slot_of(&self, inode: u64) -> Option<u32> {
+        match u32::try_from(inode) {
+            Ok(i) => self.by_inode.get(&i).copied(),
+            Err(_) => self.wide.get(&inode).copied(),
+        }
+    }
+
+    fn get(&self, inode: u64) -> Option<&Arc<Owner>> {
+        let slot = self.slot_of(inode)?;
+        self.owners.get(slot as usize)?.as_ref().map(|(o, _)| o)
+    }
+
+    fn contains(&self, inode: u64) -> bool {
+        self.slot_of(inode).is_some()
+    }
+
+    /// A slot for `owner`, with no inode yet (`release` it if none is added).
+    fn slot(&mut self, owner: Arc<Owner>) -> u32 {
+        match self.free.pop() {
+            Some(s) => {
+                self.owners[s as usize] = Some((owner, 0));
+                s
+            }
+            None => {
+                self.owners.push(Some((owner, 0)));
+                (self.owners.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Frees `slot` if no inode is mapped to it.
+    fn release_if_unused(&mut self, slot: u32) {
+        if let Some(e) = self.owners.get_mut(slot as usize)
+            && e.as_ref().is_some_and(|(_, n)| *n == 0)
+        {
+            *e = None;
+            self.free.push(slot);
+        }
+    }
+
+    /// Maps `inode` to the owner in `slot` unless it has one already (the first holder wins).
+    fn insert(&mut self, inode: u64, slot: u32) {
+        let added = match u32::try_from(inode) {
+            Ok(i) => match self.by_inode.entry(i) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(slot);
+                    true
+                }
+            },
+            Err(_) => match self.wide.entry(inode) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(slot);
+                    true
+                }
+            },
+        };
+        if added && let Some(Some((_, n))) = self.owners.get_mut(slot as usize) {
+            *n += 1;
+        }
+    }
+
+    /// Keeps the inodes `keep` says; owners left with none are dropped.
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let owners = &mut self.owners;
+        let mut drop_one = |slot: u32| {
+            if let Some(Some((_, n))) = owners.get_mut(slot as usize) {
+                *n = n.saturating_sub(1);
+            }
+        };
+        self.by_inode.retain(|i, s| {
+            let k = keep(u64::from(*i));
+            if !k {
+                drop_one(*s);
+            }
+            k
+        });
+        self.wide.retain(|i, s| {
+            let k = keep(*i);
+            if !k {
+                drop_one(*s);
+            }
+            k
+        });
+        for slot in 0..self.owners.len() as u32 {
+            self.release_if_unused(slot);
+        }
+        if self.by_inode.capacity() > 4 * self.by_inode.len() + 4096 {
+            self.by_inode.shrink_to_fit();
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct OwnerResolver {
-    cache: HashMap<u64, Arc<Owner>>,
+    cache: OwnerCache,
     /// Inodes a full walk did not find (fd in flight, or held outside our /proc view).
     unfindable: HashSet<u64>,
     last_full: Option<Instant>,
@@ -120,7 +228,7 @@ pub struct OwnerResolver {
 
 impl OwnerResolver {
     pub fn owner(&self, inode: u64) -> Option<&Arc<Owner>> {
-        self.cache.get(&inode)
+        self.cache.get(inode)
     }
 
     /// Adds what `pid` holds among `wanted` to the cache (`held_by`: the socket inodes a process
@@ -133,25 +241,27 @@ impl OwnerResolver {
         let Some(owner) = describe(pid).map(Arc::new) else {
             return 0;
         };
+        let slot = self.cache.slot(owner);
         for i in &found {
             // The first holder wins; a socket shared after fork() keeps its earliest owner.
-            self.cache.entry(*i).or_insert_with(|| owner.clone());
+            self.cache.insert(*i, slot);
         }
+        self.cache.release_if_unused(slot);
         found.len()
     }
 
     /// Socket inodes still without an owner (nothing to do when empty).
     pub fn missing(&self, socks: &[&SockSample]) -> bool {
-        socks.iter().any(|s| {
-            s.inode != 0 && !self.cache.contains_key(&s.inode) && !self.unfindable.contains(&s.inode)
-        })
+        socks
+            .iter()
+            .any(|s| s.inode != 0 && !self.cache.contains(s.inode) && !self.unfindable.contains(&s.inode))
     }
 
     /// Remembers the owners of the listeners among `socks`.
     fn note_listeners(&mut self, socks: &[&SockSample]) {
         for s in socks {
             if s.state == monitor_common::tcp_state::LISTEN
-                && let Some(o) = self.cache.get(&s.inode)
+                && let Some(o) = self.cache.get(s.inode)
             {
                 self.listeners.insert(s.local.port(), o.pid);
             }
@@ -188,7 +298,7 @@ impl OwnerResolver {
             }
             self.targeted_walks += 1;
             self.scan(pid, &left, held_by);
-            left.retain(|i| !self.cache.contains_key(i));
+            left.retain(|i| !self.cache.contains(*i));
         }
         left
     }
@@ -204,7 +314,7 @@ impl OwnerResolver {
         let missing: HashSet<u64> = socks
             .iter()
             .map(|s| s.inode)
-            .filter(|&i| i != 0 && !self.cache.contains_key(&i) && !self.unfindable.contains(&i))
+            .filter(|&i| i != 0 && !self.cache.contains(i) && !self.unfindable.contains(&i))
             .collect();
         if missing.is_empty() {
             return false;
@@ -217,24 +327,29 @@ impl OwnerResolver {
     /// Resolves owners from a complete inode -> pid map (eBPF mode's task_file iterator).
     pub fn resolve_from(&mut self, socks: &[&SockSample], map: &HashMap<u64, u32>) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        let mut described: HashMap<u32, Option<Arc<Owner>>> = HashMap::new();
+        // Each pid described once: its owner's slot (None: it is gone).
+        let mut described: HashMap<u32, Option<u32>> = HashMap::new();
         for i in live {
-            if self.cache.contains_key(&i) {
+            if self.cache.contains(i) {
                 continue;
             }
             match map.get(&i) {
                 Some(pid) => {
-                    if let Some(o) = described
+                    let cache = &mut self.cache;
+                    if let Some(slot) = *described
                         .entry(*pid)
-                        .or_insert_with(|| describe(*pid).map(Arc::new))
+                        .or_insert_with(|| describe(*pid).map(|o| cache.slot(Arc::new(o))))
                     {
-                        self.cache.insert(i, o.clone());
+                        self.cache.insert(i, slot);
                     }
                 }
                 None => {
                     self.unfindable.insert(i);
                 }
             }
+        }
+        for slot in described.into_values().flatten() {
+            self.cache.release_if_unused(slot);
         }
         self.note_listeners(socks);
         self.full_walks += 1;
@@ -243,7 +358,7 @@ impl OwnerResolver {
     /// Drops what no longer exists (called with complete snapshots only).
     pub fn prune(&mut self, socks: &[&SockSample]) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        self.cache.retain(|i, _| live.contains(i));
+        self.cache.retain(|i| live.contains(&i));
         self.unfindable.retain(|i| live.contains(i));
         let listening: HashSet<u16> = socks
             .iter()
@@ -256,12 +371,12 @@ impl OwnerResolver {
     /// Resolves the owners of `socks`. `hints` maps cookie -> pid seen at connect()/listen().
     pub fn resolve(&mut self, socks: &[&SockSample], hints: &PidHints, now: Instant) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        self.cache.retain(|i, _| live.contains(i));
+        self.cache.retain(|i| live.contains(&i));
         self.unfindable.retain(|i| live.contains(i));
         let missing: HashSet<u64> = live
             .iter()
             .copied()
-            .filter(|i| !self.cache.contains_key(i) && !self.unfindable.contains(i))
+            .filter(|i| !self.cache.contains(*i) && !self.unfindable.contains(i))
             .collect();
         if missing.is_empty() {
             self.note_listeners(socks);
@@ -279,7 +394,7 @@ impl OwnerResolver {
         let t0 = Instant::now();
         for pid in all_pids() {
             if self.scan(pid, &left, &mut proc_sockets) > 0 {
-                left.retain(|i| !self.cache.contains_key(i));
+                left.retain(|i| !self.cache.contains(*i));
                 if left.is_empty() {
                     break;
                 }
@@ -324,6 +439,47 @@ mod tests {
         assert_eq!((r.get(&2), r.get(&3)), (None, Some(&30)));
         r.clear();
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn the_owner_cache_shares_one_owner_and_frees_it_with_its_last_socket() {
+        let owner = |pid: u32| {
+            Arc::new(Owner {
+                pid,
+                comm: "srv".into(),
+                cgroup: None,
+                unit: None,
+            })
+        };
+        let mut c = OwnerCache::default();
+        let a = c.slot(owner(10));
+        let wide = u64::from(u32::MAX) + 5;
+        for i in [1, 2, wide] {
+            c.insert(i, a);
+        }
+        let b = c.slot(owner(20));
+        c.insert(2, b);
+        c.insert(3, b);
+        assert_eq!(c.get(2).map(|o| o.pid), Some(10), "the first holder wins");
+        assert_eq!(c.get(3).map(|o| o.pid), Some(20));
+        assert_eq!(c.get(wide).map(|o| o.pid), Some(10), "a wide inode");
+        assert!(
+            Arc::ptr_eq(c.get(1).unwrap(), c.get(wide).unwrap()),
+            "one Arc per owner"
+        );
+        assert!(!c.contains(4));
+        // An owner whose every socket has gone is dropped, and its slot reused.
+        c.retain(|i| i != 3);
+        assert_eq!((c.get(3).is_none(), c.free.as_slice()), (true, &[b][..]));
+        let d = c.slot(owner(30));
+        assert_eq!(d, b);
+        c.release_if_unused(d);
+        assert_eq!(c.free, vec![b], "a slot given no socket goes back");
+        c.retain(|i| i == 1);
+        assert_eq!(c.get(1).map(|o| o.pid), Some(10));
+        assert_eq!(c.get(wide), None);
+        c.retain(|_| false);
+        assert!(c.owners.iter().all(Option::is_none));
     }
 
     #[test]

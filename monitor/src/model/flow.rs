@@ -50,6 +50,48 @@ pub struct Flow {
     /// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
     /// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
     pub quiet_read: bool,
+    /// How the session ledger counts it (`detect::ledger`).
+    pub tally: Tally,
+}
+
+/// How the session ledger counts a flow: the service it was counted as opened by, its service
+/// now, and the process it is counted under. Kept on the flow (12 bytes, in what was padding
+/// but for 8): a map beside the table cost about 33 bytes a flow at 200k flows, and its
+/// per-round lookup cache 16 more (heaptrack, 200k sockets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tally {
+    /// The service id plus one; 0: not counted.
+    opened_as: u32,
+    svc: u32,
+    pid: u32,
+}
+
+impl Tally {
+    pub const NONE: Tally = Tally {
+        opened_as: 0,
+        svc: 0,
+        pid: 0,
+    };
+
+    /// Counted as opened by service `opened_as`, now of service `svc`, under process `pid`.
+    /// Service ids up to `u32::MAX - 1`.
+    pub fn counted(opened_as: u32, svc: u32, pid: u32) -> Self {
+        Tally {
+            opened_as: opened_as.saturating_add(1),
+            svc,
+            pid,
+        }
+    }
+
+    /// (opened as, service now, pid), if counted.
+    pub fn get(&self) -> Option<(u32, u32, u32)> {
+        (self.opened_as != 0).then(|| (self.opened_as - 1, self.svc, self.pid))
+    }
+
+    /// The service it is counted under now, if counted.
+    pub fn svc(&self) -> Option<u32> {
+        self.get().map(|(_, s, _)| s)
+    }
 }
 
 /// The part of a flow that few flows have: a flow keeps it boxed, and drops the box when
@@ -220,6 +262,7 @@ impl Flow {
             rare: None,
             quiet_until: 0,
             quiet_read: true,
+            tally: Tally::NONE,
         }
     }
 
@@ -403,7 +446,8 @@ mod tests {
 
     /// The flow table holds one `Flow` per socket: its size is most of the agent's memory per
     /// flow (docs/bench.md, `B/flow`). Grows past this only on purpose (200 bytes before the rare
-    /// fields went into `Rare` and the sample's options into niches).
+    /// fields went into `Rare` and the sample's options into niches; 168 before the ledger's
+    /// `Tally` moved in from a map of its own, which cost 33 bytes a flow).
     #[test]
     fn a_flow_stays_compact() {
         let size = std::mem::size_of::<Flow>();
@@ -411,7 +455,8 @@ mod tests {
             "Flow: {size} bytes, TcpSample: {} bytes",
             std::mem::size_of::<TcpSample>()
         );
-        assert!(size <= 168, "Flow is {size} bytes");
+        assert!(size <= 176, "Flow is {size} bytes");
+        assert_eq!(std::mem::size_of::<Tally>(), 12);
         assert_eq!(std::mem::size_of::<Option<TcpSample>>(), 36);
         assert_eq!(std::mem::size_of::<Endpoint>(), 20);
     }

@@ -5,8 +5,7 @@
 //! is dropped only if it was last confirmed before the snapshot started, and a closed cookie is
 //! remembered (tombstone) so that a snapshot taken before the close cannot resurrect it.
 //! Snapshots are per network namespace: one namespace's complete read never drops another's flows.
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 
 // Keyed by socket cookies (the kernel's, not a client's): foldhash, not SipHash (see
 // `kernel::owners`).
@@ -16,12 +15,14 @@ use std::sync::Arc;
 
 use monitor_common::tcp_state;
 
-use crate::model::flow::{Flow, TableCounters};
+use crate::model::flow::{Flow, TableCounters, Tally};
 use crate::model::observe::{Coverage, Event, EventKind, NetnsId, Owner, Snapshot, TcpSample, Timer};
 use crate::model::time::{Nanos, SEC};
 
 mod slab;
+mod wheel;
 use slab::FlowSlab;
+use wheel::Wheel;
 
 /// Closed flows kept for the detectors between two evaluations (post-mortems, the ledger).
 const CLOSED_KEEP: usize = 4096;
@@ -72,12 +73,15 @@ struct Marks {
     /// Flows the eviction forecast must judge: changed since it last looked, or not quiet.
     awake: HashSet<u64>,
     /// (until, cookie) of quiet flows, soonest first; entries whose flow changed are skipped.
-    wheel: BinaryHeap<Reverse<(Nanos, u64)>>,
+    wheel: Wheel,
     /// Flows the leak detectors can flag: closing states, a sample in trouble, probes watched.
     notable: HashSet<u64>,
-    /// Flows changed or gone since the ledger last counted; `ledger_all`: too many, recount.
+    /// Flows changed since the ledger last counted; `ledger_all`: too many, recount.
     ledger: HashSet<u64>,
     ledger_all: bool,
+    /// How the flows closed since the ledger last counted were counted, and how many of each
+    /// (a few services and processes: bounded by them, not by the closes of a storm).
+    ledger_gone: HashMap<Tally, u64>,
 }
 
 impl Marks {
@@ -93,10 +97,12 @@ impl Marks {
         }
     }
 
-    fn gone(&mut self, cookie: u64) {
-        self.awake.remove(&cookie);
-        self.notable.remove(&cookie);
-        self.ledger_changed(cookie);
+    fn gone(&mut self, f: &Flow) {
+        self.awake.remove(&f.cookie);
+        self.notable.remove(&f.cookie);
+        if f.tally.get().is_some() {
+            *self.ledger_gone.entry(f.tally).or_default() += 1;
+        }
     }
 
     fn ledger_changed(&mut self, cookie: u64) {
@@ -223,9 +229,9 @@ impl FlowTable {
     }
 
     fn close(&mut self, cookie: u64, at: Nanos) {
-        self.marks.gone(cookie);
         self.calm = None;
         if let Some(f) = self.flows.remove(cookie) {
+            self.marks.gone(&f);
             self.counters.closed += 1;
             if self.closed.len() >= CLOSED_KEEP {
                 self.closed.pop_front();
@@ -601,19 +607,19 @@ impl FlowTable {
                 f.quiet_read = *read;
                 self.marks.awake.remove(c);
                 if *until != Nanos::MAX {
-                    self.marks.wheel.push(Reverse((*until, *c)));
+                    self.marks.wheel.push(*until, *c);
                 }
             }
         }
         // Stale entries (flows changed or gone) are dropped when they fall due; a long-quiet
         // table is rebuilt instead of growing.
         if self.marks.wheel.len() > 2 * self.flows.len() + 1024 {
-            self.marks.wheel = self
-                .flows
-                .values()
-                .filter(|f| f.quiet_until != 0 && f.quiet_until != Nanos::MAX)
-                .map(|f| Reverse((f.quiet_until, f.cookie)))
-                .collect();
+            self.marks.wheel.rebuild(
+                self.flows
+                    .values()
+                    .filter(|f| f.quiet_until != 0 && f.quiet_until != Nanos::MAX)
+                    .map(|f| (f.quiet_until, f.cookie)),
+            );
         }
     }
 
@@ -653,13 +659,11 @@ impl FlowTable {
     /// The flows the eviction forecast must judge at `now`: those changed since it last
     /// looked or not judged quiet, and the quiet ones whose time has come (woken here).
     pub fn to_judge(&mut self, now: Nanos) -> Vec<u64> {
-        while let Some(Reverse((until, c))) = self.marks.wheel.peek().copied() {
-            if until > now {
-                break;
-            }
-            self.marks.wheel.pop();
+        while let Some((tick, c)) = self.marks.wheel.pop_due(now) {
             if let Some(f) = self.flows.get_mut(c)
-                && f.quiet_until == until
+                && f.quiet_until != 0
+                && f.quiet_until != Nanos::MAX
+                && self.marks.wheel.is_at(f.quiet_until, tick)
             {
                 f.quiet_until = 0;
                 self.marks.awake.insert(c);
@@ -669,8 +673,32 @@ impl FlowTable {
         self.marks.awake.iter().copied().collect()
     }
 
-    /// What changed for the ledger since it last asked: the cookies (a flow gone is absent
-    /// from the table), or None when it must recount every flow.
+    /// How the flows closed since the ledger last asked were counted, with how many of each.
+    pub fn take_ledger_gone(&mut self) -> Vec<(Tally, u64)> {
+        self.marks.ledger_gone.drain().collect()
+    }
+
+    /// Sets the ledger's tally of the flows in `cookies` (None: every flow) to what `count`
+    /// gives for each, as the flow is now.
+    pub fn retally(&mut self, cookies: Option<&[u64]>, mut count: impl FnMut(&Flow) -> Tally) {
+        match cookies {
+            Some(cs) => {
+                for c in cs {
+                    if let Some(f) = self.flows.get_mut(*c) {
+                        f.tally = count(f);
+                    }
+                }
+            }
+            None => {
+                for f in self.flows.values_mut() {
+                    f.tally = count(f);
+                }
+            }
+        }
+    }
+
+    /// What changed for the ledger since it last asked: the cookies (flows gone are in
+    /// `take_ledger_gone`), or None when it must recount every flow.
     pub fn take_ledger_changes(&mut self) -> Option<Vec<u64>> {
         if std::mem::take(&mut self.marks.ledger_all) {
             self.marks.ledger.clear();

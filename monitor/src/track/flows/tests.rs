@@ -229,14 +229,22 @@ fn the_detectors_see_what_changed_and_what_fell_due() {
         vec![2],
         "a closing state is notable"
     );
+    // The ledger counted flow 2 (its tally is kept on the flow).
+    let counted = crate::model::flow::Tally::counted(0, 3, 77);
+    t.retally(Some(&[2]), |_| counted);
     t.apply_event(&ev(2, tcp_state::CLOSE, 13 * S));
     assert_eq!(t.notable().count(), 0, "gone");
     assert!(t.to_judge(14 * S).is_empty());
-    // The ledger hears of every change, closes included, once.
+    // The ledger hears of every change once, and of a close with the tally it counted.
     let mut ch = t.take_ledger_changes().unwrap();
     ch.sort_unstable();
     assert_eq!(ch, vec![1, 2]);
     assert_eq!(t.take_ledger_changes(), Some(vec![]));
+    assert_eq!(t.take_ledger_gone(), vec![(counted, 1)]);
+    assert_eq!(t.take_ledger_gone(), vec![], "once");
+    // A flow the ledger never counted closes without a word to it.
+    t.apply_event(&ev(1, tcp_state::CLOSE, 15 * S));
+    assert_eq!(t.take_ledger_gone(), vec![]);
 }
 
 #[test]
