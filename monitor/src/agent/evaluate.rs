@@ -87,7 +87,7 @@ fn learn_paths(st: &mut State, breaks: &[(u64, NetnsId, String, IpAddr, u64)]) {
     }
     for (cookie, idle) in survivals {
         let Some(f) = st.table.get(cookie) else { continue };
-        let (id, dst) = (f.netns, f.remote.ip());
+        let (id, dst) = (f.netns, f.remote().ip());
         let info = st
             .netns
             .get(&id)

@@ -125,7 +125,7 @@ pub async fn run(
                         .within(sockdiag::socket)
                         .map_err(|e| std::io::Error::other(e.to_string()))?
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    sockdiag::destroy_on(&sock, f.local.addr(), f.remote.addr(), f.state, f.cookie)
+                    sockdiag::destroy_on(&sock, f.local().addr(), f.remote().addr(), f.state, f.cookie)
                 };
                 let mut closer = SockDiagCloser { destroy: &mut destroy };
                 let (changes, mut requests) = evaluate::flows(now, state, &mut closer, &mut LiveHolders);
@@ -575,8 +575,8 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
                 .map(|f| {
                     let id = sockdiag::SockId {
                         cookie: f.cookie,
-                        local: f.local.addr(),
-                        remote: f.remote.addr(),
+                        local: f.local().addr(),
+                        remote: f.remote().addr(),
                     };
                     (f.netns, id)
                 })

@@ -228,7 +228,7 @@ impl State {
             let keep = (f.all || want_state.is_some() || fl.state != tcp_state::LISTEN)
                 && want_state.is_none_or(|s| fl.state == s)
                 && f.port
-                    .is_none_or(|p| fl.local.port() == p || fl.remote.port() == p)
+                    .is_none_or(|p| fl.local().port() == p || fl.remote().port() == p)
                 && (!f.leaked || leaked.contains(&fl.cookie))
                 && f.pid.is_none_or(|p| fl.pid_comm().map(|x| x.0) == Some(p))
                 && f.unit
@@ -242,7 +242,7 @@ impl State {
             }
         }
         picked.sort_by(|a, b| {
-            (a.state, a.local, a.remote, a.cookie).cmp(&(b.state, b.local, b.remote, b.cookie))
+            (a.state, a.local(), a.remote(), a.cookie).cmp(&(b.state, b.local(), b.remote(), b.cookie))
         });
         let ids: Vec<u64> = picked.iter().map(|f| f.cookie).collect();
         if !f.at_risk {

@@ -188,7 +188,7 @@ impl State {
                 continue;
             }
             let listener = f.state == monitor_common::tcp_state::LISTEN;
-            if f.local.port() == 0 || (f.remote.port() == 0 && !listener) {
+            if f.local().port() == 0 || (f.remote().port() == 0 && !listener) {
                 // Waits one tick for its handshake's record; then a filtered read finds it.
                 if p.waited {
                     out.read = true;
@@ -201,8 +201,8 @@ impl State {
             out.hints.extend(p.pid.map(|pid| (p.cookie, pid)));
             let id = crate::kernel::sockdiag::SockId {
                 cookie: p.cookie,
-                local: f.local.addr(),
-                remote: f.remote.addr(),
+                local: f.local().addr(),
+                remote: f.remote().addr(),
             };
             out.ids.push((f.netns, id));
         }

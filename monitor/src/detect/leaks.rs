@@ -131,7 +131,7 @@ pub fn leaked<'a>(flows: impl Iterator<Item = &'a Flow>, now: Nanos, cfg: &Leaks
 pub fn service_of(f: &Flow, services: &[ServiceConfig]) -> Option<String> {
     Some(service_of_owner(
         f.owner.as_ref()?,
-        Some(f.local.port()),
+        Some(f.local().port()),
         services,
     ))
 }
@@ -237,8 +237,8 @@ pub fn evaluate<'a>(
             .iter()
             .map(|f| StuckSocket {
                 cookie: f.cookie,
-                local: f.local.addr(),
-                remote: f.remote.addr(),
+                local: f.local().addr(),
+                remote: f.remote().addr(),
                 state: state_name(f.state).to_string(),
                 age_ms: state_age_ms(f, now),
             })
@@ -305,7 +305,7 @@ mod tests {
             0,
         );
         f.set_state_since(since);
-        f.inode = cookie;
+        f.set_inode(cookie);
         f.owner = Some(std::sync::Arc::new(Owner {
             pid: 50,
             comm: "bridge".into(),

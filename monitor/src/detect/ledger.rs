@@ -112,7 +112,7 @@ impl Ledger {
     /// The service id and pid a flow counts under now (None: no owner yet).
     fn service(&mut self, f: &Flow) -> Option<(u32, u32)> {
         let owner = f.owner.as_ref()?;
-        let port = f.local.port();
+        let port = f.local().port();
         let key = (
             Arc::as_ptr(owner) as usize,
             if self.ports.contains(&port) { port } else { 0 },
@@ -351,7 +351,7 @@ mod tests {
             state,
             0,
         );
-        f.inode = cookie;
+        f.set_inode(cookie);
         f.owner = Some(std::sync::Arc::new(Owner {
             pid: 4_194_305,
             comm: "bridge".into(),

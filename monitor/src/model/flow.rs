@@ -17,16 +17,23 @@ pub struct Flow {
     pub cookie: u64,
     /// The socket's network namespace (cookies are unique across namespaces; addresses are not).
     pub netns: NetnsId,
-    pub local: Endpoint,
-    pub remote: Endpoint,
+    /// The local and remote addresses, 16 bytes each (an IPv4 address in the first 4; which
+    /// are IPv6 is in `bits`), and ports: 36 bytes where two `Endpoint`s took 40
+    /// (`local()`, `remote()`).
+    ips: [[u8; 16]; 2],
+    ports: [u16; 2],
     pub state: u8,
+    /// `BIT_*`: which address is IPv6, `sample_aged`, `quiet_read`.
+    bits: u8,
     /// When the flow entered `state`; `Nanos::MAX` if that happened before holdfast saw it
     /// (8 bytes where an `Option` takes 16: `state_since()`).
     entered: Nanos,
     pub first_seen: Nanos,
     /// Last time an event or snapshot confirmed the flow.
     pub last_seen: Nanos,
-    pub inode: u64,
+    /// The socket's inode: the kernel's `get_next_ino()`, 32 bits (sock_diag's `idiag_inode`
+    /// is 32 bits too); 0 if unknown (`inode()`).
+    inode: u32,
     pub uid: u32,
     /// Shared by every flow of the process.
     pub owner: Option<Arc<Owner>>,
@@ -36,9 +43,6 @@ pub struct Flow {
     /// The idle (since the last ACK received) in the last real sample that showed the flow calm:
     /// when a later sample shows less, the path survived that idle (path learning).
     pub seen_idle_ms: u32,
-    /// `tcp` was aged by a filtered read that left the flow out (its idle values are capped
-    /// estimates, not the kernel's): not evidence for path learning.
-    pub sample_aged: bool,
     /// What few flows have (a hint of the owner, probes on the wire, resets, retransmissions,
     /// an error): boxed, 8 bytes for a flow without any (`Rare`).
     rare: Option<Box<Rare>>,
@@ -47,11 +51,36 @@ pub struct Flow {
     /// before then. 0 whenever the flow changes (a new sample, an event), the policy or the
     /// namespaces change, or keepalive values are learnt.
     pub quiet_until: Nanos,
-    /// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
-    /// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
-    pub quiet_read: bool,
     /// How the session ledger counts it (`detect::ledger`).
     pub tally: Tally,
+}
+
+const BIT_LOCAL_V6: u8 = 1;
+const BIT_REMOTE_V6: u8 = 2;
+/// `tcp` was aged by a filtered read that left the flow out (its idle values are capped
+/// estimates, not the kernel's): not evidence for path learning.
+const BIT_SAMPLE_AGED: u8 = 4;
+/// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
+/// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
+const BIT_QUIET_READ: u8 = 8;
+
+fn ip_bytes(ip: IpAddr) -> ([u8; 16], bool) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (b, false)
+        }
+        IpAddr::V6(a) => (a.octets(), true),
+    }
+}
+
+fn ip_of(b: &[u8; 16], v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::from(*b)
+    } else {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    }
 }
 
 /// How the session ledger counts a flow: the service it was counted as opened by, its service
@@ -243,12 +272,13 @@ impl Flow {
         state: u8,
         at: Nanos,
     ) -> Self {
-        Flow {
+        let mut f = Flow {
             cookie,
             netns,
-            local: local.into(),
-            remote: remote.into(),
+            ips: [[0; 16]; 2],
+            ports: [0; 2],
             state,
+            bits: BIT_QUIET_READ,
             entered: Nanos::MAX,
             first_seen: at,
             last_seen: at,
@@ -258,12 +288,84 @@ impl Flow {
             tcp: None,
             tcp_at: 0,
             seen_idle_ms: 0,
-            sample_aged: false,
             rare: None,
             quiet_until: 0,
-            quiet_read: true,
             tally: Tally::NONE,
+        };
+        f.set_ends(local, remote);
+        f
+    }
+
+    pub fn local(&self) -> Endpoint {
+        Endpoint {
+            ip: ip_of(&self.ips[0], self.bits & BIT_LOCAL_V6 != 0),
+            port: self.ports[0],
         }
+    }
+
+    pub fn remote(&self) -> Endpoint {
+        Endpoint {
+            ip: ip_of(&self.ips[1], self.bits & BIT_REMOTE_V6 != 0),
+            port: self.ports[1],
+        }
+    }
+
+    pub fn set_ends(&mut self, local: SocketAddr, remote: SocketAddr) {
+        self.set_local(local);
+        self.set_remote(remote);
+    }
+
+    pub fn set_local(&mut self, a: SocketAddr) {
+        let (ip, v6) = ip_bytes(a.ip());
+        self.ips[0] = ip;
+        self.ports[0] = a.port();
+        self.set_bit(BIT_LOCAL_V6, v6);
+    }
+
+    pub fn set_remote(&mut self, a: SocketAddr) {
+        let (ip, v6) = ip_bytes(a.ip());
+        self.ips[1] = ip;
+        self.ports[1] = a.port();
+        self.set_bit(BIT_REMOTE_V6, v6);
+    }
+
+    fn set_bit(&mut self, bit: u8, on: bool) {
+        if on {
+            self.bits |= bit;
+        } else {
+            self.bits &= !bit;
+        }
+    }
+
+    /// `tcp` was aged by a filtered read that left the flow out (its idle values are capped
+    /// estimates, not the kernel's): not evidence for path learning.
+    pub fn sample_aged(&self) -> bool {
+        self.bits & BIT_SAMPLE_AGED != 0
+    }
+
+    pub fn set_sample_aged(&mut self, on: bool) {
+        self.set_bit(BIT_SAMPLE_AGED, on);
+    }
+
+    /// The quiet judgement holds only while the flow stays as sampled: a read must confirm it
+    /// before `quiet_until` (eBPF mode's filtered reads are skipped otherwise).
+    pub fn quiet_read(&self) -> bool {
+        self.bits & BIT_QUIET_READ != 0
+    }
+
+    pub fn set_quiet_read(&mut self, on: bool) {
+        self.set_bit(BIT_QUIET_READ, on);
+    }
+
+    /// The socket's inode (0: unknown).
+    pub fn inode(&self) -> u64 {
+        u64::from(self.inode)
+    }
+
+    /// Keeps a socket inode; one past 32 bits (which the kernel does not make for sockets)
+    /// is kept as unknown.
+    pub fn set_inode(&mut self, inode: u64) {
+        self.inode = u32::try_from(inode).unwrap_or(0);
     }
 
     /// When the flow entered its state; None if before holdfast saw it.
@@ -400,8 +502,8 @@ impl Flow {
         FlowView {
             cookie: self.cookie,
             netns,
-            local: self.local.addr(),
-            remote: self.remote.addr(),
+            local: self.local().addr(),
+            remote: self.remote().addr(),
             state: state_name(self.state).to_string(),
             state_age_ms: self.state_since().map(|s| ms(now.saturating_sub(s))),
             seen_for_ms: ms(now.saturating_sub(self.first_seen)),
@@ -410,7 +512,7 @@ impl Flow {
             unit: self.owner.as_ref().and_then(|o| o.unit.clone()),
             cgroup: self.owner.as_ref().and_then(|o| o.cgroup.clone()),
             uid: self.uid,
-            inode: self.inode,
+            inode: self.inode(),
             last_data_sent_ms: t.map(|t| aged(t.last_data_sent_ms)),
             last_data_recv_ms: t.map(|t| aged(t.last_data_recv_ms)),
             last_ack_recv_ms: t.map(|t| aged(t.last_ack_recv_ms)),
@@ -446,8 +548,9 @@ mod tests {
 
     /// The flow table holds one `Flow` per socket: its size is most of the agent's memory per
     /// flow (docs/bench.md, `B/flow`). Grows past this only on purpose (200 bytes before the rare
-    /// fields went into `Rare` and the sample's options into niches; 168 before the ledger's
-    /// `Tally` moved in from a map of its own, which cost 33 bytes a flow).
+    /// fields went into `Rare` and the sample's options into niches; 168 still with the
+    /// ledger's `Tally`, moved in from a map of its own that cost 33 bytes a flow, by keeping
+    /// addresses in 36 bytes, the inode in 4 and the flags in one byte).
     #[test]
     fn a_flow_stays_compact() {
         let size = std::mem::size_of::<Flow>();
@@ -455,10 +558,33 @@ mod tests {
             "Flow: {size} bytes, TcpSample: {} bytes",
             std::mem::size_of::<TcpSample>()
         );
-        assert!(size <= 176, "Flow is {size} bytes");
+        assert!(size <= 168, "Flow is {size} bytes");
         assert_eq!(std::mem::size_of::<Tally>(), 12);
         assert_eq!(std::mem::size_of::<Option<TcpSample>>(), 36);
         assert_eq!(std::mem::size_of::<Endpoint>(), 20);
+    }
+
+    /// Addresses, inode and flags packed into the flow come back as they went in.
+    #[test]
+    fn a_packed_flow_gives_back_its_addresses_inode_and_flags() {
+        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let v4: SocketAddr = "10.1.2.3:5060".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        let mut f = Flow::new(1, 0, v4, v6, 1, 0);
+        assert_eq!((f.local().addr(), f.remote().addr()), (v4, v6));
+        f.set_ends(v6, mapped);
+        assert_eq!((f.local().addr(), f.remote().addr()), (v6, mapped));
+        f.set_local(v4);
+        assert_eq!((f.local().addr(), f.remote().addr()), (v4, mapped));
+        assert!(f.quiet_read() && !f.sample_aged(), "a new flow");
+        f.set_sample_aged(true);
+        f.set_quiet_read(false);
+        assert!(!f.quiet_read() && f.sample_aged());
+        assert_eq!((f.local().addr(), f.remote().addr()), (v4, mapped), "flags apart");
+        f.set_inode(4_000_000_000);
+        assert_eq!(f.inode(), 4_000_000_000);
+        f.set_inode(u64::from(u32::MAX) + 1);
+        assert_eq!(f.inode(), 0, "past 32 bits: unknown");
     }
 
     /// The rare part exists only while something is in it: a flow whose owner hint was

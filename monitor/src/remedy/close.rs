@@ -58,7 +58,7 @@ impl Closer for SockDiagCloser<'_> {
                     .as_ref()
                     .map(|o| o.pid)
                     .ok_or("no SOCK_DESTROY in this kernel and the owner is unknown")?;
-                let dup = sys::socket_of(pid, f.inode)?;
+                let dup = sys::socket_of(pid, f.inode())?;
                 sys::shutdown(std::os::fd::AsFd::as_fd(&dup)).map_err(|e| format!("shutdown: {e}"))?;
                 Ok("pidfd + shutdown (no SOCK_DESTROY in this kernel)")
             }
@@ -142,8 +142,8 @@ impl CloseRemedy {
             }
             let before = Some(ActionValues::Socket {
                 cookie: f.cookie,
-                local: f.local.addr(),
-                remote: f.remote.addr(),
+                local: f.local().addr(),
+                remote: f.remote().addr(),
                 state: state_name(f.state).to_string(),
                 evidence: c.evidence.clone(),
                 quiet_ms: quiet,
@@ -159,7 +159,8 @@ impl CloseRemedy {
                     OutcomeStatus::Planned,
                     format!(
                         "planned: abort {} → {} (dry-run, socket untouched)",
-                        f.local, f.remote
+                        f.local(),
+                        f.remote()
                     ),
                     before,
                     None,
@@ -178,15 +179,15 @@ impl CloseRemedy {
                         let owner = f.owner.as_ref().map(|o| o.pid);
                         let text = match owner {
                             Some(pid) => {
-                                let fd = procfs::fd_of(pid, f.inode);
+                                let fd = procfs::fd_of(pid, f.inode());
                                 if let Some(svc) = service_of(&f, services) {
-                                    self.doubt.insert(f.cookie, (svc, pid, f.inode));
+                                    self.doubt.insert(f.cookie, (svc, pid, f.inode()));
                                 }
                                 self.waiting.push(Release {
                                     finding,
                                     cookie: f.cookie,
                                     pid,
-                                    inode: f.inode,
+                                    inode: f.inode(),
                                     fd,
                                     via,
                                     at: now,

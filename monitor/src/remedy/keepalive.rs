@@ -302,7 +302,7 @@ impl KeepaliveRemedy {
         match job.stage {
             Stage::Applied if probed => {}
             // A sample aged by a filtered read carries the values from before the change.
-            Stage::Applied if f.tcp_at > job.at && !f.sample_aged => {}
+            Stage::Applied if f.tcp_at > job.at && !f.sample_aged() => {}
             Stage::Armed => return verify_on_wire(job, now, f, store),
             _ => return None,
         }
@@ -497,7 +497,7 @@ fn verify_on_wire(job: &mut Job, now: Nanos, f: &Flow, store: &mut FindingStore)
         });
     }
     // Traffic the peer acknowledged after the change also proves the path open.
-    if !f.sample_aged
+    if !f.sample_aged()
         && let Some((_, _, ack_ms)) = f.ages_ms(now)
         && ack_ms.saturating_mul(1_000_000) < now.saturating_sub(job.at)
         && f.wire().is_none_or(|w| w.outstanding == 0)
@@ -552,7 +552,7 @@ pub fn request(f: &Flow, set: Option<KaValues>) -> KaRequest {
     KaRequest {
         cookie: f.cookie,
         netns: f.netns,
-        inode: f.inode,
+        inode: f.inode(),
         pid: f.pid_comm().map(|(p, _)| p),
         set,
         watch: false,

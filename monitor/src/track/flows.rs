@@ -275,7 +275,7 @@ impl FlowTable {
         let mut m = self
             .flows
             .values()
-            .filter(|f| f.local == addr && f.state != tcp_state::LISTEN);
+            .filter(|f| f.local() == addr && f.state != tcp_state::LISTEN);
         let first = m
             .next()
             .ok_or_else(|| format!("no flow with local address {addr}"))?;
@@ -298,8 +298,8 @@ impl FlowTable {
             .rev()
             .map(|(f, _)| f)
             .chain(self.flows.values())
-            .find(|f| f.inode == inode)
-            .map(|f| (f.local.addr(), f.remote.addr()))
+            .find(|f| f.inode() == inode)
+            .map(|f| (f.local().addr(), f.remote().addr()))
     }
 
     /// Applies one kernel event. Returns true if it created a flow whose owner is unknown.
@@ -360,11 +360,11 @@ impl FlowTable {
             self.counters.opened += 1;
         }
         // connect() runs before the local port is chosen: keep the best tuple seen.
-        if e.local.port() != 0 || flow.local.port() == 0 {
-            flow.local = e.local.into();
+        if e.local.port() != 0 || flow.local().port() == 0 {
+            flow.set_local(e.local);
         }
         if e.remote.port() != 0 {
-            flow.remote = e.remote.into();
+            flow.set_remote(e.remote);
         }
         if e.netns != 0 {
             flow.netns = e.netns;
@@ -383,7 +383,7 @@ impl FlowTable {
                 flow.count_retransmit();
                 // The first retransmission comes at least the minimum RTO (200 ms) after the send.
                 if flow.trouble_idle_ms() == 0
-                    && !flow.sample_aged
+                    && !flow.sample_aged()
                     && let Some(t) = &flow.tcp
                 {
                     let since_sample = e.ts.saturating_sub(flow.tcp_at) / 1_000_000;
@@ -443,7 +443,7 @@ impl FlowTable {
                 self.counters.opened += 1;
             }
             // What the detectors judged before this sample, to tell whether it moved.
-            let before = (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode);
+            let before = (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode());
             // sock_diag (a query's exact read, also in eBPF mode) has no per-socket keepalive
             // settings: those of the last iterator read stand (only setsockopt changes them).
             let carried;
@@ -465,7 +465,7 @@ impl FlowTable {
             };
             let moved_sample = match (&flow.tcp, &s.tcp) {
                 (Some(old), Some(new)) => {
-                    flow.sample_aged || !unmoved(old, new, at.saturating_sub(flow.tcp_at) / 1_000_000)
+                    flow.sample_aged() || !unmoved(old, new, at.saturating_sub(flow.tcp_at) / 1_000_000)
                 }
                 (None, None) => false,
                 _ => true,
@@ -478,10 +478,9 @@ impl FlowTable {
                 }
             }
             flow.netns = snap.netns;
-            flow.local = s.local.into();
-            flow.remote = s.remote.into();
+            flow.set_ends(s.local, s.remote);
             if s.inode != 0 {
-                flow.inode = s.inode;
+                flow.set_inode(s.inode);
             }
             flow.uid = s.uid;
             if let Some(t) = &s.tcp {
@@ -499,7 +498,7 @@ impl FlowTable {
                 }
                 flow.tcp = s.tcp.clone();
                 flow.tcp_at = at;
-                flow.sample_aged = false;
+                flow.set_sample_aged(false);
             }
             if let Some(o) = owners.get(&s.inode) {
                 flow.owner = Some(o.clone());
@@ -512,7 +511,7 @@ impl FlowTable {
             // else different) keeps its judgements: a complete read of idle flows wakes none.
             if created
                 || moved_sample
-                || before != (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode)
+                || before != (flow.state, flow.owner.as_ref().map(Arc::as_ptr), flow.inode())
             {
                 self.marks.changed(flow);
                 self.calm = None;
@@ -542,10 +541,11 @@ impl FlowTable {
                 // Idle past the threshold at its last sample, in no trouble, and left out: it
                 // has not moved since (the kernel reports an idle socket again once it moves),
                 // so its sample, extrapolated, is exact. Left as it is.
-                if !f.sample_aged && f.tcp.as_ref().is_some_and(|t| unchanged_idle(t, min_idle)) {
+                if !f.sample_aged() && f.tcp.as_ref().is_some_and(|t| unchanged_idle(t, min_idle)) {
                     f.last_seen = f.last_seen.max(at);
                     continue;
                 }
+                let aged = f.sample_aged();
                 if let Some(t) = f.tcp.as_mut() {
                     let grown = ((at.saturating_sub(f.tcp_at)) / 1_000_000).min(u64::from(u32::MAX)) as u32;
                     // Left out while its extrapolated idle is still under the threshold: the
@@ -556,7 +556,7 @@ impl FlowTable {
                         .last_data_sent_ms
                         .min(t.last_data_recv_ms)
                         .min(t.last_ack_recv_ms);
-                    if !f.sample_aged && idle.saturating_add(grown) <= cap {
+                    if !aged && idle.saturating_add(grown) <= cap {
                         f.last_seen = f.last_seen.max(at);
                         continue;
                     }
@@ -567,9 +567,9 @@ impl FlowTable {
                     f.tcp_at = at;
                     // Already aged to the cap by the last read: the same bound again, no news
                     // (judged on it, a flow is idle no longer than then: its verdict holds).
-                    let news = !f.sample_aged
-                        || before != (t.last_data_sent_ms, t.last_data_recv_ms, t.last_ack_recv_ms);
-                    f.sample_aged = true;
+                    let news =
+                        !aged || before != (t.last_data_sent_ms, t.last_data_recv_ms, t.last_ack_recv_ms);
+                    f.set_sample_aged(true);
                     if news {
                         self.marks.changed(f);
                         self.calm = None;
@@ -604,7 +604,7 @@ impl FlowTable {
         for (c, until, read) in quiet {
             if let Some(f) = self.flows.get_mut(*c) {
                 f.quiet_until = *until;
-                f.quiet_read = *read;
+                f.set_quiet_read(*read);
                 self.marks.awake.remove(c);
                 if *until != Nanos::MAX {
                     self.marks.wheel.push(*until, *c);
@@ -779,10 +779,10 @@ impl FlowTable {
             // needed only before the forecast that judged it quiet must be confirmed (none for
             // a flow whose verdict cannot change unseen), and at every round while it is not
             // quiet (at risk, or not judged since it changed).
-            if f.sample_aged || !unchanged_idle(t, filter_idle_ms) || f.quiet_until == 0 {
+            if f.sample_aged() || !unchanged_idle(t, filter_idle_ms) || f.quiet_until == 0 {
                 return None;
             }
-            if f.quiet_read {
+            if f.quiet_read() {
                 until = until.min(f.quiet_until.saturating_sub(SLACK));
             }
         }

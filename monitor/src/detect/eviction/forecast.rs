@@ -9,8 +9,9 @@ use crate::model::time::{Nanos, fmt_ms};
 
 fn rule_matches(r: &Rule, f: &Flow, netns_name: &dyn Fn() -> Option<String>) -> bool {
     let owner = f.owner.as_ref();
-    r.cidr.is_none_or(|c| c.contains(f.remote.ip()))
-        && r.port.is_none_or(|p| f.remote.port() == p || f.local.port() == p)
+    r.cidr.is_none_or(|c| c.contains(f.remote().ip()))
+        && r.port
+            .is_none_or(|p| f.remote().port() == p || f.local().port() == p)
         && r.comm
             .as_ref()
             .is_none_or(|c| owner.is_some_and(|o| &o.comm == c) || f.pid_hint().is_some_and(|h| &h.comm == c))
@@ -63,19 +64,19 @@ pub fn applicable(f: &Flow, pol: &EvictionPolicy, env: &mut dyn Env) -> Result<A
     }
     let a = match a {
         Some(a) => a,
-        None => match env.route(f.netns, f.remote.ip()) {
+        None => match env.route(f.netns, f.remote().ip()) {
             RoutePath::Local => return Err("local destination: no middlebox".into()),
             RoutePath::OnLink => return Err("on-link destination: no middlebox on the path".into()),
             RoutePath::Unknown => return Err("no route to classify: no profile applies".into()),
             RoutePath::Gateway(gw) => {
-                if let Some((timeout_s, evidence)) = env.learned(f.netns, &gw, f.remote.ip()) {
+                if let Some((timeout_s, evidence)) = env.learned(f.netns, &gw, f.remote().ip()) {
                     return Ok(Applicable {
                         profile: "learned".into(),
                         timeout_s,
                         keepalive_resets: true,
                         why: format!(
                             "via gateway {gw}: learned for {}: {evidence}",
-                            crate::track::paths::prefix_of(f.remote.ip())
+                            crate::track::paths::prefix_of(f.remote().ip())
                         ),
                         keepalive_mode: pol.keepalive.mode,
                     })

@@ -85,8 +85,8 @@ pub fn kind_of(v: Forecast) -> Option<FindingKind> {
 pub fn flow_subject(f: &Flow, netns: Option<String>) -> Subject {
     Subject::Flow {
         cookie: f.cookie,
-        local: f.local.addr(),
-        remote: f.remote.addr(),
+        local: f.local().addr(),
+        remote: f.remote().addr(),
         netns,
         owner: f.pid_comm().map(|(pid, comm)| ProcRef {
             pid,
@@ -132,7 +132,7 @@ fn quiet_until(a: &Assessment, f: &Flow, now: Nanos, pol: &EvictionPolicy) -> Op
     // re-judgement was a third of the agent's steady time.
     if a.verdict == Forecast::NoMiddlebox
         && a.keepalive.on != Some(true)
-        && f.remote.ip().to_canonical().is_loopback()
+        && f.remote().ip().to_canonical().is_loopback()
     {
         return Some((Nanos::MAX, false));
     }
@@ -250,9 +250,9 @@ impl EvictionDetector {
             let cause = postmortem::cause(f);
             pass.closed.insert(f.cookie, cause.clone());
             if let Some(idle) = postmortem::idle_before_break(f, *at)
-                && let RoutePath::Gateway(gw) = env.route(f.netns, f.remote.ip())
+                && let RoutePath::Gateway(gw) = env.route(f.netns, f.remote().ip())
             {
-                pass.breaks.push((f.cookie, f.netns, gw, f.remote.ip(), idle));
+                pass.breaks.push((f.cookie, f.netns, gw, f.remote().ip(), idle));
             }
             let was_evicted_live = memo
                 .at_risk

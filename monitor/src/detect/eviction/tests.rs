@@ -49,7 +49,7 @@ pub fn flow(remote: &str, idle_ms: u32, ka: Option<bool>) -> Flow {
         0,
     );
     f.set_state_since(0);
-    f.inode = 5;
+    f.set_inode(5);
     f.owner = Some(Arc::new(Owner {
         pid: 77,
         comm: "psql".into(),

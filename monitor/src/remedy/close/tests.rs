@@ -17,7 +17,7 @@ fn flow(cookie: u64, state: u8, since: Nanos, quiet_ms: u32) -> Flow {
         0,
     );
     f.set_state_since(since);
-    f.inode = cookie;
+    f.set_inode(cookie);
     f.owner = Some(std::sync::Arc::new(crate::model::observe::Owner {
         pid: 50,
         comm: "bridge".into(),

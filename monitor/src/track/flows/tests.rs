@@ -108,7 +108,7 @@ fn a_flow_idle_past_the_filter_and_left_out_keeps_its_exact_idle() {
     );
     assert_eq!(idle(2), Some(61_000), "a calm flow ages as before");
     assert!(
-        !t.get(1).unwrap().sample_aged,
+        !t.get(1).unwrap().sample_aged(),
         "the idle flow's sample is the kernel's"
     );
 }
@@ -319,7 +319,7 @@ fn events_open_and_close_flows() {
     assert!(!t.apply_event(&ev(1, tcp_state::ESTABLISHED, 2 * S)));
     let f = t.get(1).unwrap();
     assert_eq!(f.state, tcp_state::ESTABLISHED);
-    assert_eq!(f.local.port(), 4000, "the tuple is completed by later events");
+    assert_eq!(f.local().port(), 4000, "the tuple is completed by later events");
     assert_eq!(f.state_since(), Some(2 * S));
     assert_eq!(f.view(5 * S, None).pid, Some(9));
     t.apply_event(&ev(1, tcp_state::CLOSE, 3 * S));
