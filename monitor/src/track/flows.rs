@@ -230,8 +230,16 @@ impl FlowTable {
 
     fn close(&mut self, cookie: u64, at: Nanos) {
         self.calm = None;
-        if let Some(f) = self.flows.remove(cookie) {
+        if let Some((f, moved_to)) = self.flows.remove(cookie) {
             self.marks.gone(&f);
+            // The flow moved into its place is due at its new position.
+            if let Some(p) = moved_to
+                && let Some(m) = self.flows.at(p)
+                && m.quiet_until != 0
+                && m.quiet_until != Nanos::MAX
+            {
+                self.marks.wheel.push(m.quiet_until, p);
+            }
             self.counters.closed += 1;
             if self.closed.len() >= CLOSED_KEEP {
                 self.closed.pop_front();
@@ -602,12 +610,14 @@ impl FlowTable {
         }
         self.calm = None;
         for (c, until, read) in quiet {
-            if let Some(f) = self.flows.get_mut(*c) {
+            if let Some(p) = self.flows.index_of(*c)
+                && let Some(f) = self.flows.at_mut(p)
+            {
                 f.quiet_until = *until;
                 f.set_quiet_read(*read);
                 self.marks.awake.remove(c);
                 if *until != Nanos::MAX {
-                    self.marks.wheel.push(*until, *c);
+                    self.marks.wheel.push(*until, p);
                 }
             }
         }
@@ -617,8 +627,9 @@ impl FlowTable {
             self.marks.wheel.rebuild(
                 self.flows
                     .values()
-                    .filter(|f| f.quiet_until != 0 && f.quiet_until != Nanos::MAX)
-                    .map(|f| (f.quiet_until, f.cookie)),
+                    .zip(0u32..)
+                    .filter(|(f, _)| f.quiet_until != 0 && f.quiet_until != Nanos::MAX)
+                    .map(|(f, p)| (f.quiet_until, p)),
             );
         }
     }
@@ -659,14 +670,14 @@ impl FlowTable {
     /// The flows the eviction forecast must judge at `now`: those changed since it last
     /// looked or not judged quiet, and the quiet ones whose time has come (woken here).
     pub fn to_judge(&mut self, now: Nanos) -> Vec<u64> {
-        while let Some((tick, c)) = self.marks.wheel.pop_due(now) {
-            if let Some(f) = self.flows.get_mut(c)
+        while let Some((tick, p)) = self.marks.wheel.pop_due(now) {
+            if let Some(f) = self.flows.at_mut(p)
                 && f.quiet_until != 0
                 && f.quiet_until != Nanos::MAX
                 && self.marks.wheel.is_at(f.quiet_until, tick)
             {
                 f.quiet_until = 0;
-                self.marks.awake.insert(c);
+                self.marks.awake.insert(f.cookie);
                 self.calm = None;
             }
         }

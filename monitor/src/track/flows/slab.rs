@@ -82,7 +82,22 @@ impl FlowSlab {
         &mut self.flows[at as usize]
     }
 
-    pub fn remove(&mut self, cookie: u64) -> Option<Flow> {
+    /// The position of `cookie`'s flow (until a removal moves it: `remove`).
+    pub fn index_of(&self, cookie: u64) -> Option<u32> {
+        self.position(cookie).map(|i| i as u32)
+    }
+
+    pub fn at(&self, pos: u32) -> Option<&Flow> {
+        self.flows.get(pos as usize)
+    }
+
+    pub fn at_mut(&mut self, pos: u32) -> Option<&mut Flow> {
+        self.flows.get_mut(pos as usize)
+    }
+
+    /// Removes `cookie`'s flow; the last flow moves into its place, whose new position is
+    /// returned with it (None when the removed flow was the last).
+    pub fn remove(&mut self, cookie: u64) -> Option<(Flow, Option<u32>)> {
         let hash = self.hash(cookie);
         let flows = &self.flows;
         let entry = self
@@ -92,6 +107,7 @@ impl FlowSlab {
         let (at, _) = entry.remove();
         let at = at as usize;
         let last = self.flows.len() - 1;
+        let moved_to = (at != last).then_some(at as u32);
         if at != last {
             // The last flow moves into the hole: its index entry follows it.
             let moved = self.flows[last].cookie;
@@ -102,7 +118,7 @@ impl FlowSlab {
                 *i = at as u32;
             }
         }
-        Some(self.flows.swap_remove(at))
+        Some((self.flows.swap_remove(at), moved_to))
     }
 
     pub fn values(&self) -> std::slice::Iter<'_, Flow> {
@@ -153,8 +169,17 @@ mod tests {
         }
         // Remove every third, from the front (each removal moves the last flow).
         for c in (1..=5000u64).step_by(3) {
-            assert_eq!(slab.remove(c * 7919).map(|f| f.cookie), Some(c * 7919));
+            let last = slab.values().last().map(|f| f.cookie);
+            let (gone, moved_to) = slab.remove(c * 7919).unwrap();
+            assert_eq!(gone.cookie, c * 7919);
             model.remove(&(c * 7919));
+            // The flow that moved is where the removal says.
+            if let Some(p) = moved_to {
+                assert_eq!(slab.at(p).map(|f| f.cookie), last);
+                assert_eq!(slab.index_of(last.unwrap()), Some(p));
+            } else {
+                assert_eq!(last, Some(c * 7919), "only the last flow moves nothing");
+            }
             assert!(slab.remove(c * 7919).is_none());
         }
         assert_eq!(slab.len(), model.len());

@@ -699,3 +699,26 @@ fn a_left_out_flow_under_the_threshold_is_not_judged_again() {
     assert!(t.to_judge(111 * S).is_empty(), "the same bound again");
     assert_eq!(t.get(1).unwrap().view(111 * S, None).idle_ms, Some(60_000));
 }
+
+#[test]
+fn a_quiet_flow_moved_by_a_close_still_falls_due() {
+    let mut t = FlowTable::default();
+    t.apply_snapshot(
+        &snap(
+            S,
+            S,
+            vec![idle_sock(1, 1_000), idle_sock(2, 1_000), idle_sock(3, 1_000)],
+        ),
+        &HashMap::new(),
+    );
+    t.to_judge(S);
+    t.set_quiet(&[(2, 20 * S, true), (3, 10 * S, true)]);
+    // Flow 1 closes: the last flow (3) moves into its place; then 2 closes and 3 moves again.
+    t.apply_event(&ev(1, tcp_state::CLOSE, 2 * S));
+    t.apply_event(&ev(2, tcp_state::CLOSE, 3 * S));
+    assert!(t.to_judge(9 * S).iter().all(|c| *c != 3), "not before its time");
+    assert_eq!(t.to_judge(10 * S), vec![3], "due at its time, wherever it is");
+    assert_eq!(t.get(3).unwrap().quiet_until, 0);
+    t.set_quiet(&[(3, 30 * S, true)]);
+    assert!(t.to_judge(25 * S).is_empty(), "its stale entries wake nothing");
+}
