@@ -133,7 +133,7 @@ impl OwnerCache {
         self.slot_of(inode).is_some()
     }
 
-    /// A slot for `owner`, with no inode yet (`release` it if none is added).
+    /// A slot for `owner`, with no inode yet (`release_if_unused` it if none is added).
     fn slot(&mut self, owner: Arc<Owner>) -> u32 {
         match self.free.pop() {
             Some(s) => {
