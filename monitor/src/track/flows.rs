@@ -72,7 +72,8 @@ const LEDGER_CHANGES_MAX: usize = 262_144;
 struct Marks {
     /// Flows the eviction forecast must judge: changed since it last looked, or not quiet.
     awake: HashSet<u64>,
-    /// (until, cookie) of quiet flows, soonest first; entries whose flow changed are skipped.
+    /// When quiet flows fall due (`wheel.rs`), soonest first; entries whose flow changed or
+    /// moved are skipped.
     wheel: Wheel,
     /// Flows the leak detectors can flag: closing states, a sample in trouble, probes watched.
     notable: HashSet<u64>,
