@@ -90,7 +90,7 @@ pub struct Ctx {
     pub tx: mpsc::Sender<Msg>,
     pub status: mpsc::Sender<oneshot::Sender<Reply>>,
     pub access: Access,
-    pub notices: tokio::sync::broadcast::Sender<crate::sinks::Notice>,
+    pub notices: tokio::sync::broadcast::Sender<std::sync::Arc<crate::sinks::Notice>>,
     pub counters: Arc<ClientCounters>,
 }
 
@@ -376,7 +376,7 @@ async fn follow(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx) {
     loop {
         match rx.recv().await {
             Ok(n) => {
-                if !write(w, Reply::ok(&n).to_line().as_bytes()).await {
+                if !write(w, Reply::ok(&*n).to_line().as_bytes()).await {
                     return;
                 }
             }

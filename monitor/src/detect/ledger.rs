@@ -68,6 +68,8 @@ impl Ledger {
     /// Starts a count with the configured services. True when they changed since the last
     /// count (a reload): every flow must then be accounted again, its service looked up anew.
     pub fn begin(&mut self, services: &[ServiceConfig]) -> bool {
+        // `finish` clears it too; a count left unfinished must not leave lookups keyed by the
+        // address of an owner since freed.
         self.round_owner.clear();
         if self.services == services {
             return false;

@@ -1,8 +1,9 @@
 //! The ring buffers the tracepoints fill, and the per-CPU counters the programs keep.
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use monitor_common::stat;
 
 use super::super::decode;
+use super::ring::Ring;
 pub use crate::model::health::KernelCounters;
 use crate::model::observe::{Event, ProcEvent};
 
@@ -26,8 +27,8 @@ impl log::Log for ToTracing {
 
 /// The event ring buffers and the kernel-side counters, owned by the reader task.
 pub struct Events {
-    pub(super) ring: RingBuf<MapData>,
-    pub(super) procs: RingBuf<MapData>,
+    pub(super) ring: Ring,
+    pub(super) procs: Ring,
     pub(super) stats: PerCpuArray<MapData, u64>,
     pub(super) log: Option<aya_log::EbpfLogger<ToTracing>>,
 }
@@ -37,28 +38,26 @@ impl Events {
     /// undecodable ones, and whether it stopped at `max` (more may be waiting).
     pub fn drain(&mut self, out: &mut Vec<Event>, max: usize) -> (u64, bool) {
         let mut bad = 0;
-        for _ in 0..max {
-            let Some(item) = self.ring.next() else {
-                return (bad, false);
-            };
-            match decode::event(&item) {
-                Ok(e) => out.push(e),
-                Err(_) => bad += 1,
-            }
-        }
-        (bad, true)
+        let d = self.ring.drain(max, |item| match decode::event(item) {
+            Ok(e) => out.push(e),
+            Err(_) => bad += 1,
+        });
+        (bad + d.corrupt, d.full)
     }
 
     /// Decodes every process record waiting; returns the number of undecodable ones.
     pub fn drain_procs(&mut self, out: &mut Vec<ProcEvent>) -> u64 {
         let mut bad = 0;
-        while let Some(item) = self.procs.next() {
-            match decode::proc_event(&item) {
+        loop {
+            let d = self.procs.drain(4096, |item| match decode::proc_event(item) {
                 Ok(e) => out.push(e),
                 Err(_) => bad += 1,
+            });
+            bad += d.corrupt;
+            if !d.full {
+                return bad;
             }
         }
-        bad
     }
 
     /// The two event rings registered with tokio's reactor, to wait on: readable when a ring holds

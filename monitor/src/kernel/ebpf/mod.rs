@@ -3,11 +3,12 @@
 //! (snapshots per namespace, owners, targeted keepalive).
 mod events;
 mod iter;
+mod ring;
 pub mod watch;
 
 use std::path::PathBuf;
 
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, Iter, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use monitor_common::{KaTarget, stat};
@@ -44,6 +45,11 @@ pub enum EbpfError {
     Map {
         name: String,
         source: aya::maps::MapError,
+    },
+    #[error("ring buffer `{name}` cannot be mapped: {source}")]
+    Ring {
+        name: &'static str,
+        source: std::io::Error,
     },
     #[error("`{0}` missing from the eBPF object")]
     Missing(&'static str),
@@ -136,15 +142,17 @@ fn merr(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
 const LOG_RING_BYTES: u32 = 16 << 10;
 
 /// Map sizes for this host. The ring buffers' pages are mapped into the agent (they count in its
-/// RSS: at a fixed 4 + 1 MiB they were 10 MiB of a 20.5 MiB idle agent, both halves of each ring
-/// being mapped). The memory of sockets already reported (`SEEN`) is socket-local storage: it
+/// RSS: at a fixed 4 + 1 MiB they were 10 MiB of a 20.5 MiB idle agent while both halves of each
+/// ring were mapped; `ring` maps them once). The memory of sockets already reported (`SEEN`) is socket-local storage: it
 /// grows with the sockets and needs no size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     /// EVENTS ring buffer, bytes: 1 MiB per CPU (a churn of ~54k connections/s on 2 cores makes
     /// about 0.5 MB of records per 20 ms drain), 1..16 MiB.
     pub events: u32,
-    /// PROCS ring buffer, bytes: 256 KiB per CPU, 256 KiB..4 MiB.
+    /// PROCS ring buffer, bytes: 128 KiB per CPU, 128 KiB..4 MiB (56 bytes a record with its
+    /// header, two per process: a storm of 5,000 processes/s fills a twentieth of 256 KiB between
+    /// two 20 ms drains; what is lost anyway, the /proc scan finds).
     pub procs: u32,
 }
 
@@ -158,7 +166,7 @@ impl MapSizes {
         let pow2 = |v: u64, lo: u64, hi: u64| v.clamp(lo, hi).next_power_of_two().min(hi) as u32;
         MapSizes {
             events: pow2(cpus << 20, 1 << 20, 16 << 20),
-            procs: pow2(cpus << 18, 1 << 18, 4 << 20),
+            procs: pow2(cpus << 17, 1 << 17, 4 << 20),
         }
     }
 }
@@ -219,8 +227,13 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         Err(e) => format!("unavailable: {e}"),
     };
     let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(EbpfError::Missing(name));
-    let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(merr("EVENTS"))?;
-    let procs = RingBuf::try_from(take(&mut ebpf, "PROCS")?).map_err(merr("PROCS"))?;
+    // Read in place, the data pages mapped once (`ring`).
+    let ring_of = |ebpf: &mut Ebpf, name: &'static str| match take(ebpf, name)? {
+        Map::RingBuf(m) => ring::Ring::new(m).map_err(|e| EbpfError::Ring { name, source: e }),
+        _ => Err(EbpfError::Missing(name)),
+    };
+    let ring = ring_of(&mut ebpf, "EVENTS")?;
+    let procs = ring_of(&mut ebpf, "PROCS")?;
     let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?).map_err(merr("STATS"))?;
     // The programs log only on rare error paths; their records go to the agent's log.
     let log = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, events::ToTracing) {
@@ -351,9 +364,9 @@ mod tests {
     #[test]
     fn maps_are_sized_to_the_host() {
         let small = MapSizes::sized(1);
-        assert_eq!((small.events, small.procs), (1 << 20, 1 << 18));
+        assert_eq!((small.events, small.procs), (1 << 20, 1 << 17));
         let here = MapSizes::sized(2);
-        assert_eq!((here.events, here.procs), (2 << 20, 1 << 19));
+        assert_eq!((here.events, here.procs), (2 << 20, 1 << 18));
         let big = MapSizes::sized(96);
         assert_eq!((big.events, big.procs), (16 << 20, 4 << 20));
         let odd = MapSizes::sized(3);

@@ -96,7 +96,9 @@ impl FlowSlab {
     }
 
     /// Removes `cookie`'s flow; the last flow moves into its place, whose new position is
-    /// returned with it (None when the removed flow was the last).
+    /// returned with it (None when the removed flow was the last). The ledger counts a close only
+    /// through the removed flow's tally: `FlowTable::close`, the one caller, hands it over; a new
+    /// removal path must do the same, or the session stays counted open.
     pub fn remove(&mut self, cookie: u64) -> Option<(Flow, Option<u32>)> {
         let hash = self.hash(cookie);
         let flows = &self.flows;
