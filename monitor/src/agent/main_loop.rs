@@ -464,6 +464,10 @@ fn on_msg(state: &mut State, rt: &mut Runtime, msg: Msg, zombie_due: &mut Option
             s.last_snapshot_error = None;
             let t0 = std::time::Instant::now();
             state.table.apply_snapshot(&snap, &owners);
+            let unowned = state.table.take_unowned();
+            if !unowned.is_empty() {
+                let _ = rt.workers.send(WorkerMsg::Unowned(unowned));
+            }
             if round {
                 let took = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 state.gate.note_applied(first_of_round, took);

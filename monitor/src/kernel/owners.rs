@@ -103,117 +103,57 @@ impl<V> Recent<V> {
     }
 }
 
-/// Socket inode -> owner, compact: socket inodes are the kernel's `get_next_ino()` numbers (32
-/// bits), each mapped to a slot of `owners`, one per owner found (8-byte entries where
-/// inode -> `Arc` took 16: at 200k sockets about 22 -> 11 bytes a socket, heaptrack).
+/// The socket inodes whose owner was found and handed to the state owner (which keeps it on
+/// the flow): socket inodes are the kernel's `get_next_ino()` numbers (32 bits), kept in a set
+/// of 4-byte keys. An inode -> owner map here (8-byte entries, one `Arc` per owner) cost about
+/// 12 bytes a socket at 200k sockets (heaptrack); the owners now live only on the flows.
 #[derive(Default)]
-struct OwnerCache {
-    by_inode: HashMap<u32, u32>,
+struct Known {
+    narrow: HashSet<u32>,
     /// Inodes past 32 bits (none on Linux today: kept right all the same).
-    wide: HashMap<u64, u32>,
-    /// Each owner with the number of inodes mapped to it (freed at 0).
-    owners: Vec<Option<(Arc<Owner>, u32)>>,
-    free: Vec<u32>,
+    wide: HashSet<u64>,
 }
 
-impl OwnerCache {
-    fn slot_of(&self, inode: u64) -> Option<u32> {
-        match u32::try_from(inode) {
-            Ok(i) => self.by_inode.get(&i).copied(),
-            Err(_) => self.wide.get(&inode).copied(),
-        }
-    }
-
-    fn get(&self, inode: u64) -> Option<&Arc<Owner>> {
-        let slot = self.slot_of(inode)?;
-        self.owners.get(slot as usize)?.as_ref().map(|(o, _)| o)
-    }
-
+impl Known {
     fn contains(&self, inode: u64) -> bool {
-        self.slot_of(inode).is_some()
-    }
-
-    /// A slot for `owner`, with no inode yet (`release_if_unused` it if none is added).
-    fn slot(&mut self, owner: Arc<Owner>) -> u32 {
-        match self.free.pop() {
-            Some(s) => {
-                self.owners[s as usize] = Some((owner, 0));
-                s
-            }
-            None => {
-                self.owners.push(Some((owner, 0)));
-                (self.owners.len() - 1) as u32
-            }
+        match u32::try_from(inode) {
+            Ok(i) => self.narrow.contains(&i),
+            Err(_) => self.wide.contains(&inode),
         }
     }
 
-    /// Frees `slot` if no inode is mapped to it.
-    fn release_if_unused(&mut self, slot: u32) {
-        if let Some(e) = self.owners.get_mut(slot as usize)
-            && e.as_ref().is_some_and(|(_, n)| *n == 0)
-        {
-            *e = None;
-            self.free.push(slot);
+    /// False if it was known already.
+    fn insert(&mut self, inode: u64) -> bool {
+        match u32::try_from(inode) {
+            Ok(i) => self.narrow.insert(i),
+            Err(_) => self.wide.insert(inode),
         }
     }
 
-    /// Maps `inode` to the owner in `slot` unless it has one already (the first holder wins).
-    fn insert(&mut self, inode: u64, slot: u32) {
-        let added = match u32::try_from(inode) {
-            Ok(i) => match self.by_inode.entry(i) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(slot);
-                    true
-                }
-            },
-            Err(_) => match self.wide.entry(inode) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(slot);
-                    true
-                }
-            },
+    fn remove(&mut self, inode: u64) {
+        match u32::try_from(inode) {
+            Ok(i) => self.narrow.remove(&i),
+            Err(_) => self.wide.remove(&inode),
         };
-        if added && let Some(Some((_, n))) = self.owners.get_mut(slot as usize) {
-            *n += 1;
-        }
     }
 
-    /// Keeps the inodes `keep` says; owners left with none are dropped.
     fn retain(&mut self, keep: impl Fn(u64) -> bool) {
-        let owners = &mut self.owners;
-        let mut drop_one = |slot: u32| {
-            if let Some(Some((_, n))) = owners.get_mut(slot as usize) {
-                *n = n.saturating_sub(1);
-            }
-        };
-        self.by_inode.retain(|i, s| {
-            let k = keep(u64::from(*i));
-            if !k {
-                drop_one(*s);
-            }
-            k
-        });
-        self.wide.retain(|i, s| {
-            let k = keep(*i);
-            if !k {
-                drop_one(*s);
-            }
-            k
-        });
-        for slot in 0..self.owners.len() as u32 {
-            self.release_if_unused(slot);
-        }
-        if self.by_inode.capacity() > 4 * self.by_inode.len() + 4096 {
-            self.by_inode.shrink_to_fit();
+        self.narrow.retain(|i| keep(u64::from(*i)));
+        self.wide.retain(|i| keep(*i));
+        if self.narrow.capacity() > 4 * self.narrow.len() + 4096 {
+            self.narrow.shrink_to_fit();
         }
     }
 }
 
+/// Finds the owners of sockets. Each owner found is handed out once (`take_found`, with the
+/// read that showed its socket) and the socket is then known: the state owner keeps the owner on
+/// the flow, and says which flows still have none (`forget`).
 #[derive(Default)]
 pub struct OwnerResolver {
-    cache: OwnerCache,
+    known: Known,
+    /// Owners found and not yet handed out, by socket inode.
+    found: HashMap<u64, Arc<Owner>>,
     /// Inodes a full walk did not find (fd in flight, or held outside our /proc view).
     unfindable: HashSet<u64>,
     last_full: Option<Instant>,
@@ -227,11 +167,50 @@ pub struct OwnerResolver {
 }
 
 impl OwnerResolver {
+    /// The owner found for `inode` and not yet handed out.
     pub fn owner(&self, inode: u64) -> Option<&Arc<Owner>> {
-        self.cache.get(inode)
+        self.found.get(&inode)
     }
 
-    /// Adds what `pid` holds among `wanted` to the cache (`held_by`: the socket inodes a process
+    /// Hands out the owners found for `socks` (each once: the socket is known from then on).
+    pub fn take_found(&mut self, socks: &[SockSample]) -> HashMap<u64, Arc<Owner>> {
+        let mut out = HashMap::new();
+        if self.found.is_empty() {
+            return out;
+        }
+        for s in socks {
+            if let Some(o) = self.found.remove(&s.inode) {
+                out.insert(s.inode, o);
+            }
+        }
+        out
+    }
+
+    /// Owners found but handed out with no read (none, unless a read was dropped): their
+    /// sockets are looked up again.
+    pub fn drop_untaken(&mut self) {
+        for (i, _) in self.found.drain() {
+            self.known.remove(i);
+        }
+    }
+
+    /// The state owner has flows of these sockets with no owner (an owner handed out that found
+    /// no flow to land on, e.g. a socket first read in a state that is not tracked): look them
+    /// up again, unless no process was found holding them.
+    pub fn forget(&mut self, inodes: &[u64]) {
+        for &i in inodes {
+            if !self.found.contains_key(&i) {
+                self.known.remove(i);
+            }
+        }
+    }
+
+    /// Sockets known (their owner handed out).
+    pub fn known(&self) -> usize {
+        self.known.narrow.len() + self.known.wide.len()
+    }
+
+    /// Adds what `pid` holds among `wanted` to the owners found (`held_by`: the socket inodes a process
     /// holds); returns how many it added.
     fn scan(&mut self, pid: u32, wanted: &HashSet<u64>, held_by: &mut HeldBy<'_>) -> usize {
         let found: Vec<u64> = held_by(pid).into_iter().filter(|i| wanted.contains(i)).collect();
@@ -241,12 +220,12 @@ impl OwnerResolver {
         let Some(owner) = describe(pid).map(Arc::new) else {
             return 0;
         };
-        let slot = self.cache.slot(owner);
         for i in &found {
             // The first holder wins; a socket shared after fork() keeps its earliest owner.
-            self.cache.insert(*i, slot);
+            if self.known.insert(*i) {
+                self.found.insert(*i, owner.clone());
+            }
         }
-        self.cache.release_if_unused(slot);
         found.len()
     }
 
@@ -254,14 +233,14 @@ impl OwnerResolver {
     pub fn missing(&self, socks: &[&SockSample]) -> bool {
         socks
             .iter()
-            .any(|s| s.inode != 0 && !self.cache.contains(s.inode) && !self.unfindable.contains(&s.inode))
+            .any(|s| s.inode != 0 && !self.known.contains(s.inode) && !self.unfindable.contains(&s.inode))
     }
 
     /// Remembers the owners of the listeners among `socks`.
     fn note_listeners(&mut self, socks: &[&SockSample]) {
         for s in socks {
             if s.state == monitor_common::tcp_state::LISTEN
-                && let Some(o) = self.cache.get(s.inode)
+                && let Some(o) = self.found.get(&s.inode)
             {
                 self.listeners.insert(s.local.port(), o.pid);
             }
@@ -298,7 +277,7 @@ impl OwnerResolver {
             }
             self.targeted_walks += 1;
             self.scan(pid, &left, held_by);
-            left.retain(|i| !self.cache.contains(*i));
+            left.retain(|i| !self.known.contains(*i));
         }
         left
     }
@@ -314,7 +293,7 @@ impl OwnerResolver {
         let missing: HashSet<u64> = socks
             .iter()
             .map(|s| s.inode)
-            .filter(|&i| i != 0 && !self.cache.contains(i) && !self.unfindable.contains(&i))
+            .filter(|&i| i != 0 && !self.known.contains(i) && !self.unfindable.contains(&i))
             .collect();
         if missing.is_empty() {
             return false;
@@ -327,29 +306,26 @@ impl OwnerResolver {
     /// Resolves owners from a complete inode -> pid map (eBPF mode's task_file iterator).
     pub fn resolve_from(&mut self, socks: &[&SockSample], map: &HashMap<u64, u32>) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        // Each pid described once: its owner's slot (None: it is gone).
-        let mut described: HashMap<u32, Option<u32>> = HashMap::new();
+        // Each pid described once (None: it is gone).
+        let mut described: HashMap<u32, Option<Arc<Owner>>> = HashMap::new();
         for i in live {
-            if self.cache.contains(i) {
+            if self.known.contains(i) {
                 continue;
             }
             match map.get(&i) {
                 Some(pid) => {
-                    let cache = &mut self.cache;
-                    if let Some(slot) = *described
+                    if let Some(o) = described
                         .entry(*pid)
-                        .or_insert_with(|| describe(*pid).map(|o| cache.slot(Arc::new(o))))
+                        .or_insert_with(|| describe(*pid).map(Arc::new))
                     {
-                        self.cache.insert(i, slot);
+                        self.known.insert(i);
+                        self.found.insert(i, o.clone());
                     }
                 }
                 None => {
                     self.unfindable.insert(i);
                 }
             }
-        }
-        for slot in described.into_values().flatten() {
-            self.cache.release_if_unused(slot);
         }
         self.note_listeners(socks);
         self.full_walks += 1;
@@ -358,7 +334,8 @@ impl OwnerResolver {
     /// Drops what no longer exists (called with complete snapshots only).
     pub fn prune(&mut self, socks: &[&SockSample]) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        self.cache.retain(|i| live.contains(&i));
+        self.known.retain(|i| live.contains(&i));
+        self.found.retain(|i, _| live.contains(i));
         self.unfindable.retain(|i| live.contains(i));
         let listening: HashSet<u16> = socks
             .iter()
@@ -371,12 +348,13 @@ impl OwnerResolver {
     /// Resolves the owners of `socks`. `hints` maps cookie -> pid seen at connect()/listen().
     pub fn resolve(&mut self, socks: &[&SockSample], hints: &PidHints, now: Instant) {
         let live: HashSet<u64> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-        self.cache.retain(|i| live.contains(&i));
+        self.known.retain(|i| live.contains(&i));
+        self.found.retain(|i, _| live.contains(i));
         self.unfindable.retain(|i| live.contains(i));
         let missing: HashSet<u64> = live
             .iter()
             .copied()
-            .filter(|i| !self.cache.contains(*i) && !self.unfindable.contains(i))
+            .filter(|i| !self.known.contains(*i) && !self.unfindable.contains(i))
             .collect();
         if missing.is_empty() {
             self.note_listeners(socks);
@@ -394,7 +372,7 @@ impl OwnerResolver {
         let t0 = Instant::now();
         for pid in all_pids() {
             if self.scan(pid, &left, &mut proc_sockets) > 0 {
-                left.retain(|i| !self.cache.contains(*i));
+                left.retain(|i| !self.known.contains(*i));
                 if left.is_empty() {
                     break;
                 }
@@ -442,44 +420,59 @@ mod tests {
     }
 
     #[test]
-    fn the_owner_cache_shares_one_owner_and_frees_it_with_its_last_socket() {
-        let owner = |pid: u32| {
-            Arc::new(Owner {
-                pid,
-                comm: "srv".into(),
-                cgroup: None,
-                unit: None,
-            })
-        };
-        let mut c = OwnerCache::default();
-        let a = c.slot(owner(10));
+    fn an_owner_is_handed_out_once_and_looked_up_again_when_forgotten() {
+        use monitor_common::tcp_state::ESTABLISHED;
+        let me = std::process::id();
         let wide = u64::from(u32::MAX) + 5;
-        for i in [1, 2, wide] {
-            c.insert(i, a);
+        let sample = |cookie, inode| SockSample {
+            cookie,
+            state: ESTABLISHED,
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            inode,
+            uid: 0,
+            tcp: None,
+        };
+        let (a, b, w) = (sample(1, 11), sample(2, 12), sample(3, wide));
+        let mut hints = PidHints::new(16, Instant::now());
+        for c in [1, 2, 3] {
+            hints.insert(c, me);
         }
-        let b = c.slot(owner(20));
-        c.insert(2, b);
-        c.insert(3, b);
-        assert_eq!(c.get(2).map(|o| o.pid), Some(10), "the first holder wins");
-        assert_eq!(c.get(3).map(|o| o.pid), Some(20));
-        assert_eq!(c.get(wide).map(|o| o.pid), Some(10), "a wide inode");
+        let looked = std::cell::Cell::new(0);
+        let mut held = |pid: u32| {
+            looked.set(looked.get() + 1);
+            if pid == me { vec![11, 12, wide] } else { vec![] }
+        };
+        let mut r = OwnerResolver::default();
+        assert!(!r.resolve_likely(&[&a, &b, &w], &hints, &mut held));
+        let got = r.take_found(&[a.clone(), b.clone()]);
+        assert_eq!((got.len(), got[&11].pid), (2, me));
         assert!(
-            Arc::ptr_eq(c.get(1).unwrap(), c.get(wide).unwrap()),
-            "one Arc per owner"
+            Arc::ptr_eq(&got[&11], &got[&12]),
+            "one Arc per owner found at once"
         );
-        assert!(!c.contains(4));
-        // An owner whose every socket has gone is dropped, and its slot reused.
-        c.retain(|i| i != 3);
-        assert_eq!((c.get(3).is_none(), c.free.as_slice()), (true, &[b][..]));
-        let d = c.slot(owner(30));
-        assert_eq!(d, b);
-        c.release_if_unused(d);
-        assert_eq!(c.free, vec![b], "a slot given no socket goes back");
-        c.retain(|i| i == 1);
-        assert_eq!(c.get(1).map(|o| o.pid), Some(10));
-        assert_eq!(c.get(wide), None);
-        c.retain(|_| false);
-        assert!(c.owners.iter().all(Option::is_none));
+        assert!(r.take_found(&[a.clone()]).is_empty(), "handed out once");
+        assert_eq!(
+            r.owner(wide).map(|o| o.pid),
+            Some(me),
+            "a wide inode, not handed out yet"
+        );
+        // Found but never handed out (its read was dropped): looked up again.
+        r.drop_untaken();
+        assert_eq!(r.known(), 2);
+        let before = looked.get();
+        assert!(!r.resolve_likely(&[&a, &b], &hints, &mut held));
+        assert_eq!(looked.get(), before, "known sockets are not looked up");
+        // The state owner says 11's flow has no owner: found and handed out again.
+        r.forget(&[11]);
+        assert!(!r.resolve_likely(&[&a, &b, &w], &hints, &mut held));
+        let again = r.take_found(&[a.clone(), b.clone(), w.clone()]);
+        let mut inodes: Vec<u64> = again.keys().copied().collect();
+        inodes.sort_unstable();
+        assert_eq!(inodes, vec![11, wide]);
+        // A complete read without 11 and the wide one forgets them.
+        r.prune(&[&b]);
+        assert_eq!(r.known(), 1);
     }
 
     #[test]

@@ -59,7 +59,17 @@ pub struct FlowTable {
     marks: Marks,
     /// `calm_until` as last computed, until a flow changes.
     calm: Option<(u64, Option<Nanos>)>,
+    /// Inodes of flows a complete read left with no owner though older than `UNOWNED_AFTER`,
+    /// for the snapshot thread to look up again (`take_unowned`), at most `UNOWNED_MAX`.
+    unowned: Vec<u64>,
 }
+
+/// A flow still without an owner this long after it was first seen is reported (`unowned`): the
+/// snapshot thread hands each owner out once, and one that found no flow (a socket first read in
+/// a state that is not tracked, a namespace out of scope for a while) is looked up again. Newer
+/// flows are still being looked up (accept() pending, the next read).
+const UNOWNED_AFTER: Nanos = 10_000_000_000;
+pub const UNOWNED_MAX: usize = 1024;
 
 /// Changes kept for the ledger between two counts, at most (beyond: one recount).
 const LEDGER_CHANGES_MAX: usize = 262_144;
@@ -411,7 +421,13 @@ impl FlowTable {
         created && flow.owner.is_none()
     }
 
-    /// Merges a snapshot of one namespace. `owners` maps socket inode -> owner.
+    /// The inodes of flows left with no owner by the complete reads since the last call.
+    pub fn take_unowned(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.unowned)
+    }
+
+    /// Merges a snapshot of one namespace. `owners` maps socket inode -> owner, for the sockets
+    /// whose owner was found since they were last read (a flow keeps its owner).
     pub fn apply_snapshot(&mut self, snap: &Snapshot, owners: &HashMap<u64, Arc<Owner>>) {
         let at = snap.finished;
         if snap.coverage != Coverage::Targeted {
@@ -514,6 +530,13 @@ impl FlowTable {
                 // The owner says who holds it: the hint from connect() is no longer needed (a
                 // box and a string per connecting flow, about 80 bytes).
                 flow.set_pid_hint(None);
+            } else if flow.owner.is_none()
+                && s.inode != 0
+                && snap.coverage == Coverage::Complete
+                && at.saturating_sub(flow.first_seen) >= UNOWNED_AFTER
+                && self.unowned.len() < UNOWNED_MAX
+            {
+                self.unowned.push(s.inode);
             }
             flow.last_seen = flow.last_seen.max(at);
             // A flow exactly as its last sample foretold (idle for the time between, nothing

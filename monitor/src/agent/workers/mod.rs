@@ -122,6 +122,9 @@ pub enum WorkerMsg {
         hints: Vec<(u64, u32)>,
         read: bool,
     },
+    /// Sockets whose flows a complete read left with no owner (`FlowTable::take_unowned`): the
+    /// snapshot thread looks their owners up again (it hands each owner out once).
+    Unowned(Vec<u64>),
     /// An event came from a namespace the agent does not know yet: look for namespaces now.
     Discover,
     /// Apply or read keepalive on live sockets (in the kernel, or through pidfds).

@@ -402,13 +402,10 @@ fn refresh_facts(spaces: &mut [NsEntry]) {
     }
 }
 
-/// A read for the state owner, with the owners known of its sockets.
-fn snapshot_msg(snap: Snapshot, resolver: &OwnerResolver, first_of_round: bool) -> Msg {
-    let owners = snap
-        .socks
-        .iter()
-        .filter_map(|s| Some((s.inode, resolver.owner(s.inode)?.clone())))
-        .collect();
+/// A read for the state owner, with the owners found since the last of its sockets (the state
+/// owner keeps each on its flow).
+fn snapshot_msg(snap: Snapshot, resolver: &mut OwnerResolver, first_of_round: bool) -> Msg {
+    let owners = resolver.take_found(&snap.socks);
     Msg::Snapshot {
         snap,
         owners,
@@ -624,10 +621,14 @@ pub fn snapshot_worker(
                 .count();
             let sent = !snaps.is_empty();
             for (i, snap) in snaps.into_iter().enumerate() {
-                if tx.blocking_send(snapshot_msg(snap, &resolver, i == 0)).is_err() {
+                if tx
+                    .blocking_send(snapshot_msg(snap, &mut resolver, i == 0))
+                    .is_err()
+                {
                     return;
                 }
             }
+            resolver.drop_untaken();
             // Periodic reads are paced by what a round costs: reading every table, the owners'
             // bookkeeping and the messages here, and the state owner's merge of the last round
             // (poll mode at 200k sockets: the merge and the bookkeeping cost about half as much
@@ -764,10 +765,14 @@ pub fn snapshot_worker(
                             && s.tcp.as_ref().is_none_or(|t| t.keepalive != Some(false))
                     });
                     for snap in snaps {
-                        if tx.blocking_send(snapshot_msg(snap, &resolver, false)).is_err() {
+                        if tx
+                            .blocking_send(snapshot_msg(snap, &mut resolver, false))
+                            .is_err()
+                        {
                             return;
                         }
                     }
+                    resolver.drop_untaken();
                 }
                 if soon || sample {
                     let next = if soon {
@@ -780,6 +785,7 @@ pub fn snapshot_worker(
                     asked = true;
                 }
             }
+            Ok(WorkerMsg::Unowned(inodes)) => resolver.forget(&inodes),
             Ok(WorkerMsg::Discover) => discover_asked = true,
             Ok(WorkerMsg::HeldSoon) => {
                 let soon = Instant::now() + HELD_AFTER_DEATH;

@@ -722,3 +722,46 @@ fn a_quiet_flow_moved_by_a_close_still_falls_due() {
     t.set_quiet(&[(3, 30 * S, true)]);
     assert!(t.to_judge(25 * S).is_empty(), "its stale entries wake nothing");
 }
+
+#[test]
+fn a_flow_keeps_its_owner_and_one_long_without_is_reported_for_a_lookup() {
+    let mut t = FlowTable::default();
+    let owner = std::sync::Arc::new(Owner {
+        pid: 3,
+        comm: "sshd".into(),
+        cgroup: None,
+        unit: None,
+    });
+    let owners: HashMap<u64, _> = [(50u64, owner.clone())].into_iter().collect();
+    let socks = |at| {
+        snap(
+            at,
+            at,
+            vec![
+                sock(7, tcp_state::ESTABLISHED, 50),
+                sock(8, tcp_state::ESTABLISHED, 51),
+            ],
+        )
+    };
+    t.apply_snapshot(&socks(S), &owners);
+    assert!(
+        t.take_unowned().is_empty(),
+        "flow 8 is young: its owner may still come"
+    );
+    // Later reads carry no owners (each is handed out once): flow 7 keeps its own.
+    t.apply_snapshot(&socks(12 * S), &HashMap::new());
+    assert_eq!(t.get(7).and_then(|f| f.owner.as_ref()).map(|o| o.pid), Some(3));
+    assert_eq!(t.take_unowned(), vec![51], "flow 8, 11 s without an owner");
+    assert!(t.take_unowned().is_empty(), "taken");
+    // A filtered read is not a census of owners.
+    let filtered = Snapshot {
+        coverage: Coverage::Filtered { idle_ms: 100 },
+        ..socks(13 * S)
+    };
+    t.apply_snapshot(&filtered, &HashMap::new());
+    assert!(t.take_unowned().is_empty());
+    let late: HashMap<u64, _> = [(51u64, owner)].into_iter().collect();
+    t.apply_snapshot(&socks(14 * S), &late);
+    assert!(t.take_unowned().is_empty(), "found");
+    assert_eq!(t.get(8).and_then(|f| f.owner.as_ref()).map(|o| o.pid), Some(3));
+}
