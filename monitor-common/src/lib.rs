@@ -255,8 +255,6 @@ pub struct KernelOffsets {
     pub sk_timer_expires: u32,
     /// `sk_timer.entry.pprev` (non-null while pending)
     pub sk_timer_pprev: u32,
-    /// `struct socket_alloc`: offset of `vfs_inode.i_ino` minus offset of `socket`
-    pub socket_to_ino: u32,
     pub icsk_retransmits: u32,
     pub icsk_pending: u32,
     pub icsk_backoff: u32,
@@ -271,6 +269,8 @@ pub struct KernelOffsets {
     pub tp_keepalive_time: u32,
     pub tp_keepalive_intvl: u32,
     pub tp_keepalive_probes: u32,
+    /// `struct socket_alloc`: offset of `vfs_inode.i_ino` minus offset of `socket`
+    pub socket_to_ino: u32,
     /// `struct socket` -> `sk`.
     pub socket_sk: u32,
     /// `struct task_struct` fields (from the start of task_struct).
@@ -282,13 +282,11 @@ pub struct KernelOffsets {
     pub file_f_inode: u32,
     pub inode_i_mode: u32,
     pub inode_i_ino: u32,
-    /// `struct file` -> `private_data` (the `struct socket *` of a socket file).
-    pub file_private_data: u32,
     /// `tcp_sock.bpf_sock_ops_cb_flags` (a u8).
     pub tp_cb_flags: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
 
 impl KernelOffsets {
     /// All fields unresolved; the programs refuse to run with this.
@@ -309,7 +307,6 @@ impl KernelOffsets {
         sk_protocol: u32::MAX,
         sk_timer_expires: u32::MAX,
         sk_timer_pprev: u32::MAX,
-        socket_to_ino: u32::MAX,
         icsk_retransmits: u32::MAX,
         icsk_pending: u32::MAX,
         icsk_backoff: u32::MAX,
@@ -325,6 +322,7 @@ impl KernelOffsets {
         tp_keepalive_intvl: u32::MAX,
         tp_keepalive_probes: u32::MAX,
         socket_sk: 0,
+        socket_to_ino: u32::MAX,
         task_pid: u32::MAX,
         task_tgid: u32::MAX,
         task_real_parent: u32::MAX,
@@ -332,7 +330,6 @@ impl KernelOffsets {
         file_f_inode: u32::MAX,
         inode_i_mode: u32::MAX,
         inode_i_ino: u32::MAX,
-        file_private_data: 0,
         tp_cb_flags: u32::MAX,
     };
 }

@@ -240,8 +240,6 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     let tp = |m: &str| btf.offset("tcp_sock", m);
     let timer_expires = btf.offset("timer_list", "expires")?;
     let timer_pprev = btf.offset("timer_list", "entry.pprev")?;
-    let socket_to_ino = btf.offset("socket_alloc", "vfs_inode")? + btf.offset("inode", "i_ino")?
-        - btf.offset("socket_alloc", "socket")?;
     Ok(KernelOffsets {
         skc_daddr: sc("skc_daddr")?,
         skc_rcv_saddr: sc("skc_rcv_saddr")?,
@@ -259,7 +257,6 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sk_protocol: sk("sk_protocol")?,
         sk_timer_expires: sk("sk_timer")? + timer_expires,
         sk_timer_pprev: sk("sk_timer")? + timer_pprev,
-        socket_to_ino,
         icsk_retransmits: ic("icsk_retransmits")?,
         icsk_pending: ic("icsk_pending")?,
         icsk_backoff: ic("icsk_backoff")?,
@@ -275,6 +272,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         tp_keepalive_intvl: tp("keepalive_intvl")?,
         tp_keepalive_probes: tp("keepalive_probes")?,
         socket_sk: btf.offset("socket", "sk")?,
+        socket_to_ino: btf.offset("socket_alloc", "vfs_inode")? + btf.offset("inode", "i_ino")?
+            - btf.offset("socket_alloc", "socket")?,
         task_pid: btf.offset("task_struct", "pid")?,
         task_tgid: btf.offset("task_struct", "tgid")?,
         task_real_parent: btf.offset("task_struct", "real_parent")?,
@@ -282,7 +281,6 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         file_f_inode: btf.offset("file", "f_inode")?,
         inode_i_mode: btf.offset("inode", "i_mode")?,
         inode_i_ino: btf.offset("inode", "i_ino")?,
-        file_private_data: btf.offset("file", "private_data")?,
         // Optional: without it the probe watch is unavailable, nothing else.
         tp_cb_flags: tp("bpf_sock_ops_cb_flags").unwrap_or(u32::MAX),
     })

@@ -188,9 +188,14 @@ impl OwnerResolver {
 
     /// Owners found but handed out with no read (none, unless a read was dropped): their
     /// sockets are looked up again.
+    /// Called after each read's messages: also gives back the room of a large batch (the first
+    /// read at 200k sockets finds 200k owners: kept, the empty map held 6 MB).
     pub fn drop_untaken(&mut self) {
         for (i, _) in self.found.drain() {
             self.known.remove(i);
+        }
+        if self.found.capacity() > 1024 {
+            self.found = HashMap::new();
         }
     }
 
