@@ -456,7 +456,10 @@ mod tests {
             Arc::ptr_eq(&got[&11], &got[&12]),
             "one Arc per owner found at once"
         );
-        assert!(r.take_found(&[a.clone()]).is_empty(), "handed out once");
+        assert!(
+            r.take_found(std::slice::from_ref(&a)).is_empty(),
+            "handed out once"
+        );
         assert_eq!(
             r.owner(wide).map(|o| o.pid),
             Some(me),
