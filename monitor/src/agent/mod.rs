@@ -205,8 +205,15 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
         cgroups: cgroup_dirs,
         connect_values: policy.pacing.connect_values,
     };
-    let chosen = mode::select(cfg.agent.mode, &load_opts)?;
-    // Loading parsed the kernel's BTF (megabytes, now freed): give the pages back.
+    // Loading parses the kernel's BTF three times (offsets, aya's loader, program loads): 27 MB
+    // at its peak, in many small blocks. Done on a thread of its own, that garbage lies in that
+    // thread's arena, not among the main heap's long-lived blocks, and trimming gives it back.
+    let mode = cfg.agent.mode;
+    let chosen = std::thread::scope(|s| {
+        s.spawn(|| mode::select(mode, &load_opts))
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })?;
     sys::trim_heap();
     let ebpf_mode = chosen.loaded.is_some();
     // The policy of the mode that runs (auto may have fallen back to poll).
