@@ -17,6 +17,28 @@ use crate::model::observe::DeadFd;
 /// Descriptors duplicated per call at most (each costs a pidfd_getfd and two getsockopt).
 const MAX_CONFIRM: usize = 256;
 
+/// Every socket inode the latest complete tables listed, sorted (looked up by binary search):
+/// 8 bytes a socket, kept between reads. A hash set of them was poll mode's largest per-socket
+/// cost after the flow table (2^21 buckets of 9 bytes at 1M sockets): an agent in poll mode
+/// tracking 1M sockets, 40 s after tracking, VmRSS 219,952 -> 210,004 KiB (one run each).
+#[derive(Default)]
+pub struct LiveInodes(Vec<u64>);
+
+impl LiveInodes {
+    /// The non-zero inodes of `inodes` (`hint`: how many there may be).
+    pub fn new(inodes: impl Iterator<Item = u64>, hint: usize) -> Self {
+        let mut v = Vec::with_capacity(hint);
+        v.extend(inodes.filter(|&i| i != 0));
+        v.sort_unstable();
+        v.dedup();
+        LiveInodes(v)
+    }
+
+    pub fn contains(&self, inode: u64) -> bool {
+        self.0.binary_search(&inode).is_ok()
+    }
+}
+
 #[derive(Default)]
 pub struct HeldProbe {
     /// (pid, inode) -> dead (Some) or not a TCP socket (None): settled answers.
@@ -26,13 +48,13 @@ pub struct HeldProbe {
 impl HeldProbe {
     /// The dead TCP sockets `pids` hold: their socket descriptors whose inode is not in `live`
     /// (every inode the latest complete tables listed), confirmed one by one.
-    pub fn check(&mut self, pids: &[u32], live: &foldhash::HashSet<u64>) -> Vec<DeadFd> {
+    pub fn check(&mut self, pids: &[u32], live: &LiveInodes) -> Vec<DeadFd> {
         let mut out = Vec::new();
         let mut budget = MAX_CONFIRM;
         let mut seen: HashSet<(u32, u64)> = HashSet::new();
         for &pid in pids {
             for (fd, inode) in procfs::socket_fds(pid) {
-                if live.contains(&inode) {
+                if live.contains(inode) {
                     continue;
                 }
                 let key = (pid, inode);
@@ -108,13 +130,15 @@ mod tests {
         };
         let unix = std::os::unix::net::UnixStream::pair().unwrap();
         // Everything but these sockets is "in a table" for this check.
-        let all: foldhash::HashSet<u64> = procfs::socket_fds(std::process::id())
+        let others: Vec<u64> = procfs::socket_fds(std::process::id())
             .into_iter()
             .map(|(_, i)| i)
             .filter(|&i| i != inode(&dead) && i != inode(&live))
             .collect();
-        let mut live_set = all.clone();
-        live_set.insert(inode(&live));
+        let all = LiveInodes::new(others.iter().copied(), others.len());
+        let live_set = LiveInodes::new(others.iter().copied().chain([inode(&live), 0]), 0);
+        assert!(live_set.contains(inode(&live)) && !live_set.contains(0));
+        assert!(others.iter().all(|&i| all.contains(i)) && !all.contains(inode(&dead)));
         let mut probe = HeldProbe::default();
         let found = probe.check(&[std::process::id()], &live_set);
         assert_eq!(found.len(), 1, "{found:?}");

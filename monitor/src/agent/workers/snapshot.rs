@@ -458,7 +458,7 @@ pub fn snapshot_worker(
     let mut held_probe = crate::kernel::held::HeldProbe::default();
     let mut held_pids: Vec<u32> = Vec::new();
     let mut held_due: Option<Instant> = Some(Instant::now() + HELD_AFTER_DEATH);
-    let mut live_inodes: HashSet<u64> = HashSet::new();
+    let mut live_inodes = crate::kernel::held::LiveInodes::default();
     let mut discovered: Option<Instant> = None;
     let mut discover_asked = false;
     let ebpf = matches!(source, Source::Ebpf(_));
@@ -575,7 +575,8 @@ pub fn snapshot_worker(
             let all_socks: Vec<&crate::model::observe::SockSample> =
                 snaps.iter().flat_map(|s| s.socks.iter()).collect();
             if full && !ebpf {
-                live_inodes = all_socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
+                live_inodes =
+                    crate::kernel::held::LiveInodes::new(all_socks.iter().map(|s| s.inode), all_socks.len());
             }
             if full && !snaps.is_empty() {
                 last_full = Some(now);
