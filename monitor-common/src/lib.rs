@@ -186,7 +186,7 @@ pub struct SnapRecord {
     pub flags: u8,
 }
 
-/// One socket file held by a process, from the `owners_task_file` iterator. 16 bytes.
+/// One socket file held by a process, from the `owners_task_file` iterator. 24 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OwnerRecord {

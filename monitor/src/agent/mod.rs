@@ -251,7 +251,7 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
     let source = match chosen.loaded {
         Some((l, events)) => {
             tasks.push(workers::spawn_pump(events, tx.clone(), stop_rx.clone()));
-            workers::Source::Ebpf(l)
+            workers::Source::Ebpf(Box::new(l))
         }
         None => workers::Source::Poll,
     };

@@ -166,7 +166,8 @@ pub struct NsEntry {
 }
 
 pub enum Source {
-    Ebpf(ebpf::Loaded),
+    // Boxed: the loaded programs are far larger than the other variant.
+    Ebpf(Box<ebpf::Loaded>),
     Poll,
 }
 
@@ -252,7 +253,7 @@ impl Source {
                 continue;
             };
             let loaded = match self {
-                Source::Ebpf(l) => Some(l),
+                Source::Ebpf(l) => Some(&mut **l),
                 Source::Poll => None,
             };
             match tables::read_of(loaded, &ids, &h) {
@@ -653,16 +654,16 @@ pub fn snapshot_worker(
         if held_due.is_some_and(|t| Instant::now() >= t) {
             let walk_started = Instant::now();
             let (found, scope) = match &mut source {
-                Source::Ebpf(l) => match l.socket_files() {
-                    Ok(files) => (
-                        files.iter().filter_map(crate::kernel::decode::dead_fd).collect(),
-                        Some(crate::track::held::HeldScope::Host),
-                    ),
-                    Err(e) => {
-                        tracing::warn!("the socket-file iterator failed: {e}");
-                        (Vec::new(), None)
+                Source::Ebpf(l) => {
+                    let mut dead = Vec::new();
+                    match l.each_socket_file(|f| dead.extend(crate::kernel::decode::dead_fd(&f))) {
+                        Ok(()) => (dead, Some(crate::track::held::HeldScope::Host)),
+                        Err(e) => {
+                            tracing::warn!("the socket-file iterator failed: {e}");
+                            (Vec::new(), None)
+                        }
                     }
-                },
+                }
                 Source::Poll => (
                     held_probe.check(&held_pids, &live_inodes),
                     Some(crate::track::held::HeldScope::Pids(held_pids.clone())),

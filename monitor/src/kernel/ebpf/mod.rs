@@ -108,6 +108,8 @@ pub struct Loaded {
     /// The per-process task_file iterator failed (an older kernel; the log says why): /proc
     /// is read instead.
     pub pid_iter_failed: bool,
+    /// Sockets of each namespace's last complete read (`iter::SIZE_HINTS` at most).
+    size_hints: foldhash::HashMap<crate::model::observe::NetnsId, usize>,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -252,6 +254,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Loaded, Events), EbpfError> {
         watch: watch::WatchState::default(),
         seen_mark_ms: None,
         pid_iter_failed: false,
+        size_hints: Default::default(),
     };
     let watch = loaded.setup_watch(&btf);
     if let Err(e) = &watch {

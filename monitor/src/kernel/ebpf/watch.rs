@@ -134,12 +134,17 @@ impl Loaded {
         if !on.is_empty() {
             self.attach_answers()?;
         }
-        let buf = self.run_iter("probe_select", Some(ns))?;
-        let rec = std::mem::size_of::<WatchFlagRecord>();
-        let census: Vec<WatchFlagRecord> = buf
-            .chunks_exact(rec)
-            .filter_map(|c| decode::watch_flag(c).ok())
-            .collect();
+        let mut census: Vec<WatchFlagRecord> = Vec::new();
+        self.run_iter(
+            "probe_select",
+            Some(ns),
+            std::mem::size_of::<WatchFlagRecord>(),
+            |r| {
+                if let Ok(f) = decode::watch_flag(r) {
+                    census.push(f);
+                }
+            },
+        )?;
         let mut rep = WatchReport {
             netns: ns.id,
             flagged: census.len(),
