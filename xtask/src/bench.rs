@@ -265,9 +265,14 @@ fn load(tools: &Path, conns: usize) -> Result<Vec<Held>> {
 /// count of every flow are behind it.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// RSS samples over a window: one every this long.
+const RSS_EVERY: Duration = Duration::from_secs(5);
+
 /// CPU % of one core over `window` from now, the reads (all, complete) the agent made in it,
-/// and the flows its eviction forecast judged in it (what woke: changes and judgements due).
-fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64, u64) {
+/// the flows its eviction forecast judged in it (what woke: changes and judgements due), and
+/// the agent's RSS sampled every `RSS_EVERY` through it (a complete read's buffers live for
+/// the read: one sample at a fixed time after tracking could fall on it or not).
+fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64, u64, Vec<u64>) {
     let reads = |a: &Agent| {
         a.status().map_or((0, 0, 0), |s| {
             (
@@ -280,7 +285,11 @@ fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64, u64) {
     let (r0, f0, j0) = reads(a);
     let (c0, _) = a.usage();
     let t0 = Instant::now();
-    std::thread::sleep(window);
+    let mut rss = Vec::new();
+    while t0.elapsed() < window {
+        std::thread::sleep(RSS_EVERY.min(window.saturating_sub(t0.elapsed())));
+        rss.push(a.usage().1);
+    }
     let (c1, _) = a.usage();
     let (r1, f1, j1) = reads(a);
     (
@@ -288,6 +297,7 @@ fn cpu_window(a: &Agent, window: Duration) -> (f64, u64, u64, u64) {
         r1.saturating_sub(r0),
         f1.saturating_sub(f0),
         j1.saturating_sub(j0),
+        rss,
     )
 }
 
@@ -309,20 +319,29 @@ fn steady(
     })?;
     let tracked = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    let (cpu, _, _, _) = cpu_window(&a, window);
+    let (cpu, _, _, _, _) = cpu_window(&a, window);
     std::thread::sleep(SETTLE.saturating_sub(tracked.elapsed()));
-    let (settled_cpu, settled_reads, settled_complete, settled_judged) = cpu_window(&a, settled);
-    let (_, rss) = a.usage();
+    let (settled_cpu, settled_reads, settled_complete, settled_judged, mut samples) = cpu_window(&a, settled);
+    samples.sort_unstable();
+    // The settled agent's size: the median of the window's samples; its peak: the largest.
+    let rss = samples
+        .get(samples.len() / 2)
+        .copied()
+        .unwrap_or_else(|| a.usage().1);
+    let peak = samples.last().copied().unwrap_or(rss);
     let flows = a.status().and_then(|s| s["flows"].as_u64()).unwrap_or(0);
-    let per_flow = if flows > 0 {
-        rss.saturating_sub(base_rss) as f64 / flows as f64
-    } else {
-        0.0
+    let per = |bytes: u64| {
+        if flows > 0 {
+            bytes.saturating_sub(base_rss) as f64 / flows as f64
+        } else {
+            0.0
+        }
     };
+    let (per_flow, peak_per_flow) = (per(rss), per(peak));
     let fresh = selected_flows(&a, tools, sockets)?;
     let trickle = trickle(&a, tools)?;
     Ok(
-        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "window_s": window.as_secs(),
+        json!({ "mode": mode, "flows": flows, "cpu_pct": cpu, "rss_bytes": rss, "bytes_per_flow": per_flow, "peak_rss_bytes": peak, "peak_bytes_per_flow": peak_per_flow, "rss_samples": samples.len(), "window_s": window.as_secs(),
             "settled": { "cpu_pct": settled_cpu, "window_s": settled.as_secs(), "from_s": SETTLE.as_secs(), "reads": settled_reads, "complete_reads": settled_complete, "judged": settled_judged },
             "flows_1k": fresh, "trickle": trickle }),
     )
@@ -707,6 +726,8 @@ fn compared_figures(r: &Value) -> Vec<(String, String, bool)> {
                 ("flows for 1k, eBPF", "steady_ebpf/flows_1k/fresh_best_s", true),
                 ("flows for 1k, poll", "steady_poll/flows_1k/fresh_best_s", true),
                 ("poll B/flow", "steady_poll/bytes_per_flow", true),
+                ("eBPF peak B/flow", "steady_ebpf/peak_bytes_per_flow", true),
+                ("poll peak B/flow", "steady_poll/peak_bytes_per_flow", true),
                 ("new connections CPU %, eBPF", "steady_ebpf/trickle/cpu_pct", true),
                 ("new connections CPU %, poll", "steady_poll/trickle/cpu_pct", true),
             ] {
@@ -1062,6 +1083,26 @@ fn print_table(rows: &[Vec<String>], r: &Value) {
                 x["reads"],
                 x["complete_reads"],
                 x["judged"],
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "B/flow: (median RSS of the settled window, sampled every {} s, - RSS with no flows) / flows; its peak sample:",
+        RSS_EVERY.as_secs()
+    );
+    for sz in r["sizes"].as_array().into_iter().flatten() {
+        for m in ["ebpf", "poll"] {
+            let x = &sz[format!("steady_{m}").as_str()];
+            let _ = writeln!(
+                out,
+                "  {:>7} sockets {m:4}: {:.0} B/flow ({} KiB), peak {:.0} B/flow ({} KiB), {} samples",
+                sz["sockets"],
+                x["bytes_per_flow"].as_f64().unwrap_or(0.0),
+                x["rss_bytes"].as_u64().unwrap_or(0) / 1024,
+                x["peak_bytes_per_flow"].as_f64().unwrap_or(0.0),
+                x["peak_rss_bytes"].as_u64().unwrap_or(0) / 1024,
+                x["rss_samples"],
             );
         }
     }
