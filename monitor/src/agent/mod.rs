@@ -144,11 +144,19 @@ fn load_paths(cfg: &Config) -> crate::track::paths::PathBook {
             if !b.is_empty() {
                 info!(paths = b.len(), file = %file.display(), "path evidence loaded");
             }
+            if b.dropped() > 0 {
+                warn!(
+                    dropped = b.dropped(),
+                    file = %file.display(),
+                    "{} path(s) in the state file held values no flow could produce (an idle under 2 s or over 30 days); they were left out",
+                    b.dropped()
+                );
+            }
             b
         }
         Err(e) => {
             let aside = file.with_extension("json.bad");
-            let moved = std::fs::rename(file, &aside).is_ok();
+            let moved = e.content && std::fs::rename(file, &aside).is_ok();
             warn!(
                 "{e}{}",
                 if moved {
@@ -173,7 +181,10 @@ pub fn run(cfg: Config, config_desc: String, config_path: Option<PathBuf>) -> an
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(run_async(cfg, config_desc, config_path))
+    let r = rt.block_on(run_async(cfg, config_desc, config_path));
+    // Nothing left on the runtime (a client's connection, a D-Bus call) may hold up the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    r
 }
 
 async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf>) -> anyhow::Result<()> {

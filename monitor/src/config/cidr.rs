@@ -26,6 +26,12 @@ impl FromStr for Cidr {
         if len > max {
             return Err(format!("`{s}`: prefix length {len} is longer than {max}"));
         }
+        let net = Cidr { addr, len }.network();
+        if net != addr {
+            return Err(format!(
+                "`{s}` has host bits set: write the network, {net}/{len}, or one host, {addr}/{max}"
+            ));
+        }
         Ok(Cidr { addr, len })
     }
 }
@@ -50,6 +56,20 @@ impl serde::Serialize for Cidr {
 }
 
 impl Cidr {
+    /// The prefix's address with the host bits cleared.
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(n) => {
+                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+                IpAddr::V4((u32::from(n) & mask).into())
+            }
+            IpAddr::V6(n) => {
+                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - self.len) };
+                IpAddr::V6((u128::from(n) & mask).into())
+            }
+        }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -98,5 +118,9 @@ mod tests {
         assert!(all.contains("203.0.113.9".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nope/8".parse::<Cidr>().is_err());
+        let e = "10.0.0.1/8".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("host bits") && e.contains("10.0.0.0/8") && e.contains("10.0.0.1/32"), "{e}");
+        assert!("2001:db8::1/32".parse::<Cidr>().is_err());
+        assert!("2001:db8::1/128".parse::<Cidr>().is_ok());
     }
 }

@@ -5,6 +5,7 @@ pub mod cidr;
 mod parse;
 pub mod policy;
 pub mod profiles;
+pub mod trust;
 mod validate;
 
 use std::path::PathBuf;

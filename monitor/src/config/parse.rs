@@ -1,9 +1,9 @@
 //! Reading and validating a configuration file. Every error names the file, the line, the key
 //! and what was expected; nothing in a file can panic the agent or make it spin.
-use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use super::Config;
+use super::{Config, trust};
 
 /// A configuration file larger than this is refused (the documented example is 4 KiB).
 const MAX_FILE: u64 = 1 << 20;
@@ -12,6 +12,8 @@ const MAX_FILE: u64 = 1 << 20;
 pub enum ConfigError {
     #[error("cannot read config {path}: {reason}")]
     Read { path: String, reason: String },
+    #[error("refusing config {path}: {reason}")]
+    Untrusted { path: String, reason: String },
     #[error("{path}:{line}: key `{key}`: {message}")]
     Invalid {
         path: String,
@@ -116,35 +118,108 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Loads `path`; when `path` is the default and does not exist, the defaults apply.
+    /// Loads `path`; when `path` is the default and does not exist, the defaults apply. Root acts
+    /// on what the file says, so the file and every directory above it must be root's and
+    /// writable by nobody else, and so must every program it names for root to run (see
+    /// `trust`); the file is opened without blocking and must be a regular file.
     pub fn load(path: &Path, explicit: bool) -> Result<(Self, bool), ConfigError> {
         let shown = path.display().to_string();
         let err = |reason: String| ConfigError::Read {
             path: shown.clone(),
             reason,
         };
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                return Ok((Self::default(), false));
+        let file = match trust::open_regular(path, MAX_FILE, false) {
+            Ok((f, _)) => f,
+            Err(trust::OpenError::NotFound) if !explicit => return Ok((Self::default(), false)),
+            Err(trust::OpenError::NotFound) => return Err(err("No such file or directory (os error 2)".into())),
+            Err(trust::OpenError::Refused(r)) if r.contains("bytes, more than") => {
+                return Err(err(format!(
+                    "larger than {} KiB; this is not a holdfast configuration",
+                    MAX_FILE >> 10
+                )));
             }
-            Err(e) => return Err(err(e.to_string())),
+            Err(trust::OpenError::Refused(r)) => return Err(err(r)),
         };
-        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(err("not a regular file".into()));
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+        };
+        trust::check_chain(&path).map_err(|u| ConfigError::Untrusted {
+            path: shown.clone(),
+            reason: u.to_string(),
+        })?;
+        let text = trust::read_capped(file, MAX_FILE).map_err(|e| {
+            if e.starts_with("larger") {
+                err(format!(
+                    "larger than {} KiB; this is not a holdfast configuration",
+                    MAX_FILE >> 10
+                ))
+            } else {
+                err(e)
+            }
+        })?;
+        let cfg = Self::parse(&text, &shown)?;
+        cfg.check_host(&text, &shown)?;
+        Ok((cfg, true))
+    }
+
+    /// What a valid file names on this host: programs root would run, and paths the agent
+    /// would create or replace.
+    fn check_host(&self, text: &str, shown: &str) -> Result<(), ConfigError> {
+        let invalid = |table: &'static str, index: Option<usize>, key: &'static str, message: String| {
+            let dotted = match index {
+                Some(i) => format!("{table}[{i}].{key}"),
+                None => format!("{table}.{key}"),
+            };
+            ConfigError::Invalid {
+                path: shown.into(),
+                line: locate(text, table, index, key),
+                key: dotted,
+                message,
+            }
+        };
+        for (i, sv) in self.services.iter().enumerate() {
+            if let Some(prog) = sv.restart_command.as_ref().and_then(|c| c.first()) {
+                trust::check_executable(Path::new(prog)).map_err(|u| {
+                    invalid(
+                        "services",
+                        Some(i),
+                        "restart_command",
+                        format!("root would run this program, refused: {u}"),
+                    )
+                })?;
+            }
         }
-        let mut text = String::new();
-        file.take(MAX_FILE + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| err(format!("{e} (expected UTF-8 TOML)")))?;
-        if text.len() as u64 > MAX_FILE {
-            return Err(err(format!(
-                "larger than {} KiB; this is not a holdfast configuration",
-                MAX_FILE >> 10
-            )));
+        if let Ok(m) = std::fs::symlink_metadata(&self.agent.socket)
+            && !m.file_type().is_socket()
+        {
+            return Err(invalid(
+                "agent",
+                None,
+                "socket",
+                format!(
+                    "{} exists and is {}: the agent would have to replace it; give a path of its own (e.g. /run/holdfast/holdfast.sock)",
+                    self.agent.socket.display(),
+                    trust::type_name(&m)
+                ),
+            ));
         }
-        Ok((Self::parse(&text, &shown)?, true))
+        if let Ok(m) = std::fs::symlink_metadata(&self.learning.state_file)
+            && !m.is_file()
+        {
+            return Err(invalid(
+                "learning",
+                None,
+                "state_file",
+                format!(
+                    "{} is {}; give the file's path, e.g. /var/lib/holdfast/learned-paths.json",
+                    self.learning.state_file.display(),
+                    trust::type_name(&m)
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -257,6 +257,23 @@ impl Config {
             ));
         }
         for (i, r) in self.rules.iter().enumerate() {
+            if r.cidr.is_none()
+                && r.port.is_none()
+                && r.comm.is_none()
+                && r.unit.is_none()
+                && r.cgroup.is_none()
+                && r.netns.is_none()
+            {
+                return Err(bad(
+                    "rules",
+                    Some(i),
+                    "",
+                    "a rule needs at least one match key (cidr, port, comm, unit, cgroup, netns); to change what applies to every flow set eviction.default_profile",
+                ));
+            }
+            if r.port == Some(0) {
+                return Err(bad("rules", Some(i), "port", "expected a port from 1 to 65535"));
+            }
             match (&r.profile, r.timeout) {
                 (Some(_), Some(_)) => {
                     return Err(bad(
@@ -319,6 +336,9 @@ impl Config {
                     "name",
                     format!("service `{}` is defined twice", sv.name),
                 ));
+            }
+            if sv.port == Some(0) {
+                return Err(bad("services", Some(i), "port", "expected a port from 1 to 65535"));
             }
             if sv.max_sessions == Some(0) {
                 return Err(bad("services", Some(i), "max_sessions", "expected at least 1"));

@@ -453,7 +453,84 @@ pub fn grant_group(path: &Path, owner_group_perm: u16, gid: u32) -> io::Result<(
     Ok(())
 }
 
-/// Opens a file for setns: the fd of a namespace file.
+/// The filesystem of namespace files (include/uapi/linux/magic.h NSFS_MAGIC).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Whether `path` (not followed if a symlink) is a namespace file: a symlink is not.
+pub fn is_nsfs(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_symlink())
+        && nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == NSFS_MAGIC)
+}
+
+/// Opens a file for setns: the fd of a namespace file. Opened without blocking (a FIFO planted
+/// in /run/netns cannot stall the caller) and refused unless it is a namespace file (nsfs).
 pub fn open_ns(path: &Path) -> io::Result<OwnedFd> {
-    std::fs::File::open(path).map(OwnedFd::from)
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    let fs = nix::sys::statfs::fstatfs(&f).map_err(io::Error::from)?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a namespace file (nsfs)", path.display()),
+        ));
+    }
+    Ok(OwnedFd::from(f))
+}
+
+/// Puts a descriptor into non-blocking mode.
+pub fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    // SAFETY: the caller owns `fd` for the duration of the call.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    let fl = OFlag::from_bits_truncate(fcntl(b, FcntlArg::F_GETFL).map_err(io::Error::from)?);
+    fcntl(b, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Waits until `fd` is readable (or hung up) or `timeout` passes.
+pub fn wait_readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    // SAFETY: the caller owns `fd` for the duration of the call.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    let mut fds = [PollFd::new(b, PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+    let _ = poll(&mut fds, ms);
+}
+
+/// SIGKILL to every process of process group `pgid` (never 0 or 1: that would be the caller's
+/// own group or init's).
+pub fn kill_group(pgid: i32) -> io::Result<()> {
+    if pgid <= 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a process group of a child"));
+    }
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL)
+        .map_err(io::Error::from)
+}
+
+/// The live (not zombie) processes of process group `pgid`, from /proc/PID/stat.
+pub fn group_members(pgid: i32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp ...: fields after the last ')'.
+        let mut f = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace();
+        let state = f.next();
+        let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
+        if pgrp == Some(pgid) && state != Some("Z") && state != Some("X") {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
 }

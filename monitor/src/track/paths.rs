@@ -24,6 +24,11 @@ pub const MAX_PATHS: usize = 4096;
 const MAX_BREAKS: usize = 16;
 /// Idles shorter than this teach nothing about middleboxes.
 pub const MIN_EVIDENCE_MS: u64 = 2_000;
+/// Idles longer than this are not evidence (no profile's timeout is longer than 30 days).
+const MAX_EVIDENCE_MS: u64 = 30 * 86_400_000;
+/// The state file is at most this large: MAX_PATHS paths of MAX_BREAKS breaks each, pretty
+/// printed, are about 4 MB.
+const MAX_FILE: u64 = 8 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PathKey {
@@ -78,6 +83,30 @@ pub enum Learned {
 }
 
 impl Evidence {
+    /// The evidence with every value a flow could have produced, or None when nothing is left.
+    fn sane(mut self) -> Option<Evidence> {
+        let ok = |ms: u64| (MIN_EVIDENCE_MS..=MAX_EVIDENCE_MS).contains(&ms);
+        self.broke_ms.retain(|&ms| ok(ms));
+        if self.broke_ms.len() > MAX_BREAKS {
+            let extra = self.broke_ms.len() - MAX_BREAKS;
+            self.broke_ms.drain(..extra);
+        }
+        if self.survived_max_ms != 0 && !ok(self.survived_max_ms) {
+            self.survived_max_ms = 0;
+            self.survived = 0;
+        }
+        if self.survived == 0 {
+            self.survived_max_ms = 0;
+        }
+        if let Some((s, b, _)) = self.discovered
+            && !(ok(s) && ok(b) && s < b)
+        {
+            self.discovered = None;
+        }
+        let empty = self.broke_ms.is_empty() && self.survived == 0 && self.discovered.is_none();
+        (!empty).then_some(self)
+    }
+
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();
         if let Some((s, b, _)) = self.discovered {
@@ -155,6 +184,23 @@ pub struct PathBook {
     paths: HashMap<PathKey, Evidence>,
     /// Changed since the last save.
     pub dirty: bool,
+    /// Entries dropped at load because their evidence made no sense.
+    dropped: usize,
+}
+
+/// Why the state file was not loaded.
+#[derive(Debug)]
+pub struct LoadError {
+    pub msg: String,
+    /// The file is ours but its content is bad (it may be moved aside); otherwise the file or
+    /// its directory is not to be touched.
+    pub content: bool,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -231,45 +277,93 @@ impl PathBook {
         self.paths.is_empty()
     }
 
-    /// Reads the book; a missing file is an empty book, a bad one an error naming it.
-    pub fn load(file: &Path) -> Result<PathBook, String> {
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PathBook::default()),
-            Err(e) => return Err(format!("{}: {e}", file.display())),
+    /// Reads the book; a missing file is an empty book, a bad one an error naming it. Root
+    /// reads it, so the file must be a regular file (never followed through a symlink, opened
+    /// without blocking) of at most MAX_FILE bytes in a directory only root can change; evidence
+    /// that no flow could have produced (an idle under MIN_EVIDENCE_MS or over MAX_EVIDENCE_MS, a
+    /// measurement that survived longer than it broke) is dropped and counted in `dropped`.
+    pub fn load(file: &Path) -> Result<PathBook, LoadError> {
+        let refused = |msg: String| LoadError { msg, content: false };
+        use crate::config::trust;
+        let (f, _) = match trust::open_regular(file, MAX_FILE, true) {
+            Ok(x) => x,
+            Err(trust::OpenError::NotFound) => return Ok(PathBook::default()),
+            Err(trust::OpenError::Refused(r)) => return Err(refused(format!("{}: {r}", file.display()))),
         };
-        let d: OnDisk = serde_json::from_str(&text).map_err(|e| {
-            format!(
+        if let Some(dir) = file.parent() {
+            trust::check_chain(dir).map_err(|u| refused(format!("the state directory is not root's alone: {u}")))?;
+        }
+        let text = trust::read_capped(f, MAX_FILE).map_err(|e| refused(format!("{}: {e}", file.display())))?;
+        let d: OnDisk = serde_json::from_str(&text).map_err(|e| LoadError {
+            msg: format!(
                 "{}: not a learned-paths file ({e}); move it away to start learning afresh",
                 file.display()
-            )
+            ),
+            content: true,
         })?;
-        let mut paths: HashMap<PathKey, Evidence> = d.paths.into_iter().collect();
+        let total = d.paths.len();
+        let mut paths: HashMap<PathKey, Evidence> =
+            d.paths.into_iter().filter_map(|(k, e)| Some((k, e.sane()?))).collect();
+        let dropped = total - paths.len();
         if paths.len() > MAX_PATHS {
             let mut v: Vec<_> = paths.into_iter().collect();
             v.sort_by_key(|(_, e)| std::cmp::Reverse(e.updated));
             v.truncate(MAX_PATHS);
             paths = v.into_iter().collect();
         }
-        for e in paths.values_mut() {
-            e.broke_ms.truncate(MAX_BREAKS);
-        }
-        Ok(PathBook { paths, dirty: false })
+        Ok(PathBook {
+            paths,
+            dirty: false,
+            dropped,
+        })
     }
 
-    /// Writes the book atomically (a temporary file renamed over the old one).
+    /// Entries of the last load whose evidence made no sense (dropped).
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
+
+    /// Writes the book atomically: a new temporary file (created exclusively, never through a
+    /// symlink) renamed over the old one, in a directory only root can change.
     pub fn save(&mut self, file: &Path) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let mut v: Vec<(PathKey, Evidence)> =
             self.paths.iter().map(|(k, e)| (k.clone(), e.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         let d = OnDisk { version: 1, paths: v };
         let text = serde_json::to_string_pretty(&d).map_err(|e| e.to_string())?;
-        if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = file
+            .parent()
+            .ok_or_else(|| format!("{}: no directory", file.display()))?;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, file).map_err(|e| format!("{}: {e}", file.display()))?;
+        crate::config::trust::check_chain(dir)
+            .map_err(|u| format!("refusing to write the learnt paths: the state directory is not root's alone: {u}"))?;
+        let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+        // A leftover of ours (a crash between create and rename) goes; nobody else can write here.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let written = f.write_all(text.as_bytes()).and_then(|_| f.sync_all());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("{}: {e}", tmp.display()));
+        }
+        std::fs::rename(&tmp, file).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("{}: {e}", file.display())
+        })?;
         self.dirty = false;
         Ok(())
     }
@@ -342,6 +436,56 @@ mod tests {
     }
 
     #[test]
+    fn the_state_file_is_never_followed_and_nonsense_is_dropped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("hf-paths-sym-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let file = dir.join("learned.json");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        // A planted temporary file name and a planted state file: neither is followed.
+        std::os::unix::fs::symlink(&victim, file.with_extension(format!("tmp.{}", std::process::id()))).unwrap();
+        let mut b = PathBook::default();
+        b.broke(key(), 25_000, 1);
+        b.save(&file).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&file).unwrap().file_type().is_symlink());
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&victim, &file).unwrap();
+        let e = PathBook::load(&file).unwrap_err().msg;
+        assert!(e.contains("is a symlink"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        // A FIFO is refused without blocking.
+        nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = PathBook::load(&file).unwrap_err().msg;
+        assert!(e.contains("FIFO"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        // Oversized: refused by its size, not read.
+        std::fs::write(&file, vec![b' '; MAX_FILE as usize + 1]).unwrap();
+        let e = PathBook::load(&file).unwrap_err().msg;
+        assert!(e.contains("bytes, more than"), "{e}");
+        // Values no flow could produce are dropped and counted; sane ones stay.
+        let bad = r#"{"version":1,"paths":[
+            [{"netns":"host","gateway":"10.0.0.1","prefix":"10.1.0.0/24"},{"broke_ms":[0],"survived_max_ms":0,"survived":0,"updated":1}],
+            [{"netns":"host","gateway":"10.0.0.1","prefix":"10.2.0.0/24"},{"broke_ms":[],"survived_max_ms":0,"survived":0,"updated":1,"discovered":[90000,1000,1]}],
+            [{"netns":"host","gateway":"10.0.0.1","prefix":"10.3.0.0/24"},{"broke_ms":[0,30000],"survived_max_ms":0,"survived":0,"updated":1}]
+        ]}"#;
+        std::fs::write(&file, bad).unwrap();
+        let b = PathBook::load(&file).unwrap();
+        assert_eq!((b.len(), b.dropped()), (1, 2));
+        let (_, e) = b.iter().next().unwrap();
+        assert_eq!(e.broke_ms, [30_000]);
+        // A state directory others can write is refused for reading and writing.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = PathBook::load(&file).unwrap_err().msg;
+        assert!(e.contains("not root's alone"), "{e}");
+        assert!(PathBook::default().save(&file).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_book_survives_a_restart_and_stays_bounded() {
         let dir = std::env::temp_dir().join(format!("hf-paths-{}", std::process::id()));
         let file = dir.join("learned.json");
@@ -352,7 +496,7 @@ mod tests {
         let back = PathBook::load(&file).unwrap();
         assert_eq!(back.get(&key()), b.get(&key()));
         std::fs::write(&file, "{not json").unwrap();
-        let e = PathBook::load(&file).unwrap_err();
+        let e = PathBook::load(&file).unwrap_err().msg;
         assert!(
             e.contains("not a learned-paths file") && e.contains("move it away"),
             "{e}"

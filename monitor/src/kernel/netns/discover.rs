@@ -69,7 +69,11 @@ fn docker_names() -> HashMap<String, String> {
         return out;
     };
     for e in dir.flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path().join("config.v2.json")) else {
+        // docker's own state: non-blocking, regular files only, at most 4 MiB each.
+        let Ok((f, _)) = crate::config::trust::open_regular(&e.path().join("config.v2.json"), 4 << 20, true) else {
+            continue;
+        };
+        let Ok(text) = crate::config::trust::read_capped(f, 4 << 20) else {
             continue;
         };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -97,6 +101,11 @@ fn mounts(dir: &str) -> Vec<(NetnsId, PathBuf, String)> {
     rd.flatten()
         .filter_map(|e| {
             let path = e.path();
+            // Only namespace files (a bind mount of nsfs): a file, FIFO or symlink someone put
+            // here is passed over (statfs neither opens nor follows into a FIFO).
+            if !crate::kernel::sys::is_nsfs(&path) {
+                return None;
+            }
             Some((
                 inode_of(&path)?,
                 path,
