@@ -459,7 +459,11 @@ impl Agent {
     ) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-agent", ns.name));
         std::fs::create_dir_all(&dir).expect("agent dir");
-        let socket = dir.join("holdfast.sock");
+        // The socket's directory is the agent's to create (it changes no directory it did not
+        // make): a leftover of an earlier run goes first.
+        let run_dir = dir.join("run");
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let socket = run_dir.join("holdfast.sock");
         let config = dir.join("holdfast.toml");
         // Learnt paths stay with the test (never in the host's /var/lib/holdfast).
         let learning = if extra_config.contains("[learning]") {

@@ -191,7 +191,8 @@ fn auto_mode_degrades_to_poll_with_one_clear_warning() {
         .arg(&dir)
         .status()
         .unwrap();
-    let socket = dir.join("h.sock");
+    // The agent makes the socket's directory itself (it adopts no existing one).
+    let socket = dir.join("run/h.sock");
     let stderr_path = dir.join("stderr");
     // `ip netns exec` needs root; drop to nobody inside the namespace with setpriv.
     let as_nobody = |args: &[&str]| {
@@ -245,7 +246,7 @@ fn auto_mode_degrades_to_poll_with_one_clear_warning() {
         "--mode",
         "ebpf",
         "--socket",
-        dir.join("e.sock").to_str().unwrap(),
+        dir.join("run-e/e.sock").to_str().unwrap(),
     ])
     .output()
     .unwrap();

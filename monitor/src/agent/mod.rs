@@ -5,6 +5,7 @@
 //! /proc threads and the IPC connections send it messages over a bounded channel (and `status`
 //! over a channel of its own, answered first).
 pub mod evaluate;
+mod budget;
 mod main_loop;
 mod mode;
 mod publish;
@@ -330,6 +331,7 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
         access,
         notices: sinks.notices.clone(),
         counters: clients.clone(),
+        budgets: Default::default(),
     };
     tasks.push(tokio::spawn(server::accept_loop(
         listener,
@@ -340,11 +342,21 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
         socket_ok.clone(),
         stop_rx.clone(),
     )));
+    let mut metrics_listeners = Vec::new();
     if let Some(addr) = cfg.agent.metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("metrics listener on {addr}"))?;
-        info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+        info!(%addr, "Prometheus metrics at http://{addr}/metrics (any local user can read them; agent.metrics_socket serves them to the read group only)");
+        metrics_listeners.push(crate::sinks::metrics::Listener::Tcp(l));
+    }
+    if cfg.agent.metrics_socket {
+        let path = cfg.agent.metrics_socket_path();
+        let l = socket::bind_socket(&path, gid, admin_gid)?;
+        info!(socket = %path.display(), "Prometheus metrics on a unix socket (read group)");
+        metrics_listeners.push(crate::sinks::metrics::Listener::Unix(l));
+    }
+    if !metrics_listeners.is_empty() {
         let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<String>>(8);
         let mtx = tx.clone();
         tasks.push(tokio::spawn(async move {
@@ -354,11 +366,13 @@ async fn run_async(cfg: Config, config_desc: String, config_path: Option<PathBuf
                 }
             }
         }));
-        tasks.push(tokio::spawn(crate::sinks::metrics::serve(
-            l,
-            scrape_tx,
-            stop_rx.clone(),
-        )));
+        for l in metrics_listeners {
+            tasks.push(tokio::spawn(crate::sinks::metrics::serve(
+                l,
+                scrape_tx.clone(),
+                stop_rx.clone(),
+            )));
+        }
     }
     drop(tx);
     info!(mode = chosen.mode, reason = %chosen.reason, socket = %cfg.agent.socket.display(), "holdfast agent started");

@@ -21,10 +21,12 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     check(a.0.mode != a.1.mode, "agent.mode");
     check(a.0.socket != a.1.socket, "agent.socket");
     check(a.0.metrics != a.1.metrics, "agent.metrics");
+    check(a.0.metrics_socket != a.1.metrics_socket, "agent.metrics_socket");
     check(a.0.read_group != a.1.read_group, "agent.read_group");
     check(a.0.admin_group != a.1.admin_group, "agent.admin_group");
     check(a.0.max_clients != a.1.max_clients, "agent.max_clients");
     check(a.0.journal != a.1.journal, "agent.journal");
+    check(a.0.namespaces != a.1.namespaces, "agent.namespaces");
     check(
         old.keepalive.cgroups != new.keepalive.cgroups,
         "keepalive.cgroups",
@@ -56,6 +58,7 @@ pub fn apply(state: &mut State, rt: &mut Runtime) -> Result<ReloadReply, String>
     let mut applied = new;
     applied.agent = rt.cfg.agent.clone();
     applied.keepalive.cgroups = rt.cfg.keepalive.cgroups.clone();
+    applied.learning.state_file = rt.cfg.learning.state_file.clone();
     state.policy = Policy::build(&applied, rt.ebpf, state.shortest_external_s());
     state.relearn();
     let ct = state.shortest_external_s();
@@ -90,5 +93,11 @@ mod tests {
         new.keepalive.cgroups = vec!["app".into()];
         new.snapshot.ebpf_interval = std::time::Duration::from_secs(3);
         assert_eq!(restart_needed(&old, &new), ["agent.socket", "keepalive.cgroups"]);
+        new.agent.namespaces = crate::config::NamespaceScope::Own;
+        new.learning.state_file = "/var/lib/other/p.json".into();
+        assert_eq!(
+            restart_needed(&old, &new),
+            ["agent.socket", "agent.namespaces", "keepalive.cgroups", "learning.state_file"]
+        );
     }
 }

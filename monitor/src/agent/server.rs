@@ -92,6 +92,21 @@ pub struct Ctx {
     pub access: Access,
     pub notices: tokio::sync::broadcast::Sender<std::sync::Arc<crate::sinks::Notice>>,
     pub counters: Arc<ClientCounters>,
+    pub budgets: Arc<super::budget::Budgets>,
+}
+
+/// Refusals being written at once; past this a connection over the caps is closed at once (each
+/// would otherwise hold a descriptor for up to two seconds).
+const REFUSING_AT_ONCE: usize = 64;
+/// The reserved lane's idle limit: root's one extra connection is for a quick `status`.
+const LANE_IDLE: Duration = Duration::from_secs(2);
+
+/// A connection's place: in the non-root users' `max_clients`, in root's (and the agent's
+/// uid's) own `max_clients`, or the one place kept for root when its own are all taken (`lane`),
+/// so that `status` is always answered. Held until the connection ends.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    lane: bool,
 }
 
 /// Accepts CLI connections until `stop`; rebinds the socket if its file disappears.
@@ -105,6 +120,9 @@ pub async fn accept_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let root_slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let lane = Arc::new(tokio::sync::Semaphore::new(1));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING_AT_ONCE));
     let per_uid_count: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>> = Default::default();
     let mut bound = std::fs::metadata(&path).map(|m| m.ino()).ok();
     let mut watch = tokio::time::interval(WATCH_EVERY);
@@ -149,13 +167,21 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        // Root (and the agent's own uid) is never capped: its `status` must always be answered.
-        // Everyone else shares `max_clients`, and one uid may hold at most a quarter of them.
+        // Non-root users share `max_clients`, and one uid may hold at most a quarter of them.
+        // Root (and the agent's own uid) has `max_clients` places of its own and, when those are
+        // taken, one reserved lane with a short idle limit, so that its `status` is always
+        // answered however many connections something left open.
         let uid = sys::peer_cred(stream.as_fd()).map(|c| c.uid).unwrap_or(u32::MAX);
         let privileged = uid == 0 || uid == ctx.access.agent_uid;
         let per_uid = (max_clients / 4).max(4);
         let admitted = if privileged {
-            Some(None)
+            let admit = |p, lane| Admitted { _permit: p, lane };
+            root_slots
+                .clone()
+                .try_acquire_owned()
+                .map(|p| admit(p, false))
+                .or_else(|_| lane.clone().try_acquire_owned().map(|p| admit(p, true)))
+                .ok()
         } else {
             let mine = per_uid_count
                 .lock()
@@ -163,7 +189,10 @@ pub async fn accept_loop(
             if mine >= per_uid {
                 None
             } else {
-                slots.clone().try_acquire_owned().ok().map(Some)
+                slots.clone().try_acquire_owned().ok().map(|p| Admitted {
+                    _permit: p,
+                    lane: false,
+                })
             }
         };
         match admitted {
@@ -173,9 +202,10 @@ pub async fn accept_loop(
                 if let Ok(mut m) = per.lock() {
                     *m.entry(uid).or_default() += 1;
                 }
+                let idle = if permit.lane { LANE_IDLE } else { IDLE_TIMEOUT };
                 tokio::spawn(async move {
                     ctx.counters.connected.fetch_add(1, Ordering::Relaxed);
-                    serve_conn(stream, &ctx).await;
+                    serve_conn(stream, &ctx, idle).await;
                     ctx.counters.connected.fetch_sub(1, Ordering::Relaxed);
                     if let Ok(mut m) = per.lock()
                         && let Some(n) = m.get_mut(&uid)
@@ -190,17 +220,38 @@ pub async fn accept_loop(
             }
             None => {
                 ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
-                let line = Reply::err(format!(
-                    "too many CLI connections (at most {per_uid} per user and {max_clients} in all; agent.max_clients): try again"
-                ))
-                .to_line();
+                let Ok(writer) = refusing.clone().try_acquire_owned() else {
+                    // Too many refusals under way: this one is closed without a word.
+                    continue;
+                };
+                let line = if privileged {
+                    Reply::err(format!(
+                        "too many root CLI connections ({max_clients} and the reserved one are open; agent.max_clients): close some and try again"
+                    ))
+                } else {
+                    Reply::err(format!(
+                        "too many CLI connections (at most {per_uid} per user and {max_clients} in all; agent.max_clients): try again"
+                    ))
+                };
                 tokio::spawn(async move {
-                    let mut s = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(line.as_bytes())).await;
+                    refuse(stream, line.to_line()).await;
+                    drop(writer);
                 });
             }
         }
     }
+}
+
+/// Reads the client's request line (so that the refusal is its reply and the client's write
+/// does not fail first), then writes the refusal and closes; two seconds at most.
+async fn refuse(stream: UnixStream, line: String) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
+    let mut limited = (&mut reader).take(ipc::MAX_LINE as u64);
+    let _ = tokio::time::timeout(Duration::from_secs(1), limited.read_until(b'\n', &mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(line.as_bytes())).await;
+    let _ = w.shutdown().await;
 }
 
 async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> bool {
@@ -210,8 +261,14 @@ async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> bool {
     )
 }
 
-async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
+async fn serve_conn(stream: UnixStream, ctx: &Ctx, idle: Duration) {
     let cred = sys::peer_cred(stream.as_fd());
+    // Whose budget pays for this connection's queries: None for root and the agent's own uid.
+    let payer = cred
+        .as_ref()
+        .ok()
+        .map(|c| c.uid)
+        .filter(|&u| u != 0 && u != ctx.access.agent_uid);
     let groups = sys::peer_groups(stream.as_fd()).unwrap_or_default();
     let verdict = cred
         .as_ref()
@@ -232,11 +289,11 @@ async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
     loop {
         buf.clear();
         let mut limited = (&mut reader).take(ipc::MAX_LINE as u64 + 1);
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut buf)).await {
+        let n = match tokio::time::timeout(idle, limited.read_until(b'\n', &mut buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) => return,
             Err(_) => {
-                let msg = format!("no request within {}s; closing", IDLE_TIMEOUT.as_secs());
+                let msg = format!("no request within {}s; closing", idle.as_secs());
                 let _ = write(&mut w, Reply::err(msg).to_line().as_bytes()).await;
                 return;
             }
@@ -263,12 +320,28 @@ async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
             }
             Ok(req) => req,
         };
-        let ok = match req {
-            Request::Events { follow: true } => {
-                follow(&mut w, ctx).await;
-                return;
-            }
+        if let Request::Events { follow: true } = req {
+            follow(&mut w, ctx).await;
+            return;
+        }
+        // A non-root user's query waits for its previous one and for its share of the agent's
+        // time (see `budget`); over it, it is answered from the table and says so.
+        let ticket = match payer {
+            Some(uid) => match ctx.budgets.admit(uid).await {
+                Ok(t) => Some(t),
+                Err(refusal) => {
+                    if !write(&mut w, Reply::err(refusal).to_line().as_bytes()).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let note = ticket.as_ref().and_then(|t| t.note.clone());
+        let (ok, cost) = match req {
             Request::Status {} => {
+                let t0 = std::time::Instant::now();
                 let (otx, orx) = oneshot::channel();
                 if ctx.status.send(otx).await.is_err() {
                     return;
@@ -276,10 +349,17 @@ async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
                 let r = orx
                     .await
                     .unwrap_or_else(|_| Reply::err("the agent is shutting down"));
-                write(&mut w, r.to_line().as_bytes()).await
+                let cost = t0.elapsed();
+                (write(&mut w, r.with_note(note).to_line().as_bytes()).await, cost)
             }
-            Request::Flows { filter } => stream_flows(&mut w, ctx, filter).await,
+            Request::Flows { mut filter } => {
+                if note.is_some() {
+                    filter.fresh = false;
+                }
+                stream_flows(&mut w, ctx, filter, note).await
+            }
             req => {
+                let t0 = std::time::Instant::now();
                 let (otx, orx) = oneshot::channel();
                 if ctx
                     .tx
@@ -296,9 +376,13 @@ async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
                 let r = orx
                     .await
                     .unwrap_or_else(|_| Reply::err("the agent is shutting down"));
-                write(&mut w, r.to_line().as_bytes()).await
+                let cost = t0.elapsed();
+                (write(&mut w, r.with_note(note).to_line().as_bytes()).await, cost)
             }
         };
+        if let Some(t) = ticket {
+            t.charge(cost);
+        }
         if !ok {
             // A client that does not take its reply loses the connection.
             ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -308,8 +392,17 @@ async fn serve_conn(stream: UnixStream, ctx: &Ctx) {
 }
 
 /// `flows`: the state owner selects and sorts the cookies, then hands out the views in pages; the
-/// reply is written page by page, so neither side holds the whole reply.
-async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filter: FlowFilter) -> bool {
+/// reply is written page by page, so neither side holds the whole reply. Answers whether the
+/// client took it all, and the time the agent spent on it (its waits for the state owner and the
+/// fresh read; not the time spent waiting for the client to read).
+async fn stream_flows(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    ctx: &Ctx,
+    filter: FlowFilter,
+    note: Option<String>,
+) -> (bool, Duration) {
+    let mut cost = Duration::ZERO;
+    let t0 = std::time::Instant::now();
     let (otx, orx) = oneshot::channel();
     if ctx
         .tx
@@ -320,12 +413,15 @@ async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filte
         .await
         .is_err()
     {
-        return false;
+        return (false, t0.elapsed());
     }
     let ids = match orx.await {
         Ok(Ok(ids)) => ids,
-        Ok(Err(e)) => return write(w, Reply::err(e).to_line().as_bytes()).await,
-        Err(_) => return false,
+        Ok(Err(e)) => {
+            let cost = t0.elapsed();
+            return (write(w, Reply::err(e).to_line().as_bytes()).await, cost);
+        }
+        Err(_) => return (false, t0.elapsed()),
     };
     // Fresh values for what was selected (see `kernel::tables::read_of`): the pages below
     // show them. A refresh that does not come back in time leaves the last read's values, with
@@ -337,15 +433,17 @@ async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filte
             reply: otx,
         };
         if ctx.tx.send(msg).await.is_err() {
-            return false;
+            return (false, t0.elapsed());
         }
         let _ = tokio::time::timeout(FRESH_WAIT, orx).await;
     }
+    cost += t0.elapsed();
     if !write(w, ipc::STREAM_OPEN.as_bytes()).await {
-        return false;
+        return (false, cost);
     }
     let mut first = true;
     for page in ids.chunks(PAGE) {
+        let t0 = std::time::Instant::now();
         let (otx, orx) = oneshot::channel();
         let msg = Msg::FlowPage {
             cookies: page.to_vec(),
@@ -353,21 +451,24 @@ async fn stream_flows(w: &mut tokio::net::unix::OwnedWriteHalf, ctx: &Ctx, filte
             reply: otx,
         };
         if ctx.tx.send(msg).await.is_err() {
-            return false;
+            return (false, cost + t0.elapsed());
         }
-        let Ok(chunk) = orx.await else { return false };
+        let Ok(chunk) = orx.await else {
+            return (false, cost + t0.elapsed());
+        };
+        cost += t0.elapsed();
         if chunk.is_empty() {
             continue;
         }
         if !first && !write(w, b",").await {
-            return false;
+            return (false, cost);
         }
         first = false;
         if !write(w, &chunk).await {
-            return false;
+            return (false, cost);
         }
     }
-    write(w, ipc::STREAM_CLOSE.as_bytes()).await
+    (write(w, ipc::stream_close(note.as_deref()).as_bytes()).await, cost)
 }
 
 /// `events --follow`: every notice as its own reply line until the client goes away.

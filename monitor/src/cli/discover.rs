@@ -21,6 +21,13 @@ const PROBE: &[u8] = b"holdfast discover probe\n";
 const CONNECT_LIMIT: Duration = Duration::from_secs(5);
 /// Connections `holdfast echo` serves at once (more are closed at accept).
 const ECHO_MAX: usize = 1024;
+/// Connections one client address may hold on `holdfast echo` (a discover run holds the ladder
+/// plus one batch: about 20 for --max 24h).
+const ECHO_PER_PEER: usize = 64;
+/// `holdfast echo` closes a connection idle longer than this (discover's --max is at most 24h).
+const ECHO_IDLE: Duration = Duration::from_secs(25 * 3600);
+/// An echo the client has not taken within this ends its connection.
+const ECHO_WRITE: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args, Debug)]
 pub struct DiscoverArgs {
@@ -120,13 +127,19 @@ fn abort(s: TcpStream) {
     );
 }
 
-/// One connection: idle `idle` (the clock restarts if the server speaks), then probe.
+/// One connection: idle `idle` (the clock restarts if the server speaks), then probe. A server
+/// that keeps speaking gets twice the idle and the answer wait, then the connection is `Chatter`.
 async fn idle_then_probe(mut s: TcpStream, idle: Duration, answer_wait: Duration) -> Observation {
     let mut buf = [0u8; 512];
     let mut last = Instant::now();
+    let give_up = last + idle * 2 + answer_wait;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(last + idle) => break,
+            _ = tokio::time::sleep_until(give_up) => {
+                abort(s);
+                return obs(last, Fate::Chatter);
+            }
             r = s.read(&mut buf) => match r {
                 Ok(0) => return obs(last, Fate::PeerClosed),
                 Ok(_) => last = Instant::now(),
@@ -166,6 +179,10 @@ struct Run {
     /// Connections open now (a task's guard counts down when it ends or is stopped), and the peak.
     open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     peak_open: usize,
+    /// The whole run ends by then (twice --max, the answer wait and a margin for connecting).
+    deadline: Instant,
+    /// The deadline ended the run.
+    timed_out: bool,
 }
 
 /// Counts a connection as open for as long as its task lives.
@@ -199,13 +216,22 @@ impl Run {
         Ok(v)
     }
 
-    /// Waits for one connection's result, with a progress line on a terminal.
-    async fn wait(&mut self, h: &mut JoinHandle<Observation>, what: &str) -> Observation {
+    /// Waits for one connection's result, with a progress line on a terminal; None when the
+    /// run's deadline passed first (the connection is stopped).
+    async fn wait(&mut self, h: &mut JoinHandle<Observation>, what: &str) -> Option<Observation> {
         let tty = !self.json && std::io::stderr().is_terminal();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let o = loop {
             tokio::select! {
                 r = &mut *h => break r.unwrap_or(Observation { idle_ms: 0, fate: Fate::Reset }),
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    h.abort();
+                    self.timed_out = true;
+                    if tty {
+                        eprint!("\r{:78}\r", "");
+                    }
+                    return None;
+                }
                 _ = tick.tick(), if tty => eprint!(
                     "\r  waiting for {what} ({} elapsed, {} connections so far)   ",
                     fmt_ms(self.t0.elapsed().as_millis() as u64 / 1000 * 1000),
@@ -217,7 +243,7 @@ impl Run {
             eprint!("\r{:78}\r", "");
         }
         self.record(o);
-        o
+        Some(o)
     }
 
     fn record(&mut self, o: Observation) {
@@ -231,6 +257,7 @@ impl Run {
                 Fate::Reset => "reset".to_string(),
                 Fate::PeerClosed => "the server closed it while idle".to_string(),
                 Fate::ResetWhileIdle => "reset while idle, before any probe".to_string(),
+                Fate::Chatter => "the server kept sending: it never idled".to_string(),
             };
             println!(
                 "  +{:<8} idle {:<8} {what}",
@@ -277,6 +304,8 @@ async fn discover(a: DiscoverArgs, socket: &std::path::Path) -> Result<(), ExitC
         connections: 0,
         open: Default::default(),
         peak_open: 0,
+        deadline: Instant::now() + a.max * 2 + a.answer_wait + CONNECT_LIMIT * 2,
+        timed_out: false,
     };
     if !a.json {
         println!(
@@ -290,9 +319,12 @@ async fn discover(a: DiscoverArgs, socket: &std::path::Path) -> Result<(), ExitC
     let mut batch_idles: Vec<u64> = Vec::new();
     let mut mid_run_error = None;
     for (i, mut h) in pending.by_ref().enumerate() {
-        let o = run
+        let Some(o) = run
             .wait(&mut h, &format!("the probe after {} idle", fmt_ms(ladder[i])))
-            .await;
+            .await
+        else {
+            break;
+        };
         match o.fate {
             Fate::Answered => {
                 run.harvest(std::mem::take(&mut batch)).await;
@@ -324,14 +356,14 @@ async fn discover(a: DiscoverArgs, socket: &std::path::Path) -> Result<(), ExitC
                     let b = run
                         .wait(&mut h, &format!("the probe after {} idle", fmt_ms(*idle)))
                         .await;
-                    if b.fate != Fate::Answered {
+                    if b.is_none_or(|b| b.fate != Fate::Answered) {
                         run.harvest(rest.map(|(h, _)| h).collect()).await;
                         break;
                     }
                 }
                 break;
             }
-            Fate::PeerClosed | Fate::ResetWhileIdle => break,
+            Fate::PeerClosed | Fate::ResetWhileIdle | Fate::Chatter => break,
         }
     }
     run.harvest(pending.collect()).await;
@@ -339,6 +371,15 @@ async fn discover(a: DiscoverArgs, socket: &std::path::Path) -> Result<(), ExitC
     let verdict = match mid_run_error {
         Some(e) => Verdict::Inconclusive {
             reason: format!("a new connection failed mid-run: {e}"),
+        },
+        None if run.timed_out => match discover::judge(&run.obs) {
+            v @ Verdict::Inconclusive { .. } if run.obs.iter().any(|o| o.fate == Fate::Chatter) => v,
+            _ => Verdict::Inconclusive {
+                reason: format!(
+                    "the run reached its limit of {} (twice --max and the waits) before a probe decided it: the server or the path held connections without answering; nothing was measured",
+                    fmt_ms((run.deadline - run.t0).as_millis() as u64)
+                ),
+            },
         },
         None => discover::judge(&run.obs),
     };
@@ -409,8 +450,11 @@ pub struct EchoArgs {
     pub listen: SocketAddr,
 }
 
-/// `holdfast echo`: keeps every connection open however long it idles and sends back what it
-/// receives (at most ECHO_MAX connections at once).
+/// `holdfast echo`: keeps every connection open however long it idles (up to ECHO_IDLE) and sends
+/// back what it receives. Bounded: ECHO_MAX connections at once and ECHO_PER_PEER per client
+/// address (more are closed at accept, which `discover` reports as a refusal, not an idle
+/// limit); an echo the client does not take within ECHO_WRITE ends its connection, so a client
+/// that sends and never reads holds at most one socket buffer.
 pub fn echo(a: EchoArgs) -> Result<(), ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -423,8 +467,10 @@ pub fn echo(a: EchoArgs) -> Result<(), ExitCode> {
         let local = l.local_addr().map_err(|e| fail(e.to_string()))?;
         println!("listening {local}");
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(ECHO_MAX));
+        let peers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+            Default::default();
         loop {
-            let (mut s, _) = match l.accept().await {
+            let (mut s, from) = match l.accept().await {
                 Ok(c) => c,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -434,12 +480,35 @@ pub fn echo(a: EchoArgs) -> Result<(), ExitCode> {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 continue; // dropped: closed at once
             };
+            let ip = from.ip();
+            {
+                let Ok(mut m) = peers.lock() else { continue };
+                let n = m.entry(ip).or_default();
+                if *n >= ECHO_PER_PEER {
+                    continue; // this client has enough: closed at once
+                }
+                *n += 1;
+            }
+            let peers = peers.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
+                loop {
+                    let n = match tokio::time::timeout(ECHO_IDLE, s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => break,
+                    };
+                    match tokio::time::timeout(ECHO_WRITE, s.write_all(&buf[..n])).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+                if let Ok(mut m) = peers.lock()
+                    && let Some(n) = m.get_mut(&ip)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&ip);
                     }
                 }
             });

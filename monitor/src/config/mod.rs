@@ -76,11 +76,22 @@ pub struct AgentSection {
     /// Write finding transitions and remedy outcomes to journald (when it runs).
     pub journal: bool,
     /// Prometheus metrics on this loopback address (off when unset), e.g. "127.0.0.1:9464".
+    /// Any local user can read them there; `metrics_socket` serves them to the read group only.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Prometheus metrics on a unix socket beside the CLI socket (`metrics.sock` in its
+    /// directory, owner root, group read_group, mode 0660).
+    pub metrics_socket: bool,
     /// CLI connections served at once; more are refused with an error reply.
     pub max_clients: usize,
     /// Which network namespaces the agent watches: every one on the host, or only its own.
     pub namespaces: NamespaceScope,
+}
+
+impl AgentSection {
+    /// Where `metrics_socket` serves: `metrics.sock` beside the CLI socket.
+    pub fn metrics_socket_path(&self) -> PathBuf {
+        self.socket.with_file_name("metrics.sock")
+    }
 }
 
 /// The network namespaces an agent watches.
@@ -104,6 +115,7 @@ impl Default for AgentSection {
             admin_group: None,
             journal: true,
             metrics: None,
+            metrics_socket: false,
             max_clients: 64,
             namespaces: NamespaceScope::All,
         }

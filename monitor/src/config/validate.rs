@@ -188,6 +188,14 @@ impl Config {
         if !(1..=4096).contains(&a.max_clients) {
             return Err(bad("agent", None, "max_clients", "expected 1 to 4096"));
         }
+        if a.metrics_socket && a.socket.file_name().is_some_and(|n| n == "metrics.sock") {
+            return Err(bad(
+                "agent",
+                None,
+                "socket",
+                "with metrics_socket on, metrics.sock beside the CLI socket is the metrics' own: name the CLI socket otherwise (e.g. holdfast.sock)",
+            ));
+        }
         if a.metrics.is_some_and(|m| !m.ip().is_loopback()) {
             return Err(bad(
                 "agent",

@@ -55,6 +55,9 @@ pub enum Fate {
     PeerClosed,
     /// A reset arrived while it idled, before any probe.
     ResetWhileIdle,
+    /// The server kept sending: the connection never idled as long as asked before its own
+    /// limit (twice the idle and the answer wait) ran out.
+    Chatter,
 }
 
 impl Fate {
@@ -118,8 +121,31 @@ impl Verdict {
     }
 }
 
+/// A close this soon after connecting is a refusal, not an idle limit.
+const CLOSED_AT_ONCE_MS: u64 = 1_000;
+
 /// The verdict from every observation so far.
 pub fn judge(obs: &[Observation]) -> Verdict {
+    if let Some(o) = obs.iter().find(|o| o.fate == Fate::Chatter) {
+        return Verdict::Inconclusive {
+            reason: format!(
+                "the server kept sending on an idle connection (its longest quiet spell was {} when the connection's time ran out): it is not an echo server that stays quiet; run `holdfast echo` on the far side",
+                fmt_ms(o.idle_ms)
+            ),
+        };
+    }
+    if let Some(o) = obs
+        .iter()
+        .filter(|o| o.fate == Fate::PeerClosed && o.idle_ms < CLOSED_AT_ONCE_MS)
+        .min_by_key(|o| o.idle_ms)
+    {
+        return Verdict::Inconclusive {
+            reason: format!(
+                "the server closed a new connection at once (after {}), before it could idle: it refuses connections (busy, or a limit per client); try again later or with a smaller --max",
+                fmt_ms(o.idle_ms)
+            ),
+        };
+    }
     if let Some(o) = obs
         .iter()
         .filter(|o| o.fate == Fate::PeerClosed)
@@ -263,6 +289,15 @@ mod tests {
             peer.summary()
         );
         assert!(rule(&peer, "10.0.0.2/32", 22).is_none());
+        let busy = judge(&[o(5_000, Fate::Answered), o(3, Fate::PeerClosed)]);
+        assert!(
+            busy.summary().contains("closed a new connection at once") && !busy.summary().contains("idle limit"),
+            "{}",
+            busy.summary()
+        );
+        let chatter = judge(&[o(1_000, Fate::Chatter), o(5_000, Fate::Answered)]);
+        assert!(chatter.summary().contains("kept sending"), "{}", chatter.summary());
+        assert!(rule(&chatter, "10.0.0.2/32", 22).is_none());
         let changed = judge(&[o(12_000, Fate::Silence), o(18_000, Fate::Answered)]);
         assert!(
             changed.summary().contains("behaviour changed"),

@@ -95,6 +95,8 @@ struct TypedReply<T> {
     ok: bool,
     data: Option<T>,
     error: Option<String>,
+    #[serde(default)]
+    note: Option<String>,
 }
 
 /// Sends one request and decodes the reply's data as `T` (streamed from the socket).
@@ -107,10 +109,21 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, Clie
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io)?;
-    (&stream).write_all(request_line(req).as_bytes()).map_err(io)?;
+    // A refusal may already be waiting and the agent gone: read it before reporting the write.
+    let sent = (&stream).write_all(request_line(req).as_bytes());
+    if let Err(e) = &sent
+        && !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    {
+        return Err(io(sent.unwrap_err()));
+    }
     let mut de = serde_json::Deserializer::from_reader(BufReader::new(&stream));
     let r = TypedReply::<T>::deserialize(&mut de).map_err(|e| {
-        if e.is_eof() {
+        if let Err(w) = &sent {
+            ClientError::BadReply(format!("the agent closed the connection before the request was sent ({w})"))
+        } else if e.is_eof() {
             ClientError::BadReply("the agent closed the connection without replying".into())
         } else if e.is_io() {
             ClientError::BadReply(format!("reading the reply: {e}"))
@@ -118,6 +131,9 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, Clie
             ClientError::BadReply(e.to_string())
         }
     })?;
+    if let Some(n) = &r.note {
+        eprintln!("holdfast: note: {n}");
+    }
     match (r.ok, r.data, r.error) {
         (true, Some(d), _) => Ok(d),
         (_, _, Some(e)) => Err(ClientError::Refused(e)),

@@ -297,6 +297,10 @@ pub struct Reply {
     pub data: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Something the asker should know about how this reply was made (e.g. answered from the
+    /// table because the user's queries are over their share of the agent's time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Reply {
@@ -306,6 +310,7 @@ impl Reply {
                 ok: true,
                 data: Some(v),
                 error: None,
+                note: None,
             },
             Err(e) => Reply::err(format!("internal: cannot encode reply: {e}")),
         }
@@ -315,7 +320,12 @@ impl Reply {
             ok: false,
             data: None,
             error: Some(msg.into()),
+            note: None,
         }
+    }
+    pub fn with_note(mut self, note: Option<String>) -> Self {
+        self.note = note;
+        self
     }
     pub fn to_line(&self) -> String {
         let mut s =
@@ -328,6 +338,14 @@ impl Reply {
 /// The opening and closing of a streamed `{"ok":true,"data":[...]}` reply line.
 pub const STREAM_OPEN: &str = r#"{"ok":true,"data":["#;
 pub const STREAM_CLOSE: &str = "]}\n";
+
+/// The closing of a streamed reply, with a note when there is one.
+pub fn stream_close(note: Option<&str>) -> String {
+    match note {
+        None => STREAM_CLOSE.to_string(),
+        Some(n) => format!("],\"note\":{}}}\n", serde_json::Value::String(n.to_string())),
+    }
+}
 
 const OPS: &str = "status, flows, procs, findings, explain, profiles, ledger, events, reload, remedy";
 

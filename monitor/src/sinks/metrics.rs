@@ -153,19 +153,50 @@ pub fn render(v: &MetricsView) -> String {
 /// A scrape: the agent answers with the rendered text.
 pub type Scrape = mpsc::Sender<oneshot::Sender<String>>;
 
-/// Concurrent scrapes served at most.
-const MAX_SCRAPERS: usize = 8;
+/// Scrape connections open at most.
+const MAX_SCRAPERS: usize = 32;
+/// A scraper has this long to send its request; a connection that sends nothing gets nothing.
+const REQUEST_WAIT: Duration = Duration::from_secs(1);
+/// The answer must be taken within this long.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
 
-/// Serves GET /metrics (any path) with minimal HTTP/1.1, until `stop` fires.
-pub async fn serve(l: tokio::net::TcpListener, scrape: Scrape, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+/// Where the metrics are served: TCP on loopback, or a unix socket beside the CLI socket (with
+/// its group, so that only the read group can scrape).
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+/// Serves GET /metrics (any path) with minimal HTTP/1.1, until `stop` fires. Bounded: at most
+/// MAX_SCRAPERS connections; when all are taken, the oldest one that has not sent its request
+/// yet is closed to make room, so idle connections cannot starve a real scraper; one second to
+/// send the request, ten to take the answer.
+pub async fn serve(l: Listener, scrape: Scrape, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+    // Connections still waiting for their request, oldest first: (id, what closes it).
+    let waiting: Arc<Mutex<VecDeque<(u64, oneshot::Sender<()>)>>> = Default::default();
+    let mut next_id = 0u64;
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
             a = l.accept() => a,
             _ = stop.changed() => return,
         };
-        let Ok((mut c, _)) = accepted else {
+        let Ok(mut c) = accepted else {
             // EMFILE and friends: back off instead of spinning, and say so once.
             failures += 1;
             if failures == 1 {
@@ -175,14 +206,40 @@ pub async fn serve(l: tokio::net::TcpListener, scrape: Scrape, mut stop: tokio::
             continue;
         };
         failures = 0;
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Make room: close the oldest connection that has not asked for anything.
+                let oldest = waiting.lock().ok().and_then(|mut w| w.pop_front());
+                let Some((_, close)) = oldest else { continue };
+                let _ = close.send(());
+                match slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
         };
+        next_id += 1;
+        let id = next_id;
+        let (close_tx, close_rx) = oneshot::channel();
+        if let Ok(mut w) = waiting.lock() {
+            w.push_back((id, close_tx));
+        }
         let scrape = scrape.clone();
+        let waiting = waiting.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut buf = [0u8; 2048];
-            let _ = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await;
+            let asked = tokio::select! {
+                r = tokio::time::timeout(REQUEST_WAIT, c.read(&mut buf)) => matches!(r, Ok(Ok(n)) if n > 0),
+                _ = close_rx => false,
+            };
+            if let Ok(mut w) = waiting.lock() {
+                w.retain(|(i, _)| *i != id);
+            }
+            if !asked {
+                return;
+            }
             let (otx, orx) = oneshot::channel();
             if scrape.send(otx).await.is_err() {
                 return;
@@ -194,9 +251,10 @@ pub async fn serve(l: tokio::net::TcpListener, scrape: Scrape, mut stop: tokio::
             );
             let write = async {
                 c.write_all(head.as_bytes()).await?;
-                c.write_all(body.as_bytes()).await
+                c.write_all(body.as_bytes()).await?;
+                c.shutdown().await
             };
-            let _ = tokio::time::timeout(Duration::from_secs(10), write).await;
+            let _ = tokio::time::timeout(ANSWER_WAIT, write).await;
         });
     }
 }
