@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod users;
+
 /// The holdfast binary under test (xtask sets HOLDFAST_BIN to the release build).
 pub fn holdfast_bin() -> PathBuf {
     let p = std::env::var_os("HOLDFAST_BIN")

@@ -242,14 +242,15 @@ pub async fn accept_loop(
     }
 }
 
-/// Reads the client's request line (so that the refusal is its reply and the client's write
-/// does not fail first), then writes the refusal and closes; two seconds at most.
+/// Reads the client's request line if it comes at once (so that the refusal is its reply and
+/// the client's write does not fail first; the CLI reads a refusal after a failed write too),
+/// then writes the refusal and closes; 1.2 seconds at most.
 async fn refuse(stream: UnixStream, line: String) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
     let mut limited = (&mut reader).take(ipc::MAX_LINE as u64);
-    let _ = tokio::time::timeout(Duration::from_secs(1), limited.read_until(b'\n', &mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), limited.read_until(b'\n', &mut buf)).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(line.as_bytes())).await;
     let _ = w.shutdown().await;
 }

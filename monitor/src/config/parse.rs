@@ -186,7 +186,7 @@ impl Config {
                         "services",
                         Some(i),
                         "restart_command",
-                        format!("root would run this program, refused: {u}"),
+                        format!("root would run {prog}, refused: {u}"),
                     )
                 })?;
             }
@@ -205,8 +205,10 @@ impl Config {
                 ),
             ));
         }
+        // A directory is an operator's slip; anything else that is not the agent's file (a
+        // symlink, a FIFO) is refused when the agent reads it, which it survives.
         if let Ok(m) = std::fs::symlink_metadata(&self.learning.state_file)
-            && !m.is_file()
+            && m.is_dir()
         {
             return Err(invalid(
                 "learning",

@@ -17,6 +17,11 @@
 //!   closes.
 //! - `hf-load ipc-flows SOCKET N`  N connections that each ask for every flow and never read the
 //!   reply; prints `ready`; holds them until stdin closes.
+//! - `hf-load get-unix PATH`  a GET of /metrics over a unix socket.
+//! - `hf-load tcp-idle ADDR N`  N idle TCP connections; prints `ready K` (K still open after a
+//!   moment), holds them until stdin closes.
+//! - `hf-load chatter ADDR`  a server that sends each connection one byte a second.
+//! - `hf-load flood ADDR N SECONDS`  N connections that send and never read.
 //! - `hf-load squat PATH`    a fake agent: listens on the unix socket PATH and answers every
 //!   request with "no findings"; prints `listening`; runs until stdin closes.
 use std::io::{BufRead, Write};
@@ -194,9 +199,92 @@ fn main() {
             let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
             print!("{body}");
         }
+        Some("get-unix") => {
+            // The same GET over a unix socket: prints the body, or the error and exits 1.
+            use std::io::Read;
+            let mut c = match UnixStream::connect(&args[2]) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("error: {e}");
+                    std::process::exit(1);
+                }
+            };
+            write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+            let mut resp = String::new();
+            c.read_to_string(&mut resp).expect("read");
+            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            print!("{body}");
+        }
+        Some("tcp-idle") => {
+            // N idle TCP connections to ADDR that never send; prints `ready K`, held until stdin
+            // closes.
+            let n: usize = args[3].parse().expect("N");
+            let conns: Vec<TcpStream> = (0..n).filter_map(|_| TcpStream::connect(&args[2]).ok()).collect();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            // Those the server closed at accept see EOF (or a reset) on a non-blocking read.
+            let open = conns
+                .iter()
+                .filter(|c| {
+                    c.set_nonblocking(true).ok();
+                    let mut b = [0u8; 256];
+                    matches!(std::io::Read::read(&mut &**c, &mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                })
+                .count();
+            println!("ready {open}");
+            std::io::stdout().flush().ok();
+            wait_stdin();
+        }
+        Some("chatter") => {
+            // A server that never lets a connection idle: one byte a second to each. Prints
+            // `listening`; runs until stdin closes.
+            let l = TcpListener::bind(&args[2]).expect("bind");
+            std::thread::spawn(move || {
+                for c in l.incoming().flatten() {
+                    std::thread::spawn(move || {
+                        while (&c).write_all(b".").is_ok() {
+                            std::thread::sleep(std::time::Duration::from_secs(1));
+                        }
+                    });
+                }
+            });
+            println!("listening");
+            std::io::stdout().flush().ok();
+            wait_stdin();
+        }
+        Some("flood") => {
+            // N connections to ADDR that each send without ever reading, for at most SECONDS;
+            // prints how many the server closed (`closed K of N after MS ms`).
+            let n: usize = args[3].parse().expect("N");
+            let secs: u64 = args[4].parse().expect("SECONDS");
+            let t0 = Instant::now();
+            let conns: Vec<TcpStream> = (0..n).filter_map(|_| TcpStream::connect(&args[2]).ok()).collect();
+            let closed: Vec<std::sync::atomic::AtomicBool> =
+                (0..conns.len()).map(|_| std::sync::atomic::AtomicBool::new(false)).collect();
+            std::thread::scope(|s| {
+                for (c, done) in conns.iter().zip(&closed) {
+                    s.spawn(move || {
+                        c.set_write_timeout(Some(std::time::Duration::from_millis(500))).ok();
+                        let chunk = [b'x'; 65536];
+                        while t0.elapsed().as_secs() < secs {
+                            match (&*c).write(&chunk) {
+                                Ok(_) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => {
+                                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let k = closed.iter().filter(|d| d.load(std::sync::atomic::Ordering::Relaxed)).count();
+            println!("closed {k} of {} after {} ms", conns.len(), t0.elapsed().as_millis());
+        }
         _ => {
             eprintln!(
-                "usage: hf-load conns ADDR N | churn ADDR N | trickle ADDR MS | churn-for ADDR SECONDS | procs N Z | get ADDR | ipc-idle SOCKET N | ipc-flows SOCKET N | squat PATH"
+                "usage: hf-load conns ADDR N | churn ADDR N | trickle ADDR MS | churn-for ADDR SECONDS | procs N Z | get ADDR | get-unix PATH | ipc-idle SOCKET N | ipc-flows SOCKET N | squat PATH | tcp-idle ADDR N | chatter ADDR | flood ADDR N SECONDS"
             );
             std::process::exit(2);
         }
