@@ -291,6 +291,36 @@ fn a_leaking_service_is_restarted_at_its_quiet_moment(mode: &str) {
 }
 both_modes!(a_leaking_service_is_restarted_at_its_quiet_moment);
 
+/// A restart command that leaves a child behind in its group (`sleep &`, which also keeps the
+/// command's stderr open) neither holds the restart up nor leaves the child running: the restart
+/// is verified as soon as the service is back, the outcome names the child it killed, and no such
+/// process is left. The executor is the same in both modes, so this runs in poll mode only.
+#[test]
+fn a_restart_command_cannot_leave_children_behind() {
+    require_root();
+    let ns = Netns::new("rstkid");
+    let server = Supervised::start(&ns);
+    let cmd = format!(
+        "[\"/bin/sh\", \"-c\", \"/usr/bin/pkill -f '{}'; sleep 171 & exit 0\"]",
+        server.pattern
+    );
+    let agent = Agent::start(&ns, "poll", &restart_config("enforce", &format!("restart_command = {cmd}")));
+    let first = server.pid().expect("server");
+    let addr = format!("127.0.0.1:{PORT}");
+    for _ in 0..LIMIT {
+        assert!(visit(&ns, &addr));
+    }
+    // Verified within 30 s: the child's 171 s did not hold it up.
+    let done = restart_verified(&agent);
+    assert!(
+        outcome(&done).contains("left 1 process(es) behind in its group"),
+        "{done}"
+    );
+    assert!(pid_of("^sleep 171$").is_none(), "the child was killed with its group");
+    assert_ne!(server.pid(), Some(first));
+    assert!(visit(&ns, &addr), "a new client is served after the restart");
+}
+
 /// Dry-run plans the restart (once) and does nothing.
 fn a_dry_run_restart_plans_and_does_nothing(mode: &str) {
     require_root();

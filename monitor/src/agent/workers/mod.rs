@@ -19,6 +19,12 @@ use crate::model::eviction::KaRequest;
 /// The event pump drains the rings at most this often while records flow (batches: a churn of
 /// tens of thousands of connections per second costs 50 wakeups a second, not one per record).
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// A drain that took more events than this was a storm: the next one comes after STORM_DRAIN, not
+/// DRAIN_EVERY, so the rings (1 MiB per CPU, about 11k records) do not fill meanwhile: two churn
+/// loops on a 2-core VM (57k connections/s, about 570k records/s) filled them between 20 ms
+/// drains (35-71k records lost per 20 s, `hostile.rs` memory_comes_back_after_a_storm).
+const STORM_EVENTS: usize = 2048;
+const STORM_DRAIN: Duration = Duration::from_millis(5);
 /// Decoded events per message, at most: 64 KiB of `Event`s, under the 128 KiB above which glibc
 /// maps an allocation for itself (`kernel::sys::tune_heap`), so batches reuse heap memory.
 const BATCH_EVENTS: usize = (64 << 10) / std::mem::size_of::<crate::model::observe::Event>();
@@ -203,6 +209,7 @@ pub fn spawn_pump(
             let mut procs = Vec::new();
             let mut undecodable = events.drain_procs(&mut procs);
             let mut batch = Vec::new();
+            let mut drained = 0usize;
             busy = !procs.is_empty();
             // Batches are capped below glibc's mmap threshold: a whole 20 ms of a storm in one
             // vector (about 0.7 MB at 28k connections/s) was mapped, faulted in page by page and
@@ -215,6 +222,7 @@ pub fn spawn_pump(
                 if !full {
                     break;
                 }
+                drained += batch.len();
                 let part = Msg::Events {
                     events: std::mem::replace(&mut batch, Vec::with_capacity(BATCH_EVENTS)),
                     procs: Vec::new(),
@@ -230,6 +238,7 @@ pub fn spawn_pump(
                     last_counters = Instant::now();
                     events.counters()
                 });
+            drained += batch.len();
             if busy || undecodable > 0 || counters.is_some() {
                 let msg = Msg::Events {
                     events: batch,
@@ -243,8 +252,9 @@ pub fn spawn_pump(
             }
             // Batch what comes next (the kernel queues it meanwhile).
             if busy && ready.is_some() {
+                let next = if drained > STORM_EVENTS { STORM_DRAIN } else { DRAIN_EVERY };
                 tokio::select! {
-                    _ = tokio::time::sleep(DRAIN_EVERY) => {}
+                    _ = tokio::time::sleep(next) => {}
                     _ = stop.changed() => return,
                 }
             }
