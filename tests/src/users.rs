@@ -114,7 +114,6 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-
 /// A real unprivileged user (no home, no shell) created for one test and deleted after it: the
 /// attacker with a local shell.
 pub struct User {
@@ -128,10 +127,21 @@ impl User {
         // `hfu…`: its own group (--user-group) must not collide with a test Group's `hf…`.
         let name = format!("hfu{tag}{}", std::process::id() % 100_000);
         let o = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", &name])
+            .args([
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
             .output()
             .expect("useradd");
-        assert!(o.status.success(), "useradd: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "useradd: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let line = std::fs::read_to_string("/etc/passwd")
             .unwrap()
             .lines()

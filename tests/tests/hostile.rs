@@ -171,13 +171,23 @@ fn memory_comes_back_after_a_storm(mode: &str) {
     // lost is healed by the complete read it triggers, so the table comes back to what it was.
     let lost = st["events_lost"].as_u64().unwrap_or(0);
     let events = st["events"].as_u64().unwrap_or(0).max(1);
-    println!("{mode}: {churned} connections made in the storm, {opened} seen opening; {lost} of {events} records lost");
+    println!(
+        "{mode}: {churned} connections made in the storm, {opened} seen opening; {lost} of {events} records lost"
+    );
     assert!(lost * 1000 <= events, "at most 0.1 % of records lost: {st}");
     // Sockets the loops left in FIN_WAIT2 live up to tcp_fin_timeout (60 s) after them.
-    wait_for(Duration::from_secs(120), "the table healed back to its flows before the storm", || {
-        let now = agent.status()["flows"].as_u64().unwrap_or(0);
-        if now <= flows_before { Ok(()) } else { Err(format!("{flows_before} -> {now}")) }
-    });
+    wait_for(
+        Duration::from_secs(120),
+        "the table healed back to its flows before the storm",
+        || {
+            let now = agent.status()["flows"].as_u64().unwrap_or(0);
+            if now <= flows_before {
+                Ok(())
+            } else {
+                Err(format!("{flows_before} -> {now}"))
+            }
+        },
+    );
 }
 both_modes!(memory_comes_back_after_a_storm);
 

@@ -114,7 +114,9 @@ fn a_config_a_user_can_write_never_decides_what_root_runs() {
         script.display()
     );
     let mut append = mallory.cmd(Path::new("/bin/sh"), &[]);
-    append.args(["-c", &format!("cat >> {}", cfg.display())]).stdin(Stdio::piped());
+    append
+        .args(["-c", &format!("cat >> {}", cfg.display())])
+        .stdin(Stdio::piped());
     let mut child = append.spawn().unwrap();
     child.stdin.take().unwrap().write_all(entry.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success(), "the user could write the file");
@@ -147,17 +149,30 @@ fn a_config_a_user_can_write_never_decides_what_root_runs() {
     chown(&bin, mallory.uid, mallory.gid);
     let tool = bin.join("tool");
     std::fs::copy("/bin/true", &tool).unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(&script.display().to_string(), &tool.display().to_string());
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&script.display().to_string(), &tool.display().to_string());
     std::fs::write(&cfg, text).unwrap();
     let (code, _, err) = hf(&["config", "check", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains(&format!("{}: owned by uid {}", bin.display(), mallory.uid)), "{err}");
+    assert!(
+        err.contains(&format!("{}: owned by uid {}", bin.display(), mallory.uid)),
+        "{err}"
+    );
     // The agent still runs on its first configuration: no service, no reload counted.
     let st = agent.status();
     assert_eq!(st["config_reloads"], 0, "{st}");
-    assert!(st["last_reload_error"].as_str().is_some_and(|e| e.contains("restart_command")), "{st}");
+    assert!(
+        st["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("restart_command")),
+        "{st}"
+    );
     let ledger = agent.json(&["ledger", "--json"]).unwrap();
-    assert!(ledger.as_array().unwrap().iter().all(|r| r["service"] != "pwn"), "{ledger}");
+    assert!(
+        ledger.as_array().unwrap().iter().all(|r| r["service"] != "pwn"),
+        "{ledger}"
+    );
     assert!(!mark.exists(), "root ran the user's script");
     // At start: refused with the same words, before anything is set up.
     let d = Dir::new("start");
@@ -166,14 +181,23 @@ fn a_config_a_user_can_write_never_decides_what_root_runs() {
     chown(&own, mallory.uid, mallory.gid);
     let (code, _, err) = hf(&["agent", "--config", own.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("refusing config") && err.contains(&format!("owned by uid {}", mallory.uid)), "{err}");
-    assert!(!d.0.join("run").exists(), "nothing was created for a refused config");
+    assert!(
+        err.contains("refusing config") && err.contains(&format!("owned by uid {}", mallory.uid)),
+        "{err}"
+    );
+    assert!(
+        !d.0.join("run").exists(),
+        "nothing was created for a refused config"
+    );
     // In a directory the user owns, a root-owned file is refused too: the directory is named.
     chown(&own, 0, 0);
     chown(&d.0, mallory.uid, mallory.gid);
     let (code, _, err) = hf(&["config", "check", own.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains(&format!("{}: owned by uid {}", d.0.display(), mallory.uid)), "{err}");
+    assert!(
+        err.contains(&format!("{}: owned by uid {}", d.0.display(), mallory.uid)),
+        "{err}"
+    );
     assert!(agent.json(&["status", "--json"]).is_ok());
 }
 
@@ -196,7 +220,12 @@ fn the_socket_directory_is_never_changed_unless_holdfast_made_it() {
     for (sock, dir, mode, says) in [
         (shared.join("x.sock"), &shared, 0o755, "not one holdfast made"),
         (private.join("hf.sock"), &private, 0o700, "not one holdfast made"),
-        (shared.join("passwd"), &shared, 0o755, "exists and is not a socket"),
+        (
+            shared.join("passwd"),
+            &shared,
+            0o755,
+            "exists and is not a socket",
+        ),
     ] {
         let gid_before = std::fs::metadata(dir).unwrap().gid();
         let (code, _, err) = hf(&["agent", "--mode", "poll", "--socket", sock.to_str().unwrap()]);
@@ -205,18 +234,25 @@ fn the_socket_directory_is_never_changed_unless_holdfast_made_it() {
         assert_eq!(mode_of(dir), mode, "{} left as it was", dir.display());
         assert_eq!(std::fs::metadata(dir).unwrap().gid(), gid_before);
     }
-    assert_eq!(std::fs::read_to_string(shared.join("passwd")).unwrap(), "root:x:0:0");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("passwd")).unwrap(),
+        "root:x:0:0"
+    );
     // `config check` says so before anything runs.
     let cfg = d.0.join("c.toml");
     std::fs::write(&cfg, "[agent]\nsocket = \"/etc/passwd\"\n").unwrap();
     let (code, _, err) = hf(&["config", "check", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("agent.socket") && err.contains("exists and is a regular file"), "{err}");
+    assert!(
+        err.contains("agent.socket") && err.contains("exists and is a regular file"),
+        "{err}"
+    );
     // A directory the agent creates is its own: 0750, and accepted as it is at the next start.
     let fresh = d.0.join("fresh/run");
     let ns = Netns::new("secsock");
     let mut c = ns.cmd(&holdfast_bin());
-    c.args(["agent", "--mode", "poll", "--socket"]).arg(fresh.join("h.sock"));
+    c.args(["agent", "--mode", "poll", "--socket"])
+        .arg(fresh.join("h.sock"));
     for _ in 0..2 {
         let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         wait_for(Duration::from_secs(20), "the agent answering", || {
@@ -253,7 +289,10 @@ fn the_state_file_is_never_followed_or_trusted_from_a_users_directory() {
     let log = agent.stderr();
     assert!(log.contains("is a symlink: refusing to follow it"), "{log}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
-    assert!(std::fs::symlink_metadata(&file).unwrap().file_type().is_symlink(), "left in place");
+    assert!(
+        std::fs::symlink_metadata(&file).unwrap().file_type().is_symlink(),
+        "left in place"
+    );
     drop(agent);
     // 100 MB in a root directory: refused by its size, not read (the agent stays small).
     let big = d.0.join("big.json");
@@ -284,7 +323,10 @@ fn special_files_cannot_stall_the_agent(mode: &str) {
     let (o, _) = bounded(c, Duration::from_secs(10));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("is a FIFO (named pipe), not a regular file"), "{err}");
+    assert!(
+        err.contains("is a FIFO (named pipe), not a regular file"),
+        "{err}"
+    );
     let ns = Netns::new("secfifo");
     let agent = Agent::start(&ns, mode, "");
     let _server = Peer::spawn(&ns, "listen", "127.0.0.1:7501");
@@ -307,14 +349,15 @@ fn special_files_cannot_stall_the_agent(mode: &str) {
     // (poll mode reads it; eBPF mode looks its owner up on that thread).
     let mut late = Peer::spawn(&ns, "connect", "127.0.0.1:7501");
     assert_eq!(late.tell("send"), "sent true");
-    for (peer, what) in [(&client, "the first flow"), (&late, "a flow opened after the FIFO")] {
+    for (peer, what) in [
+        (&client, "the first flow"),
+        (&late, "a flow opened after the FIFO"),
+    ] {
         let local = peer.addr();
         let pid = peer.pid();
-        wait_for(Duration::from_secs(20), what, || {
-            match agent.flow_at(&local) {
-                Some(f) if f["pid"] == pid => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
+        wait_for(Duration::from_secs(20), what, || match agent.flow_at(&local) {
+            Some(f) if f["pid"] == pid => Ok(()),
+            other => Err(format!("{other:?}")),
         });
     }
     drop(planted);
@@ -368,8 +411,13 @@ fn root_status_is_answered_past_any_number_of_root_connections() {
     let st = wait_for(Duration::from_secs(10), "root's status through the lane", || {
         agent.json(&["status", "--json"])
     });
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).unwrap().count();
-    println!("root idle connections kept open: {open} of 300; agent descriptors {fds}; refused {}", st["clients_refused"]);
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .count();
+    println!(
+        "root idle connections kept open: {open} of 300; agent descriptors {fds}; refused {}",
+        st["clients_refused"]
+    );
     assert!(fds < 150, "descriptors bounded: {fds}");
     assert!(st["clients_refused"].as_u64().unwrap() >= 291 - 1, "{st}");
     drop(idle);
@@ -384,7 +432,12 @@ fn one_users_queries_are_held_to_their_share(mode: &str) {
     let mallory = User::new("q");
     let ns = Netns::new("secq");
     let agent = Agent::start_env(&ns, mode, &format!("read_group = \"{}\"\n", group.name), "", &[]);
-    let _load = Peer::spawn_bin(&ns, &helper_bin("hf-load"), &["conns", "127.0.0.1:7600", "2000"], None);
+    let _load = Peer::spawn_bin(
+        &ns,
+        &helper_bin("hf-load"),
+        &["conns", "127.0.0.1:7600", "2000"],
+        None,
+    );
     wait_for(Duration::from_secs(60), "4000 flows", || {
         let n = agent.status()["flows"].as_u64().unwrap_or(0);
         if n >= 4000 { Ok(()) } else { Err(format!("{n}")) }
@@ -435,7 +488,10 @@ fn one_users_queries_are_held_to_their_share(mode: &str) {
     });
     let share = (ticks(agent.pid()) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
     let notes = notes.into_inner().unwrap();
-    let held = notes.iter().filter(|n| n.contains("over their share") || n.contains("used their share")).count();
+    let held = notes
+        .iter()
+        .filter(|n| n.contains("over their share") || n.contains("used their share"))
+        .count();
     println!(
         "{mode}: 16 loops for {window:?}: {} queries served, {held} said they were held to the user's share; the agent used {:.1} % of a core ({:.1} % without queries)",
         served.into_inner(),
@@ -461,7 +517,13 @@ fn over_the_per_user_cap_the_cli_says_why() {
     let group = Group::new("cap");
     let mallory = User::new("cap");
     let ns = Netns::new("seccap");
-    let agent = Agent::start_env(&ns, "poll", &format!("read_group = \"{}\"\n", group.name), "", &[]);
+    let agent = Agent::start_env(
+        &ns,
+        "poll",
+        &format!("read_group = \"{}\"\n", group.name),
+        "",
+        &[],
+    );
     let socket = agent.socket.to_str().unwrap().to_string();
     let idle = held_as(mallory.uid, group.gid, &["ipc-idle", &socket, "40"]);
     assert_eq!(idle.first.trim(), "ready 16");
@@ -475,7 +537,10 @@ fn over_the_per_user_cap_the_cli_says_why() {
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains("too many CLI connections (at most 16 per user"), "{err}");
+        assert!(
+            err.contains("too many CLI connections (at most 16 per user"),
+            "{err}"
+        );
         assert!(!err.contains("Broken pipe"), "{err}");
     }
     assert!(agent.json(&["status", "--json"]).is_ok());
@@ -490,7 +555,15 @@ fn discover_and_echo_are_bounded() {
     let ns = Netns::new("secdisc");
     let chatter = Peer::spawn_bin(&ns, &helper_bin("hf-load"), &["chatter", "127.0.0.1:7701"], None);
     let mut c = ns.cmd(&holdfast_bin());
-    c.args(["discover", "127.0.0.1:7701", "--max", "4s", "--answer-wait", "1s", "--no-record"]);
+    c.args([
+        "discover",
+        "127.0.0.1:7701",
+        "--max",
+        "4s",
+        "--answer-wait",
+        "1s",
+        "--no-record",
+    ]);
     let (o, took) = bounded(c, Duration::from_secs(60));
     let out = String::from_utf8_lossy(&o.stdout);
     println!("discover against a chattering server: {took:?}\n{out}");
@@ -502,15 +575,32 @@ fn discover_and_echo_are_bounded() {
     f.args(["flood", "127.0.0.1:7702", "2", "40"]);
     let (o, _) = bounded(f, Duration::from_secs(60));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.starts_with("closed 2 of 2"), "echo drops clients that never read: {out}");
+    assert!(
+        out.starts_with("closed 2 of 2"),
+        "echo drops clients that never read: {out}"
+    );
     let mut idle = ns.cmd(&helper_bin("hf-load"));
-    idle.args(["tcp-idle", "127.0.0.1:7702", "80"]).stdin(Stdio::piped()).stdout(Stdio::piped());
+    idle.args(["tcp-idle", "127.0.0.1:7702", "80"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     let mut idle = idle.spawn().unwrap();
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().unwrap()), &mut first).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(idle.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
     assert_eq!(first.trim(), "ready 64", "one peer holds 64 connections at most");
     let mut c = ns.cmd(&holdfast_bin());
-    c.args(["discover", "127.0.0.1:7702", "--max", "4s", "--answer-wait", "1s", "--no-record"]);
+    c.args([
+        "discover",
+        "127.0.0.1:7702",
+        "--max",
+        "4s",
+        "--answer-wait",
+        "1s",
+        "--no-record",
+    ]);
     let (o, _) = bounded(c, Duration::from_secs(60));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("closed a new connection at once"), "{out}");
@@ -531,27 +621,55 @@ fn metrics_are_bounded_and_the_unix_socket_is_the_read_groups() {
     let agent = Agent::start_env(
         &ns,
         "poll",
-        &format!("metrics = \"127.0.0.1:9466\"\nmetrics_socket = true\nread_group = \"{}\"\n", group.name),
+        &format!(
+            "metrics = \"127.0.0.1:9466\"\nmetrics_socket = true\nread_group = \"{}\"\n",
+            group.name
+        ),
         "",
         &[],
     );
     let mut idle = ns.cmd(&helper_bin("hf-load"));
-    idle.args(["tcp-idle", "127.0.0.1:9466", "40"]).stdin(Stdio::piped()).stdout(Stdio::piped());
+    idle.args(["tcp-idle", "127.0.0.1:9466", "40"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     let mut idle = idle.spawn().unwrap();
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().unwrap()), &mut first).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(idle.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
     for i in 0..10 {
-        let o = ns.cmd(&helper_bin("hf-load")).args(["get", "127.0.0.1:9466"]).output().unwrap();
+        let o = ns
+            .cmd(&helper_bin("hf-load"))
+            .args(["get", "127.0.0.1:9466"])
+            .output()
+            .unwrap();
         let body = String::from_utf8_lossy(&o.stdout);
-        assert!(body.contains("holdfast_flows"), "scrape {i} with {} idle connections: {body}", first.trim());
+        assert!(
+            body.contains("holdfast_flows"),
+            "scrape {i} with {} idle connections: {body}",
+            first.trim()
+        );
     }
     let _ = idle.kill();
     let _ = idle.wait();
     let sock = agent.socket.with_file_name("metrics.sock");
     assert_eq!(mode_of(&sock), 0o660);
-    let o = member.cmd(&helper_bin("hf-load"), &[group.gid]).args(["get-unix", sock.to_str().unwrap()]).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("holdfast_flows"), "{o:?}");
-    let o = other.cmd(&helper_bin("hf-load"), &[]).args(["get-unix", sock.to_str().unwrap()]).output().unwrap();
+    let o = member
+        .cmd(&helper_bin("hf-load"), &[group.gid])
+        .args(["get-unix", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("holdfast_flows"),
+        "{o:?}"
+    );
+    let o = other
+        .cmd(&helper_bin("hf-load"), &[])
+        .args(["get-unix", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("error: Permission denied"), "{out}");
 }
@@ -562,11 +680,31 @@ fn config_check_refuses_what_would_surprise_an_operator() {
     require_root();
     let d = Dir::new("check");
     let cases = [
-        ("[[rules]]\ntimeout = \"5m\"\n", "rules[0]", "at least one match key"),
-        ("[[rules]]\nport = 0\ntimeout = \"5m\"\n", "rules[0].port", "from 1 to 65535"),
-        ("[[rules]]\ncidr = \"10.0.0.1/8\"\ntimeout = \"5m\"\n", "rules.cidr", "host bits set: write the network, 10.0.0.0/8"),
-        ("[agent]\nsocket = \"/etc/passwd\"\n", "agent.socket", "exists and is a regular file"),
-        ("[learning]\nstate_file = \"/tmp\"\n", "learning.state_file", "is a directory"),
+        (
+            "[[rules]]\ntimeout = \"5m\"\n",
+            "rules[0]",
+            "at least one match key",
+        ),
+        (
+            "[[rules]]\nport = 0\ntimeout = \"5m\"\n",
+            "rules[0].port",
+            "from 1 to 65535",
+        ),
+        (
+            "[[rules]]\ncidr = \"10.0.0.1/8\"\ntimeout = \"5m\"\n",
+            "rules.cidr",
+            "host bits set: write the network, 10.0.0.0/8",
+        ),
+        (
+            "[agent]\nsocket = \"/etc/passwd\"\n",
+            "agent.socket",
+            "exists and is a regular file",
+        ),
+        (
+            "[learning]\nstate_file = \"/tmp\"\n",
+            "learning.state_file",
+            "is a directory",
+        ),
         (
             "[[services]]\nname = \"x\"\nport = 80\nrestart = \"enforce\"\nrestart_command = [\"/nonexistent/restart\"]\n",
             "services[0].restart_command",

@@ -304,7 +304,11 @@ fn a_restart_command_cannot_leave_children_behind() {
         "[\"/bin/sh\", \"-c\", \"/usr/bin/pkill -f '{}'; sleep 171 & exit 0\"]",
         server.pattern
     );
-    let agent = Agent::start(&ns, "poll", &restart_config("enforce", &format!("restart_command = {cmd}")));
+    let agent = Agent::start(
+        &ns,
+        "poll",
+        &restart_config("enforce", &format!("restart_command = {cmd}")),
+    );
     let first = server.pid().expect("server");
     let addr = format!("127.0.0.1:{PORT}");
     for _ in 0..LIMIT {
@@ -316,7 +320,10 @@ fn a_restart_command_cannot_leave_children_behind() {
         outcome(&done).contains("left 1 process(es) behind in its group"),
         "{done}"
     );
-    assert!(pid_of("^sleep 171$").is_none(), "the child was killed with its group");
+    assert!(
+        pid_of("^sleep 171$").is_none(),
+        "the child was killed with its group"
+    );
     assert_ne!(server.pid(), Some(first));
     assert!(visit(&ns, &addr), "a new client is served after the restart");
 }

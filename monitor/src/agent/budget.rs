@@ -59,7 +59,10 @@ impl Budgets {
     /// Waits for this user's previous query to end and for credit; Err: the refusal to send.
     pub async fn admit(&self, uid: u32) -> Result<Ticket, String> {
         let user = {
-            let mut m = self.users.lock().map_err(|_| "internal: budget lock poisoned".to_string())?;
+            let mut m = self
+                .users
+                .lock()
+                .map_err(|_| "internal: budget lock poisoned".to_string())?;
             m.entry(uid)
                 .or_insert_with(|| {
                     Arc::new(tokio::sync::Mutex::new(Bucket {
@@ -111,7 +114,10 @@ mod tests {
         let t = b.admit(1000).await.unwrap();
         assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
         let note = t.note.clone().unwrap();
-        assert!(note.contains("without a fresh read") && note.contains("5 % of a core"), "{note}");
+        assert!(
+            note.contains("without a fresh read") && note.contains("5 % of a core"),
+            "{note}"
+        );
         t.charge(Duration::from_secs(1));
         // 1 s in debt: 20 s to wait is more than a client should: refused, with when to return.
         let e = b.admit(1000).await.err().unwrap();

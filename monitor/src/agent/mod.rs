@@ -4,8 +4,8 @@
 //! One task (the state owner, `main_loop`) owns every table; the event pump, the snapshot and
 //! /proc threads and the IPC connections send it messages over a bounded channel (and `status`
 //! over a channel of its own, answered first).
-pub mod evaluate;
 mod budget;
+pub mod evaluate;
 mod main_loop;
 mod mode;
 mod publish;

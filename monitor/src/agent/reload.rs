@@ -97,7 +97,12 @@ mod tests {
         new.learning.state_file = "/var/lib/other/p.json".into();
         assert_eq!(
             restart_needed(&old, &new),
-            ["agent.socket", "agent.namespaces", "keepalive.cgroups", "learning.state_file"]
+            [
+                "agent.socket",
+                "agent.namespaces",
+                "keepalive.cgroups",
+                "learning.state_file"
+            ]
         );
     }
 }

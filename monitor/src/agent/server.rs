@@ -469,7 +469,10 @@ async fn stream_flows(
             return (false, cost);
         }
     }
-    (write(w, ipc::stream_close(note.as_deref()).as_bytes()).await, cost)
+    (
+        write(w, ipc::stream_close(note.as_deref()).as_bytes()).await,
+        cost,
+    )
 }
 
 /// `events --follow`: every notice as its own reply line until the client goes away.

@@ -38,9 +38,8 @@ fn create_own(dir: &Path) -> anyhow::Result<()> {
         up = p.parent();
     }
     if let Some(existing) = up {
-        trust::check_chain(existing).map_err(|u| {
-            anyhow::anyhow!("cannot create the socket directory {} below {u}", dir.display())
-        })?;
+        trust::check_chain(existing)
+            .map_err(|u| anyhow::anyhow!("cannot create the socket directory {} below {u}", dir.display()))?;
     }
     for d in missing.iter().rev() {
         std::fs::DirBuilder::new()
@@ -206,7 +205,11 @@ mod tests {
         let fresh = base.join("fresh/sub");
         let l = bind_socket(&fresh.join("h.sock"), None, None).unwrap();
         assert_eq!(mode_of(&fresh), 0o750, "created 0750");
-        assert_eq!(mode_of(&base.join("fresh")), 0o755, "the directory above it, created too");
+        assert_eq!(
+            mode_of(&base.join("fresh")),
+            0o755,
+            "the directory above it, created too"
+        );
         drop(l);
         // Again at the same place: what holdfast made is accepted as it is.
         bind_socket(&fresh.join("h.sock"), None, None).unwrap();
@@ -233,7 +236,10 @@ mod tests {
             .to_string();
         assert!(e.contains("not one holdfast made") && e.contains("0755"), "{e}");
         assert_eq!(mode_of(&shared), 0o755);
-        assert_eq!(std::fs::metadata(&shared).unwrap().gid(), nix::unistd::getegid().as_raw());
+        assert_eq!(
+            std::fs::metadata(&shared).unwrap().gid(),
+            nix::unistd::getegid().as_raw()
+        );
         // As /root would be: 0700 with a secret in it.
         let private = base.join("private");
         std::fs::create_dir(&private).unwrap();
@@ -242,7 +248,9 @@ mod tests {
         assert_eq!(mode_of(&private), 0o700);
         // A file where the socket goes: refused before the directory is looked at.
         std::fs::write(shared.join("passwd"), "x").unwrap();
-        let e = bind_socket(&shared.join("passwd"), None, None).unwrap_err().to_string();
+        let e = bind_socket(&shared.join("passwd"), None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not a socket"), "{e}");
         assert_eq!(mode_of(&shared), 0o755);
         // The runtime directory systemd made for the service is finished by the agent.
@@ -256,7 +264,9 @@ mod tests {
         let open = base.join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = bind_socket(&open.join("a/h.sock"), None, None).unwrap_err().to_string();
+        let e = bind_socket(&open.join("a/h.sock"), None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("writable by every user"), "{e}");
         assert!(!open.join("a").exists());
         let _ = std::fs::remove_dir_all(&base);

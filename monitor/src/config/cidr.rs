@@ -60,11 +60,19 @@ impl Cidr {
     fn network(&self) -> IpAddr {
         match self.addr {
             IpAddr::V4(n) => {
-                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len)
+                };
                 IpAddr::V4((u32::from(n) & mask).into())
             }
             IpAddr::V6(n) => {
-                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - self.len) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.len)
+                };
                 IpAddr::V6((u128::from(n) & mask).into())
             }
         }
@@ -119,7 +127,10 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nope/8".parse::<Cidr>().is_err());
         let e = "10.0.0.1/8".parse::<Cidr>().unwrap_err();
-        assert!(e.contains("host bits") && e.contains("10.0.0.0/8") && e.contains("10.0.0.1/32"), "{e}");
+        assert!(
+            e.contains("host bits") && e.contains("10.0.0.0/8") && e.contains("10.0.0.1/32"),
+            "{e}"
+        );
         assert!("2001:db8::1/32".parse::<Cidr>().is_err());
         assert!("2001:db8::1/128".parse::<Cidr>().is_ok());
     }

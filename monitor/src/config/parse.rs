@@ -131,7 +131,9 @@ impl Config {
         let file = match trust::open_regular(path, MAX_FILE, false) {
             Ok((f, _)) => f,
             Err(trust::OpenError::NotFound) if !explicit => return Ok((Self::default(), false)),
-            Err(trust::OpenError::NotFound) => return Err(err("No such file or directory (os error 2)".into())),
+            Err(trust::OpenError::NotFound) => {
+                return Err(err("No such file or directory (os error 2)".into()));
+            }
             Err(trust::OpenError::Refused(r)) if r.contains("bytes, more than") => {
                 return Err(err(format!(
                     "larger than {} KiB; this is not a holdfast configuration",
@@ -143,7 +145,9 @@ impl Config {
         let path = if path.is_absolute() {
             path.to_path_buf()
         } else {
-            std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+            std::env::current_dir()
+                .map(|d| d.join(path))
+                .unwrap_or_else(|_| path.to_path_buf())
         };
         trust::check_chain(&path).map_err(|u| ConfigError::Untrusted {
             path: shown.clone(),

@@ -82,7 +82,11 @@ fn check_one(path: &Path, m: &Metadata, last: bool) -> Result<(), Untrusted> {
     let writable = mode & 0o022 != 0;
     let sticky_dir = m.is_dir() && mode & 0o1000 != 0 && m.uid() == 0;
     if writable && (last || !sticky_dir) {
-        let who = if mode & 0o002 != 0 { "every user" } else { "its group" };
+        let who = if mode & 0o002 != 0 {
+            "every user"
+        } else {
+            "its group"
+        };
         return Err(untrusted(
             path,
             format!(
@@ -170,9 +174,9 @@ pub fn open_regular(path: &Path, max: u64, nofollow: bool) -> Result<(File, Meta
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) => OpenError::NotFound,
-            Some(libc::ELOOP) if nofollow => {
-                OpenError::Refused("is a symlink: refusing to follow it (replace it with the file itself)".into())
-            }
+            Some(libc::ELOOP) if nofollow => OpenError::Refused(
+                "is a symlink: refusing to follow it (replace it with the file itself)".into(),
+            ),
             _ => OpenError::Refused(e.to_string()),
         })?;
     let m = f.metadata().map_err(|e| OpenError::Refused(e.to_string()))?;
@@ -228,7 +232,10 @@ mod tests {
         check_chain(&f).unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
         let e = check_chain(&f).unwrap_err();
-        assert!(e.problem.contains("writable by every user") && e.problem.contains("0666"), "{e}");
+        assert!(
+            e.problem.contains("writable by every user") && e.problem.contains("0666"),
+            "{e}"
+        );
         assert_eq!(e.path, f);
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         // A group-writable directory above it: the directory is named, not the file.
@@ -270,7 +277,10 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
             let e = check_executable(&f).unwrap_err();
-            assert!(e.problem.contains("owned by uid 65534") && e.problem.contains("chown root:root"), "{e}");
+            assert!(
+                e.problem.contains("owned by uid 65534") && e.problem.contains("chown root:root"),
+                "{e}"
+            );
         }
         let _ = std::fs::remove_dir_all(&d);
         let e = check_executable(Path::new("/tmp")).unwrap_err();
@@ -285,8 +295,13 @@ mod tests {
         let t0 = std::time::Instant::now();
         let e = open_regular(&fifo, 1024, false).unwrap_err().to_string();
         assert!(e.contains("FIFO"), "{e}");
-        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "the open did not block");
-        let e = open_regular(Path::new("/dev/null"), 1024, false).unwrap_err().to_string();
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(2),
+            "the open did not block"
+        );
+        let e = open_regular(Path::new("/dev/null"), 1024, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("character device"), "{e}");
         let e = open_regular(&d, 1024, false).unwrap_err().to_string();
         assert!(e.contains("directory"), "{e}");
@@ -300,7 +315,10 @@ mod tests {
         assert!(e.contains("symlink"), "{e}");
         let (f, _) = open_regular(&link, 4096, false).unwrap();
         assert_eq!(read_capped(f, 4096).unwrap().len(), 2048);
-        assert!(matches!(open_regular(&d.join("none"), 1, true), Err(OpenError::NotFound)));
+        assert!(matches!(
+            open_regular(&d.join("none"), 1, true),
+            Err(OpenError::NotFound)
+        ));
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -346,7 +346,12 @@ impl Config {
                 ));
             }
             if sv.port == Some(0) {
-                return Err(bad("services", Some(i), "port", "expected a port from 1 to 65535"));
+                return Err(bad(
+                    "services",
+                    Some(i),
+                    "port",
+                    "expected a port from 1 to 65535",
+                ));
             }
             if sv.max_sessions == Some(0) {
                 return Err(bad("services", Some(i), "max_sessions", "expected at least 1"));

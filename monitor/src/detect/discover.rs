@@ -291,12 +291,17 @@ mod tests {
         assert!(rule(&peer, "10.0.0.2/32", 22).is_none());
         let busy = judge(&[o(5_000, Fate::Answered), o(3, Fate::PeerClosed)]);
         assert!(
-            busy.summary().contains("closed a new connection at once") && !busy.summary().contains("idle limit"),
+            busy.summary().contains("closed a new connection at once")
+                && !busy.summary().contains("idle limit"),
             "{}",
             busy.summary()
         );
         let chatter = judge(&[o(1_000, Fate::Chatter), o(5_000, Fate::Answered)]);
-        assert!(chatter.summary().contains("kept sending"), "{}", chatter.summary());
+        assert!(
+            chatter.summary().contains("kept sending"),
+            "{}",
+            chatter.summary()
+        );
         assert!(rule(&chatter, "10.0.0.2/32", 22).is_none());
         let changed = judge(&[o(12_000, Fate::Silence), o(18_000, Fate::Answered)]);
         assert!(

@@ -122,7 +122,9 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, Clie
     let mut de = serde_json::Deserializer::from_reader(BufReader::new(&stream));
     let r = TypedReply::<T>::deserialize(&mut de).map_err(|e| {
         if let Err(w) = &sent {
-            ClientError::BadReply(format!("the agent closed the connection before the request was sent ({w})"))
+            ClientError::BadReply(format!(
+                "the agent closed the connection before the request was sent ({w})"
+            ))
         } else if e.is_eof() {
             ClientError::BadReply("the agent closed the connection without replying".into())
         } else if e.is_io() {

@@ -459,7 +459,7 @@ const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// Whether `path` (not followed if a symlink) is a namespace file: a symlink is not.
 pub fn is_nsfs(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_symlink())
-        && nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == NSFS_MAGIC)
+        && nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == NSFS_MAGIC)
 }
 
 /// Opens a file for setns: the fd of a namespace file. Opened without blocking (a FIFO planted
@@ -471,7 +471,7 @@ pub fn open_ns(path: &Path) -> io::Result<OwnedFd> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)?;
     let fs = nix::sys::statfs::fstatfs(&f).map_err(io::Error::from)?;
-    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+    if fs.filesystem_type().0 != NSFS_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} is not a namespace file (nsfs)", path.display()),
@@ -504,10 +504,16 @@ pub fn wait_readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
 /// own group or init's).
 pub fn kill_group(pgid: i32) -> io::Result<()> {
     if pgid <= 1 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a process group of a child"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a process group of a child",
+        ));
     }
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL)
-        .map_err(io::Error::from)
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(io::Error::from)
 }
 
 /// The live (not zombie) processes of process group `pgid`, from /proc/PID/stat.
@@ -524,7 +530,11 @@ pub fn group_members(pgid: i32) -> Vec<u32> {
             continue;
         };
         // pid (comm) state ppid pgrp ...: fields after the last ')'.
-        let mut f = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace();
+        let mut f = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .split_whitespace();
         let state = f.next();
         let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
         if pgrp == Some(pgid) && state != Some("Z") && state != Some("X") {

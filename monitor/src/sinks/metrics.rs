@@ -188,7 +188,8 @@ pub async fn serve(l: Listener, scrape: Scrape, mut stop: tokio::sync::watch::Re
     use std::sync::{Arc, Mutex};
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
     // Connections still waiting for their request, oldest first: (id, what closes it).
-    let waiting: Arc<Mutex<VecDeque<(u64, oneshot::Sender<()>)>>> = Default::default();
+    type Waiting = Arc<Mutex<VecDeque<(u64, oneshot::Sender<()>)>>>;
+    let waiting: Waiting = Default::default();
     let mut next_id = 0u64;
     let mut failures = 0u32;
     loop {

@@ -291,9 +291,11 @@ impl PathBook {
             Err(trust::OpenError::Refused(r)) => return Err(refused(format!("{}: {r}", file.display()))),
         };
         if let Some(dir) = file.parent() {
-            trust::check_chain(dir).map_err(|u| refused(format!("the state directory is not root's alone: {u}")))?;
+            trust::check_chain(dir)
+                .map_err(|u| refused(format!("the state directory is not root's alone: {u}")))?;
         }
-        let text = trust::read_capped(f, MAX_FILE).map_err(|e| refused(format!("{}: {e}", file.display())))?;
+        let text =
+            trust::read_capped(f, MAX_FILE).map_err(|e| refused(format!("{}: {e}", file.display())))?;
         let d: OnDisk = serde_json::from_str(&text).map_err(|e| LoadError {
             msg: format!(
                 "{}: not a learned-paths file ({e}); move it away to start learning afresh",
@@ -302,8 +304,11 @@ impl PathBook {
             content: true,
         })?;
         let total = d.paths.len();
-        let mut paths: HashMap<PathKey, Evidence> =
-            d.paths.into_iter().filter_map(|(k, e)| Some((k, e.sane()?))).collect();
+        let mut paths: HashMap<PathKey, Evidence> = d
+            .paths
+            .into_iter()
+            .filter_map(|(k, e)| Some((k, e.sane()?)))
+            .collect();
         let dropped = total - paths.len();
         if paths.len() > MAX_PATHS {
             let mut v: Vec<_> = paths.into_iter().collect();
@@ -343,8 +348,9 @@ impl PathBook {
                 .create(dir)
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        crate::config::trust::check_chain(dir)
-            .map_err(|u| format!("refusing to write the learnt paths: the state directory is not root's alone: {u}"))?;
+        crate::config::trust::check_chain(dir).map_err(|u| {
+            format!("refusing to write the learnt paths: the state directory is not root's alone: {u}")
+        })?;
         let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
         // A leftover of ours (a crash between create and rename) goes; nobody else can write here.
         let _ = std::fs::remove_file(&tmp);
@@ -446,7 +452,11 @@ mod tests {
         let victim = dir.join("victim");
         std::fs::write(&victim, "precious").unwrap();
         // A planted temporary file name and a planted state file: neither is followed.
-        std::os::unix::fs::symlink(&victim, file.with_extension(format!("tmp.{}", std::process::id()))).unwrap();
+        std::os::unix::fs::symlink(
+            &victim,
+            file.with_extension(format!("tmp.{}", std::process::id())),
+        )
+        .unwrap();
         let mut b = PathBook::default();
         b.broke(key(), 25_000, 1);
         b.save(&file).unwrap();

@@ -258,18 +258,21 @@ fn main() {
             let secs: u64 = args[4].parse().expect("SECONDS");
             let t0 = Instant::now();
             let conns: Vec<TcpStream> = (0..n).filter_map(|_| TcpStream::connect(&args[2]).ok()).collect();
-            let closed: Vec<std::sync::atomic::AtomicBool> =
-                (0..conns.len()).map(|_| std::sync::atomic::AtomicBool::new(false)).collect();
+            let closed: Vec<std::sync::atomic::AtomicBool> = (0..conns.len())
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect();
             std::thread::scope(|s| {
                 for (c, done) in conns.iter().zip(&closed) {
                     s.spawn(move || {
-                        c.set_write_timeout(Some(std::time::Duration::from_millis(500))).ok();
+                        c.set_write_timeout(Some(std::time::Duration::from_millis(500)))
+                            .ok();
                         let chunk = [b'x'; 65536];
                         while t0.elapsed().as_secs() < secs {
                             match (&*c).write(&chunk) {
                                 Ok(_) => {}
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
                                 Err(_) => {
                                     done.store(true, std::sync::atomic::Ordering::Relaxed);
                                     return;
@@ -279,8 +282,15 @@ fn main() {
                     });
                 }
             });
-            let k = closed.iter().filter(|d| d.load(std::sync::atomic::Ordering::Relaxed)).count();
-            println!("closed {k} of {} after {} ms", conns.len(), t0.elapsed().as_millis());
+            let k = closed
+                .iter()
+                .filter(|d| d.load(std::sync::atomic::Ordering::Relaxed))
+                .count();
+            println!(
+                "closed {k} of {} after {} ms",
+                conns.len(),
+                t0.elapsed().as_millis()
+            );
         }
         _ => {
             eprintln!(

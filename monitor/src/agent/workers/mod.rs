@@ -252,7 +252,11 @@ pub fn spawn_pump(
             }
             // Batch what comes next (the kernel queues it meanwhile).
             if busy && ready.is_some() {
-                let next = if drained > STORM_EVENTS { STORM_DRAIN } else { DRAIN_EVERY };
+                let next = if drained > STORM_EVENTS {
+                    STORM_DRAIN
+                } else {
+                    DRAIN_EVERY
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(next) => {}
                     _ = stop.changed() => return,

@@ -132,7 +132,11 @@ fn command_within(argv: &[String], limit: Duration) -> Result<String, String> {
         let _ = child.wait();
         return Err(format!(
             "{shown} did not finish within {limit:?}: its process group was killed{}",
-            if err.is_empty() { String::new() } else { format!(" (stderr: {err})") }
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!(" (stderr: {err})")
+            }
         ));
     };
     if status.success() {
@@ -205,8 +209,15 @@ mod tests {
         let script = format!("sleep 100 & echo $! > {}; exit 0", pidfile.display());
         let t0 = Instant::now();
         let r = command(&["/bin/sh".into(), "-c".into(), script]).unwrap();
-        assert!(t0.elapsed() < Duration::from_secs(10), "answered in {:?}", t0.elapsed());
-        assert!(r.contains("left 1 process(es) behind") && r.contains("killed"), "{r}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "answered in {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            r.contains("left 1 process(es) behind") && r.contains("killed"),
+            "{r}"
+        );
         let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
         let t1 = Instant::now();
         while alive(pid) && t1.elapsed() < Duration::from_secs(5) {
@@ -214,7 +225,10 @@ mod tests {
         }
         assert!(!alive(pid), "the grandchild {pid} was killed");
         // Twenty forked children: none is left.
-        let script = format!("for i in $(seq 20); do sleep 100 & done; echo $$ > {}; exit 0", pidfile.display());
+        let script = format!(
+            "for i in $(seq 20); do sleep 100 & done; echo $$ > {}; exit 0",
+            pidfile.display()
+        );
         let r = command(&["/bin/sh".into(), "-c".into(), script]).unwrap();
         assert!(r.contains("left 20 process(es) behind"), "{r}");
         let pgid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
@@ -231,7 +245,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-        assert!(e.contains("did not finish within") && e.contains("process group was killed"), "{e}");
+        assert!(
+            e.contains("did not finish within") && e.contains("process group was killed"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
