@@ -579,17 +579,13 @@ fn discover_and_echo_are_bounded() {
         out.starts_with("closed 2 of 2"),
         "echo drops clients that never read: {out}"
     );
-    let mut idle = ns.cmd(&helper_bin("hf-load"));
-    idle.args(["tcp-idle", "127.0.0.1:7702", "80"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut idle = idle.spawn().unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(idle.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
+    let idle = Peer::spawn_bin(
+        &ns,
+        &helper_bin("hf-load"),
+        &["tcp-idle", "127.0.0.1:7702", "80"],
+        None,
+    );
+    let first = &idle.first;
     assert_eq!(first.trim(), "ready 64", "one peer holds 64 connections at most");
     let mut c = ns.cmd(&holdfast_bin());
     c.args([
@@ -605,8 +601,7 @@ fn discover_and_echo_are_bounded() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("closed a new connection at once"), "{out}");
     assert!(!out.contains("its own idle limit"), "{out}");
-    let _ = idle.kill();
-    let _ = idle.wait();
+    drop(idle);
 }
 
 /// Idle connections to the metrics endpoint do not make scrapes fail; the unix metrics socket
@@ -628,17 +623,13 @@ fn metrics_are_bounded_and_the_unix_socket_is_the_read_groups() {
         "",
         &[],
     );
-    let mut idle = ns.cmd(&helper_bin("hf-load"));
-    idle.args(["tcp-idle", "127.0.0.1:9466", "40"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut idle = idle.spawn().unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(idle.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
+    let idle = Peer::spawn_bin(
+        &ns,
+        &helper_bin("hf-load"),
+        &["tcp-idle", "127.0.0.1:9466", "40"],
+        None,
+    );
+    let first = &idle.first;
     for i in 0..10 {
         let o = ns
             .cmd(&helper_bin("hf-load"))
@@ -652,8 +643,7 @@ fn metrics_are_bounded_and_the_unix_socket_is_the_read_groups() {
             first.trim()
         );
     }
-    let _ = idle.kill();
-    let _ = idle.wait();
+    drop(idle);
     let sock = agent.socket.with_file_name("metrics.sock");
     assert_eq!(mode_of(&sock), 0o660);
     let o = member

@@ -118,7 +118,8 @@ mod fuzz {
         #[test]
         fn any_line_is_answered(line in ".{0,400}") {
             match parse_request(&line) {
-                Ok(_) => {}
+                // A line taken as a request means what the CLI would send for it.
+                Ok(req) => prop_assert_eq!(parse_request(&request_line(&req)).ok(), Some(req)),
                 Err(r) => prop_assert!(!r.ok && r.error.as_deref().is_some_and(|e| !e.is_empty())),
             }
         }
@@ -133,8 +134,12 @@ mod fuzz {
         ) {
             let line = format!(r#"{{"v":{v},"op":"{op}","{key}":{val}}}"#);
             match parse_request(&line) {
-                Ok(_) => {}
-                Err(r) => prop_assert!(r.error.as_deref().is_some_and(|e| !e.is_empty())),
+                // Only protocol v1 and a known op can be taken, and then as what it says.
+                Ok(req) => {
+                    prop_assert!(v == "1" && op != "x", "{line}");
+                    prop_assert_eq!(parse_request(&request_line(&req)).ok(), Some(req));
+                }
+                Err(r) => prop_assert!(!r.ok && r.error.as_deref().is_some_and(|e| !e.is_empty())),
             }
         }
     }

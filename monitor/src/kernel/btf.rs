@@ -361,7 +361,10 @@ mod tests {
     #[test]
     fn resolves_this_kernel_when_btf_is_present() {
         let Ok(btf) = Btf::from_sys_fs() else {
-            eprintln!("SKIP: /sys/kernel/btf/vmlinux is not readable on this kernel");
+            crate::testing::skip(
+                "kernel::btf::resolves_this_kernel_when_btf_is_present",
+                "/sys/kernel/btf/vmlinux is not readable on this kernel",
+            );
             return;
         };
         let o = kernel_offsets(&btf).expect("this kernel's layout resolves");

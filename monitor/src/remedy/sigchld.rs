@@ -258,6 +258,38 @@ mod tests {
     }
 
     #[test]
+    fn a_live_parent_gets_sigchld_through_its_pidfd() {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        // SIGCHLD blocked in the child (the mask survives exec), so a delivered one stays
+        // pending where /proc shows it.
+        // SAFETY: sigprocmask is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set = nix::sys::signal::SigSet::empty();
+                set.add(nix::sys::signal::Signal::SIGCHLD);
+                set.thread_block().map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let st = procfs::read_stat(child.id()).unwrap();
+        let mut n = PidfdNudger;
+        let sent = n.nudge(st.pid, st.starttime);
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(sent, Ok(()));
+        let shd = status
+            .lines()
+            .find_map(|l| l.strip_prefix("ShdPnd:"))
+            .unwrap()
+            .trim();
+        let pending = u64::from_str_radix(shd, 16).unwrap();
+        assert_ne!(pending & (1 << (libc::SIGCHLD - 1)), 0, "SIGCHLD pending: {shd}");
+    }
+
+    #[test]
     fn a_missing_process_is_gone() {
         let mut n = PidfdNudger;
         // pid_max is at most 4194304: this pid cannot exist.

@@ -43,6 +43,23 @@ fn raise_nofile() {
     }
 }
 
+/// Half a second after connecting, how many of `conns` the server has not closed: a
+/// non-blocking read of an open, quiet connection would block; a closed one reads EOF or fails.
+fn still_open<C>(conns: &[C], nonblocking: impl Fn(&C) -> bool) -> usize
+where
+    for<'a> &'a C: std::io::Read,
+{
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    conns
+        .iter()
+        .filter(|c| {
+            nonblocking(c);
+            let mut b = [0u8; 256];
+            matches!(std::io::Read::read(&mut &**c, &mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count()
+}
+
 fn wait_stdin() {
     for line in std::io::stdin().lock().lines() {
         if line.is_err() {
@@ -145,17 +162,9 @@ fn main() {
             let conns: Vec<UnixStream> = (0..n)
                 .filter_map(|_| UnixStream::connect(&args[2]).ok())
                 .collect();
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            // Connections the agent refused are closed by now: a non-blocking peek sees EOF.
-            // (A refusal arrives as an error line and EOF; an open connection has nothing to read.)
-            let open = conns
-                .iter()
-                .filter(|c| {
-                    c.set_nonblocking(true).ok();
-                    let mut b = [0u8; 256];
-                    matches!(std::io::Read::read(&mut &**c, &mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                })
-                .count();
+            // Connections the agent refused are closed by now. (A refusal arrives as an error line
+            // and EOF; an open connection has nothing to read.)
+            let open = still_open(&conns, |c| c.set_nonblocking(true).is_ok());
             println!("ready {open}");
             std::io::stdout().flush().ok();
             wait_stdin();
@@ -220,16 +229,8 @@ fn main() {
             // closes.
             let n: usize = args[3].parse().expect("N");
             let conns: Vec<TcpStream> = (0..n).filter_map(|_| TcpStream::connect(&args[2]).ok()).collect();
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            // Those the server closed at accept see EOF (or a reset) on a non-blocking read.
-            let open = conns
-                .iter()
-                .filter(|c| {
-                    c.set_nonblocking(true).ok();
-                    let mut b = [0u8; 256];
-                    matches!(std::io::Read::read(&mut &**c, &mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                })
-                .count();
+            // Those the server closed at accept are closed by now.
+            let open = still_open(&conns, |c| c.set_nonblocking(true).is_ok());
             println!("ready {open}");
             std::io::stdout().flush().ok();
             wait_stdin();

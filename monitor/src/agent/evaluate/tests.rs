@@ -140,6 +140,16 @@ fn short_lived_zombies_are_not_reported() {
     });
     assert!(zombies(10 * SEC, &mut st, &view, &mut n).is_empty());
     assert!(st.store.all().is_empty());
+    // The same rounds report one that stays: a sibling exits and is never reaped.
+    view.add(12, 10, 'Z', 0, 0);
+    st.zombies.on_event(&exit(12, 10, 10 * SEC));
+    assert!(
+        zombies(12 * SEC, &mut st, &view, &mut n).is_empty(),
+        "2 s old: not yet"
+    );
+    let t = zombies(16 * SEC, &mut st, &view, &mut n);
+    assert_eq!(t.first().map(|x| x.1), Some(Transition::New), "{t:?}");
+    assert_eq!(zombie_case(&st).count, 1, "only the zombie that stayed");
 }
 
 #[test]

@@ -203,3 +203,110 @@ mod fuzz {
         }
     }
 }
+
+/// The file loaders (the configuration and the learnt-paths state) against whatever can sit at
+/// their paths: regular files of any size and content, symlinks to anything, FIFOs, devices,
+/// directories, sockets, missing paths. Each answers at once with a value or an error naming the
+/// path; none blocks, panics or reads an oversized file whole.
+mod loaders {
+    use super::*;
+    use crate::track::paths::PathBook;
+    use proptest::prelude::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[derive(Debug, Clone)]
+    enum Thing {
+        Text(String),
+        Bytes(Vec<u8>),
+        /// A sparse file of this many MiB (more than either loader takes).
+        Big(u64),
+        Fifo,
+        Dir,
+        Socket,
+        /// A symlink to one of these.
+        Link(&'static str),
+        Missing,
+    }
+
+    fn thing() -> impl Strategy<Value = Thing> {
+        prop_oneof![
+            "(?s).{0,200}".prop_map(Thing::Text),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Thing::Bytes),
+            (9u64..200).prop_map(Thing::Big),
+            Just(Thing::Fifo),
+            Just(Thing::Dir),
+            Just(Thing::Socket),
+            prop::sample::select(vec![
+                "/dev/zero",
+                "/dev/null",
+                "/etc/hostname",
+                "/tmp",
+                "/nonexistent",
+                "fifo"
+            ])
+            .prop_map(Thing::Link),
+            Just(Thing::Missing),
+        ]
+    }
+
+    fn lay(dir: &Path, t: &Thing) -> std::path::PathBuf {
+        let p = dir.join("f");
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_dir(&p);
+        match t {
+            Thing::Text(s) => std::fs::write(&p, s).unwrap(),
+            Thing::Bytes(b) => std::fs::write(&p, b).unwrap(),
+            Thing::Big(mib) => std::fs::File::create(&p).unwrap().set_len(mib << 20).unwrap(),
+            Thing::Fifo => nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap(),
+            Thing::Dir => std::fs::create_dir(&p).unwrap(),
+            Thing::Socket => drop(std::os::unix::net::UnixListener::bind(&p).unwrap()),
+            Thing::Link(to) => {
+                let target = if *to == "fifo" {
+                    let f = dir.join("target-fifo");
+                    if !f.exists() {
+                        nix::unistd::mkfifo(&f, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+                    }
+                    f
+                } else {
+                    std::path::PathBuf::from(to)
+                };
+                std::os::unix::fs::symlink(target, &p).unwrap();
+            }
+            Thing::Missing => {}
+        }
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+        #[test]
+        fn whatever_is_at_the_path_the_loaders_answer_at_once(t in thing()) {
+            let dir = std::env::temp_dir().join(format!("hf-loaders-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let p = lay(&dir, &t);
+            let shown = p.display().to_string();
+            let t0 = std::time::Instant::now();
+            match Config::load(&p, true) {
+                Ok(_) => prop_assert!(matches!(t, Thing::Text(_) | Thing::Bytes(_) | Thing::Link("/etc/hostname"))),
+                Err(e) => prop_assert!(e.to_string().contains(&shown), "{e}"),
+            }
+            match PathBook::load(&p) {
+                Ok(b) => prop_assert!(
+                    b.is_empty() || matches!(t, Thing::Text(_) | Thing::Bytes(_)),
+                    "{t:?}"
+                ),
+                Err(e) => {
+                    prop_assert!(e.msg.contains(&shown), "{}", e.msg);
+                    // A symlink, a FIFO or an oversized file is never taken for bad content
+                    // (which would be moved aside).
+                    if matches!(t, Thing::Link(_) | Thing::Fifo | Thing::Big(_) | Thing::Dir | Thing::Socket) {
+                        prop_assert!(!e.content, "{t:?}: {}", e.msg);
+                    }
+                }
+            }
+            prop_assert!(t0.elapsed() < std::time::Duration::from_secs(2), "{t:?} took {:?}", t0.elapsed());
+        }
+    }
+}
