@@ -21,8 +21,9 @@ use crate::model::eviction::KaRequest;
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 /// A drain that took more events than this was a storm: the next one comes after STORM_DRAIN, not
 /// DRAIN_EVERY, so the rings (1 MiB per CPU, about 11k records) do not fill meanwhile: two churn
-/// loops on a 2-core VM (57k connections/s, about 570k records/s) filled them between 20 ms
-/// drains (35-71k records lost per 20 s, `hostile.rs` memory_comes_back_after_a_storm).
+/// loops on a 2-core VM (29k connections/s each) filled them between 20 ms drains (35-71k of
+/// about 5.2M records lost in 20 s, `hostile.rs` memory_comes_back_after_a_storm; 0-2.6k with
+/// 5 ms; 1 ms lost more: the pump then competed with the loops for the two cores).
 const STORM_EVENTS: usize = 2048;
 const STORM_DRAIN: Duration = Duration::from_millis(5);
 /// Decoded events per message, at most: 64 KiB of `Event`s, under the 128 KiB above which glibc
