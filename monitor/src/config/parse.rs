@@ -128,18 +128,17 @@ impl Config {
             path: shown.clone(),
             reason,
         };
-        let file = match trust::open_regular(path, MAX_FILE, false) {
-            Ok((f, _)) => f,
+        let too_large = || {
+            err(format!(
+                "larger than {} KiB; this is not a holdfast configuration",
+                MAX_FILE >> 10
+            ))
+        };
+        let text = match trust::read_regular(path, MAX_FILE, false) {
+            Ok(t) => t,
             Err(trust::OpenError::NotFound) if !explicit => return Ok((Self::default(), false)),
-            Err(trust::OpenError::NotFound) => {
-                return Err(err("No such file or directory (os error 2)".into()));
-            }
-            Err(trust::OpenError::Refused(r)) if r.contains("bytes, more than") => {
-                return Err(err(format!(
-                    "larger than {} KiB; this is not a holdfast configuration",
-                    MAX_FILE >> 10
-                )));
-            }
+            Err(trust::OpenError::NotFound) => return Err(err("does not exist".into())),
+            Err(trust::OpenError::TooLarge { .. }) => return Err(too_large()),
             Err(trust::OpenError::Refused(r)) => return Err(err(r)),
         };
         let path = if path.is_absolute() {
@@ -152,16 +151,6 @@ impl Config {
         trust::check_chain(&path).map_err(|u| ConfigError::Untrusted {
             path: shown.clone(),
             reason: u.to_string(),
-        })?;
-        let text = trust::read_capped(file, MAX_FILE).map_err(|e| {
-            if e.starts_with("larger") {
-                err(format!(
-                    "larger than {} KiB; this is not a holdfast configuration",
-                    MAX_FILE >> 10
-                ))
-            } else {
-                err(e)
-            }
         })?;
         let cfg = Self::parse(&text, &shown)?;
         cfg.check_host(&text, &shown)?;

@@ -6,9 +6,9 @@
 //! (`/tmp`): in such a directory nobody but root can rename or remove a root-owned entry, and every
 //! entry on the path is checked to be root-owned.
 //!
-//! Opening is non-blocking and checked with fstat before a byte is read: a FIFO, a device or a
+//! Reading is non-blocking and checked with fstat before a byte is read: a FIFO, a device or a
 //! socket at a path the agent reads is refused by name instead of stalling the agent.
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -151,19 +151,24 @@ pub fn check_executable(path: &Path) -> Result<(), Untrusted> {
     check_chain(path)
 }
 
-/// What `open_regular` refuses.
+/// What `read_regular` refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("not found")]
     NotFound,
+    /// Larger than the caller takes (`size`: what fstat said, or more when it grew meanwhile).
+    #[error("is {size} bytes, more than the {max} this file may hold; it is not what holdfast wrote")]
+    TooLarge { size: u64, max: u64 },
     #[error("{0}")]
     Refused(String),
 }
 
-/// Opens `path` for reading without blocking and without trusting what is there: non-blocking
-/// (a FIFO cannot stall the open), without following a final symlink when `nofollow`, and
-/// refused unless fstat says it is a regular file of at most `max` bytes.
-pub fn open_regular(path: &Path, max: u64, nofollow: bool) -> Result<(File, Metadata), OpenError> {
+/// Reads `path` as UTF-8 text without trusting what is there: opened non-blocking (a FIFO
+/// cannot stall the open), without following a final symlink when `nofollow`, refused unless
+/// fstat says it is a regular file, and never more than `max` bytes read (a file that grows
+/// past `max` after fstat is refused too).
+pub fn read_regular(path: &Path, max: u64, nofollow: bool) -> Result<String, OpenError> {
+    use std::io::Read;
     let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
     if nofollow {
         flags |= libc::O_NOFOLLOW;
@@ -187,25 +192,17 @@ pub fn open_regular(path: &Path, max: u64, nofollow: bool) -> Result<(File, Meta
         )));
     }
     if m.len() > max {
-        return Err(OpenError::Refused(format!(
-            "is {} bytes, more than the {} this file may hold; it is not what holdfast wrote",
-            m.len(),
-            max
-        )));
+        return Err(OpenError::TooLarge { size: m.len(), max });
     }
-    Ok((f, m))
-}
-
-/// Reads at most `max` bytes of an opened file as UTF-8 (a file that grew past `max` since
-/// fstat is refused too).
-pub fn read_capped(f: File, max: u64) -> Result<String, String> {
-    use std::io::Read;
     let mut text = String::new();
     f.take(max + 1)
         .read_to_string(&mut text)
-        .map_err(|e| format!("{e} (expected UTF-8 text)"))?;
+        .map_err(|e| OpenError::Refused(format!("{e} (expected UTF-8 text)")))?;
     if text.len() as u64 > max {
-        return Err(format!("larger than {max} bytes"));
+        return Err(OpenError::TooLarge {
+            size: text.len() as u64,
+            max,
+        });
     }
     Ok(text)
 }
@@ -293,30 +290,29 @@ mod tests {
         let fifo = d.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         let t0 = std::time::Instant::now();
-        let e = open_regular(&fifo, 1024, false).unwrap_err().to_string();
+        let e = read_regular(&fifo, 1024, false).unwrap_err().to_string();
         assert!(e.contains("FIFO"), "{e}");
         assert!(
             t0.elapsed() < std::time::Duration::from_secs(2),
             "the open did not block"
         );
-        let e = open_regular(Path::new("/dev/null"), 1024, false)
+        let e = read_regular(Path::new("/dev/null"), 1024, false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("character device"), "{e}");
-        let e = open_regular(&d, 1024, false).unwrap_err().to_string();
+        let e = read_regular(&d, 1024, false).unwrap_err().to_string();
         assert!(e.contains("directory"), "{e}");
         let big = d.join("big");
         std::fs::write(&big, vec![b'a'; 2048]).unwrap();
-        let e = open_regular(&big, 1024, false).unwrap_err().to_string();
+        let e = read_regular(&big, 1024, false).unwrap_err().to_string();
         assert!(e.contains("2048 bytes"), "{e}");
         let link = d.join("link");
         std::os::unix::fs::symlink(&big, &link).unwrap();
-        let e = open_regular(&link, 4096, true).unwrap_err().to_string();
+        let e = read_regular(&link, 4096, true).unwrap_err().to_string();
         assert!(e.contains("symlink"), "{e}");
-        let (f, _) = open_regular(&link, 4096, false).unwrap();
-        assert_eq!(read_capped(f, 4096).unwrap().len(), 2048);
+        assert_eq!(read_regular(&link, 4096, false).unwrap().len(), 2048);
         assert!(matches!(
-            open_regular(&d.join("none"), 1, true),
+            read_regular(&d.join("none"), 1, true),
             Err(OpenError::NotFound)
         ));
         let _ = std::fs::remove_dir_all(&d);

@@ -285,17 +285,15 @@ impl PathBook {
     pub fn load(file: &Path) -> Result<PathBook, LoadError> {
         let refused = |msg: String| LoadError { msg, content: false };
         use crate::config::trust;
-        let (f, _) = match trust::open_regular(file, MAX_FILE, true) {
-            Ok(x) => x,
+        let text = match trust::read_regular(file, MAX_FILE, true) {
+            Ok(t) => t,
             Err(trust::OpenError::NotFound) => return Ok(PathBook::default()),
-            Err(trust::OpenError::Refused(r)) => return Err(refused(format!("{}: {r}", file.display()))),
+            Err(e) => return Err(refused(format!("{}: {e}", file.display()))),
         };
         if let Some(dir) = file.parent() {
             trust::check_chain(dir)
                 .map_err(|u| refused(format!("the state directory is not root's alone: {u}")))?;
         }
-        let text =
-            trust::read_capped(f, MAX_FILE).map_err(|e| refused(format!("{}: {e}", file.display())))?;
         let d: OnDisk = serde_json::from_str(&text).map_err(|e| LoadError {
             msg: format!(
                 "{}: not a learned-paths file ({e}); move it away to start learning afresh",

@@ -70,11 +70,8 @@ fn docker_names() -> HashMap<String, String> {
     };
     for e in dir.flatten() {
         // docker's own state: non-blocking, regular files only, at most 4 MiB each.
-        let Ok((f, _)) = crate::config::trust::open_regular(&e.path().join("config.v2.json"), 4 << 20, true)
+        let Ok(text) = crate::config::trust::read_regular(&e.path().join("config.v2.json"), 4 << 20, true)
         else {
-            continue;
-        };
-        let Ok(text) = crate::config::trust::read_capped(f, 4 << 20) else {
             continue;
         };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
